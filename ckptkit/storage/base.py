@@ -1,0 +1,93 @@
+"""The storage protocol: what every backend offers, keyed by URL scheme.
+
+A backend is rooted at a URL (``/data/runs/x``, ``gs://bucket/runs/x``) and every
+operation takes a *key*: a ``/``-separated path relative to that root. URLs stay
+strings end to end (``pathlib.Path("gs://b")`` would collapse the ``//``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """What ckptkit needs from a place that holds checkpoints.
+
+    ``commit`` names the atomic commit strategy that suits the backend:
+    ``"rename"`` where a directory rename is atomic (local filesystems),
+    ``"marker"`` where it is not (object stores, Drive): the manifest is then
+    written last and is the commit.
+    """
+
+    url: str
+    commit: str
+
+    def child(self, key: str) -> Storage:
+        """A storage rooted at ``key`` below this one."""
+
+    def url_of(self, key: str) -> str:
+        """The full URL of ``key``, for messages."""
+
+    def read_bytes(self, key: str) -> bytes: ...
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write the whole object; on local filesystems the data is fsynced."""
+
+    def exists(self, key: str) -> bool: ...
+
+    def size(self, key: str) -> int: ...
+
+    def listdir(self, key: str = "") -> list[str]:
+        """Names (not paths) directly below ``key``; [] when it does not exist."""
+
+    def isdir(self, key: str) -> bool: ...
+
+    def delete(self, key: str, recursive: bool = False) -> None:
+        """Remove a file (or a directory tree); missing keys are ignored."""
+
+    def rename(self, src: str, dst: str) -> None:
+        """Atomic rename; only used when ``commit == "rename"``."""
+
+    def mkdir(self, key: str) -> None: ...
+
+    def sync_dir(self, key: str) -> None:
+        """Make directory entries durable (fsync on local filesystems; no-op elsewhere)."""
+
+    def local_path(self, key: str) -> str | None:
+        """A real filesystem path for ``key`` when there is one (lets readers mmap)."""
+
+    def invalidate(self) -> None:
+        """Forget cached listings, so other processes' writes become visible."""
+
+    def sha256(self, key: str) -> str | None:
+        """The store's own sha256 of the object when it reports one cheaply, else None."""
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Create ``key`` only if absent; False when it already exists (best effort on object stores)."""
+
+    def mtime(self, key: str) -> float | None: ...
+
+    def flush(self) -> None:
+        """Block until background writes (e.g. Drive uploads) are durable; raise on failure."""
+
+    def close(self) -> None:
+        """Flush background work and release resources."""
+
+
+@contextmanager
+def opened(storage: Storage) -> Iterator[Storage]:
+    try:
+        yield storage
+    finally:
+        storage.close()
+
+
+def join_key(*parts: str) -> str:
+    """Join key parts with ``/``, ignoring empty ones."""
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+BinaryIO = IO[bytes]

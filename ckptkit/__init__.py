@@ -1,0 +1,58 @@
+"""ckptkit: checkpoints that survive preemption, for any PyTorch loop.
+
+    from ckptkit import CheckpointManager, RNGState
+    mgr = CheckpointManager("runs/exp1", keep_last=3, save_every_steps=500)
+    state = {"model": model, "optimizer": opt, "rng": RNGState(), "epoch": 0}
+    step = mgr.restore(state) or 0
+    ...
+    mgr.maybe_save(step, state, metrics={"val_loss": v})
+
+Everything not re-exported here is private and may change.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from ckptkit.errors import (
+    CheckpointNotFoundError,
+    CkptError,
+    ConfigError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    MissingDependencyError,
+    RunLockedError,
+    StorageError,
+    UnsafeCheckpointError,
+)
+from ckptkit.hooks.spec import hookimpl
+from ckptkit.manager import EXIT_RESUMABLE, CheckpointManager
+from ckptkit.reader import inspect, load, read_checkpoint
+from ckptkit.run import CheckpointInfo, CheckpointWarning
+from ckptkit.state import EarlyStopping, ResumableDataLoader, RNGState
+from ckptkit.storage.registry import open_storage
+
+__all__ = [
+    "EXIT_RESUMABLE",
+    "CheckpointInfo",
+    "CheckpointManager",
+    "CheckpointNotFoundError",
+    "CheckpointWarning",
+    "CkptError",
+    "ConfigError",
+    "CorruptCheckpointError",
+    "EarlyStopping",
+    "IncompatibleCheckpointError",
+    "MissingDependencyError",
+    "RNGState",
+    "ResumableDataLoader",
+    "RunLockedError",
+    "StorageError",
+    "UnsafeCheckpointError",
+    "__version__",
+    "hookimpl",
+    "inspect",
+    "load",
+    "open_storage",
+    "read_checkpoint",
+]

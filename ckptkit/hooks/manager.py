@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pluggy
 
@@ -26,9 +27,26 @@ def get_plugin_manager() -> pluggy.PluginManager:
         for name in BUILTIN_PLUGINS:
             pm.register(importlib.import_module(name), name=name)
         if not os.environ.get(AUTOLOAD_ENV):
-            pm.load_setuptools_entrypoints(spec.PROJECT)
+            _load_entry_points(pm)
         _pm = pm
     return _pm
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    # One broken third-party plugin must not take the library down with it.
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=spec.PROJECT):
+        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        try:
+            pm.register(ep.load(), name=ep.name)
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            warnings.warn(
+                f"ckptkit plugin {ep.name!r} ({ep.value}) failed to load: {exc}; "
+                f"set {AUTOLOAD_ENV}=1 to skip plugins",
+                stacklevel=2,
+            )
 
 
 def reset_plugin_manager() -> None:

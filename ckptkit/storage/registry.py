@@ -39,7 +39,9 @@ def open_storage(url: str) -> Storage:
     """Open the storage rooted at ``url``. Unknown schemes go to the generic fsspec
     backend when one is registered under ``"*"``."""
     if not isinstance(url, str) or not url.strip():
-        raise StorageError(f"{url!r} is not a storage URL: give a path, file://, gs://, drive:// ...")
+        raise StorageError(
+            f"{url!r} is not a storage URL: give a path, file://, gs://, drive:// ..."
+        )
     url = url.strip()
     scheme = scheme_of(url)
     factories = _factories()

@@ -1,0 +1,52 @@
+"""The ``ckptkit`` command: a click group whose commands are thin over the library.
+
+Plugins add commands through the ``ckptkit_cli_commands`` hook. User errors
+(``CkptError``) become one-line messages with a non-zero exit code, never tracebacks.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ckptkit.errors import CkptError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):  # type: ignore[no-untyped-def]
+        try:
+            return super().invoke(ctx)
+        except CkptError as exc:
+            click.secho(f"Error: {exc}", fg="red", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ckptkit")
+def cli() -> None:
+    """Checkpoints that survive preemption: inspect, list, verify and convert them,
+    and train with plugins (e.g. `ckptkit train` from the Time-LLM plugin).
+
+    RUN and PATH arguments are paths or URLs: /dir, file://, gs://bucket/dir,
+    drive://folder (Colab's mounted Drive), memory://, any fsspec URL.
+    """
+
+
+def _register_commands() -> None:
+    from ckptkit.cli import commands
+    from ckptkit.hooks.manager import get_plugin_manager
+
+    for cmd in commands.COMMANDS:
+        cli.add_command(cmd)
+    get_plugin_manager().hook.ckptkit_cli_commands(cli=cli)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    try:
+        _register_commands()
+    except CkptError as exc:
+        click.secho(f"Error: {exc}", fg="red", err=True)
+        sys.exit(exc.exit_code)
+    cli.main(args=argv, prog_name="ckptkit")

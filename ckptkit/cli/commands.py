@@ -1,0 +1,173 @@
+"""The built-in commands: inspect, ls, verify, convert."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import click
+
+from ckptkit import reader
+from ckptkit import run as runmod
+from ckptkit.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ckptkit.manifest import MANIFEST, parse_name
+from ckptkit.storage.registry import open_storage
+
+TRUST_HELP = (
+    "Allow arbitrary pickled objects in legacy files. This EXECUTES code from the file: "
+    "only for files whose author you trust."
+)
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _fmt_metrics(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+
+
+@click.command("inspect")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option(
+    "--no-verify", is_flag=True, help="Skip checking sizes and sha256 against the manifest."
+)
+@click.option("--trust", is_flag=True, help=TRUST_HELP)
+def inspect_cmd(path: str, as_json: bool, no_verify: bool, trust: bool) -> None:
+    """Show what a checkpoint holds: format, step, epoch, metrics, state entries
+    (tensor counts, shapes), versions, config, and what a legacy file lacks.
+
+    PATH is a checkpoint directory, a run (its latest valid checkpoint), or a legacy
+    file (torch.save'd state_dict or dict checkpoint, HF Trainer checkpoint-N).
+    """
+    info = reader.inspect(path, verify=not no_verify, trust=trust)
+    if as_json:
+        _echo_json(info)
+        return
+    click.echo(f"{info['source']}  ({info['kind']})")
+    click.echo(
+        f"  step {info['step']}  epoch {info['epoch']}  {_fmt_metrics(info['metrics'])}".rstrip()
+    )
+    for key, desc in info["state"].items():
+        if isinstance(desc, dict) and "tensors" in desc:
+            click.echo(
+                f"  {key}: {desc['tensors']} tensors, {desc['parameters']:,} values, {_human_size(desc['bytes'])}"
+            )
+        elif isinstance(desc, dict):
+            click.echo(f"  {key}: {', '.join(list(desc)[:8])}{' ...' if len(desc) > 8 else ''}")
+        else:
+            click.echo(f"  {key}: {desc!r}")
+    if info.get("versions"):
+        click.echo(
+            "  saved with " + ", ".join(f"{k} {v}" for k, v in sorted(info["versions"].items()))
+        )
+    for note in info["notes"]:
+        click.echo(f"  note: {note}")
+
+
+@click.command("ls")
+@click.argument("run")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def ls_cmd(run: str, as_json: bool) -> None:
+    """List the committed checkpoints of RUN, oldest first, marking the latest and best.
+
+    Incomplete or unreadable checkpoints are not listed (a warning names them)."""
+    storage = open_storage(run)
+    checkpoints = runmod.list_checkpoints(storage)
+    rows = [c.summary() for c in checkpoints]
+    if as_json:
+        _echo_json(rows)
+        return
+    if not rows:
+        raise CheckpointNotFoundError(f"{run}: no committed checkpoints")
+    click.echo(f"{'name':<22} {'step':>8} {'epoch':>5} {'size':>9}  {'saved':<19}  metrics")
+    for i, row in enumerate(rows):
+        mark = " latest" if i == len(rows) - 1 else ""
+        mark += " best" if row["is_best"] else ""
+        saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created"]))
+        epoch = "" if row["epoch"] is None else row["epoch"]
+        click.echo(
+            f"{row['name']:<22} {row['step']:>8} {epoch!s:>5} {_human_size(row['size']):>9}  "
+            f"{saved:<19}  {_fmt_metrics(row['metrics'])}{mark}"
+        )
+
+
+@click.command("verify")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--trust", is_flag=True, help=TRUST_HELP)
+def verify_cmd(path: str, as_json: bool, trust: bool) -> None:
+    """Check every file of a checkpoint (or of every checkpoint in a run) against
+    its manifest: presence, size and sha256; legacy files are test-loaded safely.
+
+    Exits 4 when anything is corrupt or incomplete, 0 when all is well."""
+    storage = open_storage(path)
+    results: list[dict[str, Any]] = []
+    if storage.exists(MANIFEST):
+        targets = [("", path)]
+    else:
+        names = [n for n in storage.listdir("") if parse_name(n)]
+        targets = [(n, storage.url_of(n)) for n in names]
+    if not targets:
+        reader.read_checkpoint(path, trust=trust)  # legacy: a safe full load is the check
+        results.append({"url": path, "ok": True, "problem": None})
+    for name, url in targets:
+        try:
+            sub = storage.child(name) if name else storage
+            reader.read_checkpoint(sub.url, verify=True)
+            results.append({"url": url, "ok": True, "problem": None})
+        except CorruptCheckpointError as exc:
+            results.append({"url": url, "ok": False, "problem": str(exc)})
+    bad = [r for r in results if not r["ok"]]
+    if as_json:
+        _echo_json({"ok": not bad, "checkpoints": results})
+    else:
+        for r in results:
+            click.echo(
+                f"{'OK     ' if r['ok'] else 'CORRUPT'} {r['url']}"
+                + (f"\n        {r['problem']}" if r["problem"] else "")
+            )
+    if bad:
+        raise click.exceptions.Exit(CorruptCheckpointError.exit_code)
+
+
+@click.command("convert")
+@click.argument("src")
+@click.argument("dst")
+@click.option(
+    "--step", type=int, default=None, help="Step to record (default: the source's, else 0)."
+)
+@click.option("--trust", is_flag=True, help=TRUST_HELP)
+def convert_cmd(src: str, dst: str, step: int | None, trust: bool) -> None:
+    """Convert SRC (any checkpoint we read: legacy state_dict, dict checkpoint, HF
+    checkpoint-N, native) into a native checkpoint in run DST.
+
+    The result restores with CheckpointManager(DST).restore(state) and loads
+    with weights_only safety; what the source lacked is printed."""
+    from ckptkit.manager import CheckpointManager
+
+    loaded = reader.read_checkpoint(src, trust=trust)
+    with CheckpointManager(dst, keep_last=None, keep_best=0) as mgr:
+        info = mgr.save(
+            step if step is not None else (loaded.step or 0),
+            loaded.state,
+            loaded.metrics,
+            epoch=loaded.epoch,
+        )
+    assert info is not None
+    click.echo(f"converted {loaded.source} ({loaded.kind}) -> {info.url}")
+    for note in loaded.notes:
+        click.echo(f"  note: {note}")
+
+
+COMMANDS = [inspect_cmd, ls_cmd, verify_cmd, convert_cmd]

@@ -1,0 +1,116 @@
+"""One writer per run: a lock file (pid, host, heartbeat) at the run root.
+
+A second writer fails fast with a clear error. A lock is stale when its process is
+gone (same host) or its heartbeat stopped (another host, e.g. a Colab VM that
+disconnected); a stale lock is taken over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from ckptkit.errors import RunLockedError
+from ckptkit.storage.base import Storage
+
+LOCK = ".lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    def __init__(
+        self, storage: Storage, *, heartbeat: float = 30.0, stale_after: float = 120.0
+    ) -> None:
+        self.storage = storage
+        self.heartbeat = heartbeat
+        self.stale_after = stale_after
+        self.token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.held = False
+
+    def _payload(self) -> bytes:
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "token": self.token,
+            "heartbeat": time.time(),
+        }
+        return json.dumps(info).encode()
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.storage.read_bytes(LOCK))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {}  # half-written lock: treat as stale
+
+    def _stale(self, info: dict[str, Any]) -> bool:
+        if not info or "pid" not in info:
+            return True
+        if info.get("host") == socket.gethostname():
+            return not _pid_alive(int(info["pid"]))
+        return time.time() - float(info.get("heartbeat", 0)) > self.stale_after
+
+    def acquire(self, *, break_lock: bool = False) -> None:
+        for _ in range(3):
+            if self.storage.create_exclusive(LOCK, self._payload()):
+                break
+            info = self._read()
+            if info is None:
+                continue
+            if info.get("token") == self.token:
+                break
+            if break_lock or self._stale(info):
+                self.storage.delete(LOCK)
+                continue
+            age = time.time() - float(info.get("heartbeat", 0))
+            raise RunLockedError(
+                f"{self.storage.url} is being written by pid {info.get('pid')} on {info.get('host')} "
+                f"(seen {age:.0f} s ago): stop that run first, or if it is gone pass "
+                f"break_lock=True / --break-lock (or wait {max(0.0, self.stale_after - age):.0f} s)"
+            )
+        else:
+            raise RunLockedError(f"{self.storage.url}: could not take the run lock; retry")
+        # Object stores have no O_EXCL: confirm we won a simultaneous race.
+        info = self._read()
+        if info and info.get("token") != self.token:
+            raise RunLockedError(
+                f"{self.storage.url}: another process took the run lock at the same time"
+            )
+        self.held = True
+        self._thread = threading.Thread(target=self._beat, name="ckptkit-lock", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat):
+            # A missed heartbeat only makes the lock look older.
+            with contextlib.suppress(Exception):
+                self.storage.write_bytes(LOCK, self._payload())
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        info = self._read()
+        if info and info.get("token") == self.token:
+            self.storage.delete(LOCK)
+        self.held = False

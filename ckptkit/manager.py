@@ -1,0 +1,421 @@
+"""CheckpointManager: save / restore / latest / best / list — orchestration only.
+
+Encoding lives in ``formats``, commit in ``atomic``, what to keep and when to save in
+``policies``, bytes in ``storage``; this module wires them together and calls hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import torch
+
+from ckptkit import run as runmod
+from ckptkit.atomic import CommitStrategy, get_strategy
+from ckptkit.errors import (
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+)
+from ckptkit.formats import native
+from ckptkit.formats.base import Loaded
+from ckptkit.hooks.manager import get_plugin_manager
+from ckptkit.lock import RunLock
+from ckptkit.manifest import MANIFEST, Manifest, checkpoint_name, config_hash, parse_name, versions
+from ckptkit.policies import (
+    Deadline,
+    EveryNSteps,
+    EveryTMinutes,
+    KeepBestK,
+    KeepLastN,
+    RetentionPolicy,
+    SaveTrigger,
+    SignalTrigger,
+    parse_duration,
+    select_deletions,
+)
+from ckptkit.run import CheckpointInfo, warn
+from ckptkit.stateful import apply_state, collect_state
+from ckptkit.storage.base import Storage, join_key
+from ckptkit.storage.registry import open_storage
+
+# Exit code for "stopped early on purpose (signal or time limit), resume me":
+# EX_TEMPFAIL from sysexits.h, which schedulers' retry loops can test for.
+EXIT_RESUMABLE = 75
+RUN_INFO = "run.json"
+
+
+class CheckpointManager:
+    """Saves and restores training state under one run URL.
+
+    ``state`` is a dict of named objects with ``state_dict()``/``load_state_dict()``
+    (model, optimizer, scheduler, ``RNGState()``, ``EarlyStopping``, a
+    ``ResumableDataLoader``...) or plain values (ints, floats, strings, lists/dicts of
+    them), which ``restore`` writes back into the dict.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        keep_last: int | None = 3,
+        keep_best: int = 1,
+        best_metric: str | None = None,
+        mode: str = "min",
+        save_every_steps: int | None = None,
+        save_every_minutes: float | None = None,
+        save_on_epoch_end: bool = True,
+        handle_signals: bool = False,
+        time_limit: str | float | None = None,
+        config: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        run_name: str | None = None,
+        verify: bool = True,
+        readonly: bool = False,
+        break_lock: bool = False,
+        commit: str | CommitStrategy | None = None,
+        retention: list[RetentionPolicy] | None = None,
+        triggers: list[SaveTrigger] | None = None,
+    ) -> None:
+        if mode not in ("min", "max"):
+            raise ConfigError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.url = url
+        self.storage: Storage = open_storage(url)
+        self.strategy = get_strategy(self.storage, commit)
+        self.best_metric = best_metric
+        self.mode = mode
+        self.verify = verify
+        self.config = dict(config) if config is not None else None
+        self.metadata = dict(metadata or {})
+        self.save_on_epoch_end = save_on_epoch_end
+        self.restored_from: CheckpointInfo | None = None
+        self.stop_reason: str | None = None
+        self._stop_after_save = False
+        self._uncommitted: list[CheckpointInfo] = []
+        self._pm = get_plugin_manager()
+
+        self.retention: list[RetentionPolicy] = list(retention or [])
+        if retention is None:
+            if keep_last is not None:
+                self.retention.append(KeepLastN(keep_last))
+            if keep_best:
+                self.retention.append(KeepBestK(keep_best, best_metric, mode))
+        self._best_ranker = KeepBestK(1, best_metric, mode)
+
+        self.triggers: list[SaveTrigger] = list(triggers or [])
+        if save_every_steps:
+            self.triggers.append(EveryNSteps(save_every_steps))
+        if save_every_minutes:
+            self.triggers.append(EveryTMinutes(save_every_minutes))
+        self._signals: SignalTrigger | None = None
+        if handle_signals:
+            self._signals = SignalTrigger()
+            self._signals.install()
+            self.triggers.append(self._signals)
+        self._deadline: Deadline | None = None
+        if time_limit is not None:
+            self._deadline = Deadline(parse_duration(time_limit))
+            self.triggers.append(self._deadline)
+
+        self.writer = not readonly and _is_main_process()
+        self._lock = RunLock(self.storage) if self.writer else None
+        if self._lock is not None:
+            self._lock.acquire(break_lock=break_lock)
+            self._remove_leftovers()
+        self.run_name = self._run_info(run_name)
+
+    # -- context manager ------------------------------------------------------
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Flush pending writes and release the run lock and signal handlers."""
+        try:
+            self.wait()
+        finally:
+            if self._signals is not None:
+                self._signals.uninstall()
+            if self._lock is not None:
+                self._lock.release()
+            self.storage.close()
+
+    def wait(self) -> None:
+        """Block until every save so far is durable on the storage."""
+        self.storage.flush()
+        self._fire_commits()
+
+    # -- reading --------------------------------------------------------------
+    def list(self) -> list[CheckpointInfo]:
+        """Committed checkpoints, oldest first."""
+        return runmod.list_checkpoints(self.storage)
+
+    def latest(self) -> CheckpointInfo | None:
+        """The newest checkpoint whose files are all present with their recorded sizes."""
+        for info in reversed(self.list()):
+            try:
+                runmod.check_sizes(self.storage, info)
+                return info
+            except CorruptCheckpointError as exc:
+                warn(f"skipping {exc}")
+        return None
+
+    def best(self) -> CheckpointInfo | None:
+        """The best checkpoint by ``best_metric`` (or the newest an EarlyStopping marked)."""
+        ranked = self._best_ranker.ranked(self.list())
+        return ranked[0] if ranked else None
+
+    # -- saving ---------------------------------------------------------------
+    def maybe_save(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        metrics: Mapping[str, float] | None = None,
+        *,
+        epoch: int | None = None,
+        epoch_end: bool = False,
+    ) -> CheckpointInfo | None:
+        """Save when a policy says so (interval, wall time, epoch end, signal, deadline).
+
+        After a signal or near the time limit this saves whatever the interval and
+        sets ``should_stop``, so the loop can exit cleanly.
+        """
+        now = time.monotonic()
+        reasons = [r for t in self.triggers if (r := t.reason(step, now))]
+        if epoch_end and self.save_on_epoch_end:
+            reasons.append("epoch end")
+        if not reasons:
+            return None
+        urgent = [r for r in reasons if r.startswith("SIG") or r == "time limit"]
+        info = self.save(step, state, metrics, epoch=epoch)
+        if urgent:
+            self.stop_reason = urgent[0]
+            self._stop_after_save = True
+        return info
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a signal or the time limit forced a save: leave the loop now."""
+        return self._stop_after_save
+
+    @property
+    def exit_code(self) -> int:
+        """0, or ``EXIT_RESUMABLE`` (75) when stopped early by a signal or time limit."""
+        return EXIT_RESUMABLE if self._stop_after_save else 0
+
+    def save(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        metrics: Mapping[str, float] | None = None,
+        *,
+        epoch: int | None = None,
+    ) -> CheckpointInfo | None:
+        """Save now. Returns the committed checkpoint (None on non-main ranks).
+
+        Nothing existing is touched until the new checkpoint is committed; then
+        retention deletes what no policy keeps.
+        """
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ConfigError(f"step must be a non-negative int, got {step!r}")
+        if not self.writer:
+            return None
+        started = time.monotonic()
+        self._pm.hook.ckptkit_before_save(manager=self, step=step, state=state)
+        full = self._with_extra_state(state)
+        collected = collect_state(full)
+        files, entries = native.encode(collected)
+        if epoch is None and isinstance(state.get("epoch"), int):
+            epoch = int(state["epoch"])
+        manifest = Manifest(
+            step=step,
+            files=native.file_entries(files),
+            entries=entries,
+            epoch=epoch,
+            metrics={k: float(v) for k, v in (metrics or {}).items()},
+            is_best=_early_stopping_marks_best(full, step),
+            config=self.config,
+            config_hash=config_hash(self.config),
+            metadata={"run_name": self.run_name, **self.metadata},
+            versions=versions(),
+        )
+        existing = self.list()
+        revision = 1 + max((c.revision for c in existing if c.step == step), default=-1)
+        name = checkpoint_name(step, revision)
+        self.strategy.commit(self.storage, name, files, manifest.to_bytes())
+        info = CheckpointInfo(name=name, url=self.storage.url_of(name), manifest=manifest)
+        self._pm.hook.ckptkit_after_save(manager=self, info=info)
+        self._uncommitted.append(info)
+        if not getattr(self.storage, "write_behind", False):
+            self._fire_commits()
+        for trigger in self.triggers:
+            trigger.saved(step, time.monotonic())
+        self._rotate([*existing, info])
+        if self._deadline is not None:
+            self._deadline.save_time = max(self._deadline.save_time, time.monotonic() - started)
+        return info
+
+    def _fire_commits(self) -> None:
+        while self._uncommitted:
+            self._pm.hook.ckptkit_after_commit(manager=self, info=self._uncommitted.pop(0))
+
+    def _rotate(self, checkpoints: list[CheckpointInfo]) -> None:
+        protected = {self.restored_from.name} if self.restored_from else set()
+        ranked = self._best_ranker.ranked(checkpoints)
+        if ranked:
+            protected.add(ranked[0].name)  # never delete the best
+        newest_rev = {c.step: c.name for c in checkpoints}
+        superseded = [
+            c for c in checkpoints if newest_rev[c.step] != c.name and c.name not in protected
+        ]
+        current = [c for c in checkpoints if newest_rev[c.step] == c.name]
+        for info in superseded + select_deletions(current, self.retention, protected):
+            self.delete(info)
+
+    def delete(self, info: CheckpointInfo) -> bool:
+        """Delete one checkpoint, manifest first (so a half-deleted one is never read).
+        Returns False when a ``ckptkit_before_delete`` hook vetoed it."""
+        if False in self._pm.hook.ckptkit_before_delete(manager=self, info=info):
+            return False
+        self.storage.delete(join_key(info.name, MANIFEST))
+        self.storage.delete(info.name, recursive=True)
+        return True
+
+    def _remove_leftovers(self) -> None:
+        for name in self.strategy.leftovers(self.storage, self.storage.listdir("")):
+            self.storage.delete(name, recursive=True)
+
+    def write_file(self, name: str, data: bytes | str) -> None:
+        """Write a run file (logs, metrics, plots) next to the checkpoints."""
+        if self.writer:
+            self.storage.write_bytes(name, data.encode() if isinstance(data, str) else data)
+
+    def read_file(self, name: str) -> bytes | None:
+        """A run file written with ``write_file``, or None."""
+        try:
+            return self.storage.read_bytes(name)
+        except FileNotFoundError:
+            return None
+
+    def _run_info(self, run_name: str | None) -> str:
+        raw = self.read_file(RUN_INFO)
+        if raw:
+            try:
+                return str(json.loads(raw)["run_name"])
+            except (ValueError, KeyError):
+                pass
+        name = (
+            run_name
+            or f"{self.url.rstrip('/').rsplit('/', 1)[-1]}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
+        if self.writer:
+            self.write_file(RUN_INFO, json.dumps({"run_name": name, "created": time.time()}))
+        return name
+
+    # -- restoring ------------------------------------------------------------
+    def restore(
+        self,
+        state: MutableMapping[str, Any],
+        which: str | int = "latest",
+        *,
+        verify: bool | None = None,
+        force: bool = False,
+        trust: bool = False,
+    ) -> int | None:
+        """Load a checkpoint into ``state`` in place and return its step.
+
+        ``which``: ``"latest"`` (newest valid; corrupt ones are skipped with a warning
+        naming them), ``"best"``, a step number, a checkpoint name in this run, or the
+        URL/path of any checkpoint or run we read (native or legacy). Returns None when
+        the run has no checkpoint and ``which`` is ``"latest"``.
+        """
+        verify = self.verify if verify is None else verify
+        full = self._with_extra_state(state)
+        loaded = self._load(which, verify=verify, trust=trust)
+        if loaded is None:
+            return None
+        info, data = loaded
+        if not force:
+            self._check_config(data)
+        notes = apply_state(full, data.state, data.source)
+        for key in state:
+            state[key] = full[key]  # plain values were replaced in ``full``
+        for note in data.notes + notes:
+            warn(f"restored {data.source}: {note}")
+        if info is not None:
+            self.restored_from = info
+            self._pm.hook.ckptkit_after_restore(manager=self, info=info, state=state)
+        return data.step
+
+    def _load(
+        self, which: str | int, *, verify: bool, trust: bool
+    ) -> tuple[CheckpointInfo | None, Loaded] | None:
+        checkpoints = self.list()
+        if which == "latest":
+            for info in reversed(checkpoints):
+                try:
+                    return info, self._read(info, verify)
+                except CorruptCheckpointError as exc:
+                    warn(f"skipping {exc}")
+            return None
+        if which == "best":
+            best = self.best()
+            if best is None:
+                raise CheckpointNotFoundError(
+                    f"{self.url}: no best checkpoint (no metric recorded yet)"
+                )
+            return best, self._read(best, verify)
+        if isinstance(which, int) or str(which).isdigit() or parse_name(str(which)):
+            info = runmod.find(checkpoints, which, self.url)
+            return info, self._read(info, verify)
+        from ckptkit.reader import read_checkpoint
+
+        return None, read_checkpoint(str(which), verify=verify, trust=trust)
+
+    def _read(self, info: CheckpointInfo, verify: bool) -> Loaded:
+        return Loaded(
+            state=runmod.read_state(self.storage, info, verify=verify),
+            kind="native",
+            source=info.url,
+            step=info.step,
+            epoch=info.epoch,
+            metrics=dict(info.metrics),
+            meta={"config": info.manifest.config, "config_hash": info.manifest.config_hash},
+        )
+
+    def _check_config(self, data: Loaded) -> None:
+        saved = data.meta.get("config")
+        if self.config is None or saved is None or config_hash(saved) == config_hash(self.config):
+            return
+        keys = sorted(
+            k for k in set(saved) | set(self.config) if saved.get(k) != self.config.get(k)
+        )
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {self.config.get(k)!r}" for k in keys[:6])
+        raise IncompatibleCheckpointError(
+            f"{data.source} was saved with a different training config ({diffs}); "
+            "resume with the same settings or pass force=True / --force"
+        )
+
+    def _with_extra_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        full = dict(state)
+        for extra in self._pm.hook.ckptkit_extra_state(manager=self):
+            for key, obj in (extra or {}).items():
+                full.setdefault(key, obj)
+        return full
+
+
+def _is_main_process() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _early_stopping_marks_best(state: Mapping[str, Any], step: int) -> bool:
+    from ckptkit.state.early_stopping import EarlyStopping
+
+    return any(isinstance(v, EarlyStopping) and v.best_step == step for v in state.values())

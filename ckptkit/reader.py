@@ -1,0 +1,113 @@
+"""Read any checkpoint we understand, by URL: a native checkpoint directory, a native
+run (its latest valid checkpoint), or a legacy file/directory. Always safe: nothing
+is unpickled beyond tensors, primitives and a minimal numpy allowlist."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ckptkit import run as runmod
+from ckptkit.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ckptkit.formats import native
+from ckptkit.formats.base import Loaded
+from ckptkit.manifest import MANIFEST, Manifest
+from ckptkit.storage.base import Storage
+from ckptkit.storage.registry import open_storage
+
+
+def _native_dir(storage: Storage, verify: bool) -> Loaded:
+    manifest = Manifest.from_bytes(storage.read_bytes(MANIFEST), storage.url)
+
+    def read(fname: str) -> bytes:
+        try:
+            return storage.read_bytes(fname)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"{storage.url}: {fname} is missing") from None
+
+    state = native.decode(manifest, read, storage.url, verify=verify)
+    return _loaded(state, storage.url, manifest)
+
+
+def _loaded(state: dict[str, Any], source: str, manifest: Manifest) -> Loaded:
+    return Loaded(
+        state=state,
+        kind="native",
+        source=source,
+        step=manifest.step,
+        epoch=manifest.epoch,
+        metrics=dict(manifest.metrics),
+        meta={
+            "config": manifest.config,
+            "config_hash": manifest.config_hash,
+            "metadata": manifest.metadata,
+            "versions": manifest.versions,
+            "created": manifest.created,
+            "is_best": manifest.is_best,
+            "files": {k: {"size": v.size, "sha256": v.sha256} for k, v in manifest.files.items()},
+        },
+    )
+
+
+def read_checkpoint(url: str, *, verify: bool = True, trust: bool = False) -> Loaded:
+    """Read the checkpoint at ``url`` (see module docstring) into memory."""
+    storage = open_storage(url)
+    if storage.exists(MANIFEST):
+        return _native_dir(storage, verify)
+    for info in reversed(runmod.list_checkpoints(storage)):
+        try:
+            state = runmod.read_state(storage, info, verify=verify)
+            return _loaded(state, info.url, info.manifest)
+        except CorruptCheckpointError as exc:
+            runmod.warn(f"skipping {exc}")
+    from ckptkit.formats.legacy import read_legacy
+
+    loaded = read_legacy(storage, "", trust=trust)
+    if loaded is None:
+        what = "directory" if storage.isdir("") else "file" if storage.exists("") else "path"
+        if what == "path":
+            raise CheckpointNotFoundError(f"{url}: no such file or directory")
+        raise CheckpointNotFoundError(
+            f"{url}: this {what} is not a checkpoint ckptkit can read "
+            "(no manifest.json, no committed step-* checkpoints, no legacy checkpoint file)"
+        )
+    return loaded
+
+
+def load(url: str, *, verify: bool = True, trust: bool = False) -> dict[str, Any]:
+    """The state of any checkpoint we read, as a plain nested dict of tensors and primitives."""
+    return read_checkpoint(url, verify=verify, trust=trust).state
+
+
+def _describe(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return {"tensor": list(value.shape), "dtype": str(value.dtype).replace("torch.", "")}
+    if isinstance(value, dict):
+        tensors = [v for v in value.values() if isinstance(v, torch.Tensor)]
+        if tensors and len(tensors) == len(value):
+            return {
+                "tensors": len(tensors),
+                "parameters": int(sum(t.numel() for t in tensors)),
+                "bytes": int(sum(t.numel() * t.element_size() for t in tensors)),
+            }
+        return {str(k): _describe(v) for k, v in list(value.items())[:20]}
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__}[{len(value)}]"
+    return value
+
+
+def inspect(url: str, *, verify: bool = True, trust: bool = False) -> dict[str, Any]:
+    """What a checkpoint holds: kind, step, epoch, metrics, a summary of each state
+    entry, versions and config (for native checkpoints), and notes on what is missing."""
+    loaded = read_checkpoint(url, verify=verify, trust=trust)
+    return {
+        "source": loaded.source,
+        "kind": loaded.kind,
+        "step": loaded.step,
+        "epoch": loaded.epoch,
+        "metrics": loaded.metrics,
+        "state": {k: _describe(v) for k, v in loaded.state.items()},
+        "notes": loaded.notes,
+        **{k: v for k, v in loaded.meta.items() if v is not None},
+    }

@@ -353,6 +353,49 @@ class CheckpointManager:
             self._pm.hook.ckptkit_after_restore(manager=self, info=info, state=state)
         return data.step
 
+    def resume(
+        self,
+        state: MutableMapping[str, Any],
+        resume: str = "auto",
+        *,
+        overwrite: bool = False,
+        force: bool = False,
+        trust: bool = False,
+    ) -> int | None:
+        """The ``--resume`` semantics every training command shares; returns the step
+        restored, or None when starting fresh.
+
+        - ``"latest"``: the newest valid checkpoint of this run; error if there is none.
+        - ``"auto"``: ``latest`` if the run has a checkpoint, else start fresh.
+        - ``"never"``: start fresh; refuses a run that already has checkpoints unless
+          ``overwrite=True``, which deletes them (they would otherwise outrank the new
+          run's checkpoints as "latest").
+        - anything else: the path/URL of a checkpoint or run (native or legacy), or a
+          step number / checkpoint name of this run.
+        """
+        mode = str(resume)
+        if mode == "never":
+            existing = self.list()
+            if existing and not overwrite:
+                raise ConfigError(
+                    f"{self.url} already has {len(existing)} checkpoint(s) (latest step "
+                    f"{existing[-1].step}): resume with --resume latest/auto, choose another "
+                    "--output, or pass --overwrite to delete them and start fresh"
+                )
+            for info in existing:
+                self.delete(info)
+            return None
+        if mode == "latest":
+            step = self.restore(state, "latest", force=force)
+            if step is None:
+                raise CheckpointNotFoundError(
+                    f"{self.url}: no valid checkpoint to resume from; use --resume auto to start fresh"
+                )
+            return step
+        if mode == "auto":
+            return self.restore(state, "latest", force=force)
+        return self.restore(state, mode, force=force, trust=trust)
+
     def _load(
         self, which: str | int, *, verify: bool, trust: bool
     ) -> tuple[CheckpointInfo | None, Loaded] | None:

@@ -242,7 +242,12 @@ class CheckpointManager:
             is_best=_early_stopping_marks_best(full, step),
             config=self.config,
             config_hash=config_hash(self.config),
-            metadata={"run_name": self.run_name, **self.metadata},
+            metadata={
+                "run_name": self.run_name,
+                "best_metric": self.best_metric,
+                "mode": self.mode,
+                **self.metadata,
+            },
             versions=versions(),
         )
         existing = self.list()

@@ -75,6 +75,20 @@ def inspect_cmd(path: str, as_json: bool, no_verify: bool, trust: bool) -> None:
         click.echo(f"  note: {note}")
 
 
+def _best_name(checkpoints: list[runmod.CheckpointInfo]) -> str | None:
+    """The best checkpoint by the metric the run's manager was configured with."""
+    from ckptkit.policies import KeepBestK
+
+    if not checkpoints:
+        return None
+    meta = checkpoints[-1].manifest.metadata
+    metric, mode = meta.get("best_metric"), meta.get("mode", "min")
+    if metric is None:
+        return None
+    ranked = KeepBestK(1, metric, mode if mode in ("min", "max") else "min").ranked(checkpoints)
+    return ranked[0].name if ranked else None
+
+
 @click.command("ls")
 @click.argument("run")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
@@ -85,6 +99,9 @@ def ls_cmd(run: str, as_json: bool) -> None:
     storage = open_storage(run)
     checkpoints = runmod.list_checkpoints(storage)
     rows = [c.summary() for c in checkpoints]
+    best = _best_name(checkpoints)
+    for row in rows:
+        row["is_best"] = row["is_best"] or row["name"] == best
     if as_json:
         _echo_json(rows)
         return

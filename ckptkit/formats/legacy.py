@@ -1,0 +1,373 @@
+"""Readers for checkpoints written without ckptkit.
+
+- a bare ``torch.save(model.state_dict(), path)`` (upstream Time-LLM's
+  ``checkpoints/<setting>/checkpoint``): ``kind="legacy-state-dict"``;
+- a dict checkpoint such as the Colab Time-LLM scripts' ``{'model', 'optimizer',
+  'scheduler', 'epoch', 'global_step', 'best_score', 'val_loss_min'}``, or one with other
+  common key names (``model_state_dict``, ``iteration``...): ``kind="legacy-dict"``;
+- a Hugging Face Trainer ``checkpoint-<N>/`` directory (see ``hf.py``): ``kind="hf-trainer"``.
+
+Everything is read through ``safe_torch_load``: nothing in the files is executed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ckptkit.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ckptkit.formats.base import Loaded
+from ckptkit.formats.safe import safe_safetensors_load, safe_torch_load
+from ckptkit.run import warn
+from ckptkit.storage.base import Storage, join_key
+
+# Top-level names in the wild, most specific first; only the first one present is mapped.
+MODEL_KEYS = ("model", "model_state_dict", "state_dict", "model_state", "net")
+OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_state", "optim")
+SCHEDULER_KEYS = ("scheduler", "lr_scheduler", "scheduler_state_dict", "lr_scheduler_state_dict")
+SCALER_KEYS = ("scaler", "grad_scaler", "scaler_state_dict", "amp")
+STEP_KEYS = ("global_step", "step", "iteration", "iter", "num_updates")
+EPOCH_KEYS = ("epoch", "epochs")
+# PyTorch Lightning keeps one state per optimizer/scheduler in a list.
+OPTIMIZER_LIST_KEYS = ("optimizer_states",)
+SCHEDULER_LIST_KEYS = ("lr_schedulers",)
+
+# Files a directory may hold a legacy checkpoint in, in order of preference.
+CHECKPOINT_FILES = ("checkpoint.pt", "checkpoint", "checkpoint.pth", "model.pt", "model.pth")
+STEP_DIR = re.compile(r"^checkpoint_step_(\d+)$")  # Colab Time-LLM scripts
+HF_STEP_DIR = re.compile(r"^checkpoint-(\d+)$")  # Hugging Face Trainer output_dir
+
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = b"\x80"  # the PROTO opcode every torch.save pickle starts with
+
+NO_OPTIMIZER = "no optimizer state: optimizer moments restart from zero"
+NO_SCHEDULER = "no scheduler state: the learning-rate schedule restarts from its start"
+NO_RNG = "no RNG state: data order will differ"
+NO_LOADER = "no data-loader position: the epoch restarts from its first batch"
+NO_STEP = "no step/epoch: training restarts at step 0"
+NO_EARLY_STOPPING = "no early-stopping state: the best score starts fresh"
+
+# Time-LLM's run_main.py defaults, used where a file keeps the best score but not these.
+TIMELLM_PATIENCE = 10
+TIMELLM_DELTA = 0.0
+
+
+def read_legacy(storage: Storage, key: str = "", *, trust: bool = False) -> Loaded | None:
+    """Read the legacy checkpoint at ``key`` (a file or a directory), or None when it is
+    not a format we know. Raises ``CorruptCheckpointError`` for a file that is a checkpoint
+    but cannot be decoded, ``UnsafeCheckpointError`` for one that would run code."""
+    if storage.isdir(key):
+        return _read_dir(storage, key, trust)
+    if not storage.exists(key):
+        return None
+    return _read_file(storage, key, trust)
+
+
+def _read_dir(storage: Storage, key: str, trust: bool) -> Loaded | None:
+    from ckptkit.formats import hf
+
+    names = storage.listdir(key)
+    if "manifest.json" in names:
+        return None  # a native checkpoint: not ours to read
+    if hf.is_hf_checkpoint(names):
+        return hf.read_hf_checkpoint(storage, key, trust=trust)
+    for pattern in (STEP_DIR, HF_STEP_DIR):
+        numbered = sorted(
+            ((int(m.group(1)), n) for n in names if (m := pattern.match(n))), reverse=True
+        )
+        if numbered:
+            loaded = _newest_loadable(storage, key, numbered, trust)
+            others = [n for n in CHECKPOINT_FILES if n in names]
+            if others:
+                loaded.notes.append(
+                    f"also found {others[0]} next to the step directories (upstream Time-LLM "
+                    "saves the best model there): point at it to load it instead"
+                )
+            return loaded
+    for name in CHECKPOINT_FILES:
+        if name in names and not storage.isdir(join_key(key, name)):
+            return _read_file(storage, join_key(key, name), trust)
+    return None
+
+
+def _newest_loadable(
+    storage: Storage, key: str, numbered: list[tuple[int, str]], trust: bool
+) -> Loaded:
+    """The checkpoint in the highest-numbered directory that loads; damaged ones are
+    skipped with a warning (a preempted save often leaves the newest one truncated)."""
+    skipped: list[str] = []
+    for number, name in numbered:
+        sub = join_key(key, name)
+        try:
+            loaded = read_legacy(storage, sub, trust=trust)
+        except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+            reason = str(exc)
+        else:
+            if loaded is not None:
+                _adopt_step(loaded, number, name)
+                if skipped:
+                    loaded.notes.append(
+                        f"skipped newer checkpoints that do not load: {', '.join(skipped)}"
+                    )
+                    loaded.meta["skipped"] = skipped
+                return loaded
+            reason = f"{storage.url_of(sub)}: no checkpoint file in it"
+        skipped.append(name)
+        warn(f"skipping {reason}")
+    raise CorruptCheckpointError(
+        f"{storage.url_of(key)}: none of {len(numbered)} checkpoint directories loads "
+        f"({', '.join(skipped[:4])}{' ...' if len(skipped) > 4 else ''}): see the warnings above"
+    )
+
+
+def _adopt_step(loaded: Loaded, number: int, name: str) -> None:
+    # The directory name is written by the same code that wrote global_step, so it is a
+    # fair stand-in when the file itself does not say.
+    if loaded.step is None:
+        loaded.step = number
+        loaded.state["step"] = number
+        loaded.notes = [n for n in loaded.notes if n != NO_STEP]
+        loaded.notes.append(f"step {number} taken from the directory name {name}")
+
+
+def _read_file(storage: Storage, key: str, trust: bool) -> Loaded | None:
+    source = storage.url_of(key)
+    name = key.rsplit("/", 1)[-1] if key else source.rstrip("/").rsplit("/", 1)[-1]
+    if name.endswith(".safetensors"):
+        return state_dict_checkpoint(read_safetensors(storage, key), source)
+    data = _local_or_bytes(storage, key)
+    head = _head(data)
+    if not head:
+        raise CorruptCheckpointError(f"{source}: empty file (a save was interrupted?)")
+    looks_torch = head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTO)
+    if not looks_torch and not (name == "checkpoint" or name.endswith(_TORCH_SUFFIXES)):
+        return None  # not a torch file, and not named like one: not ours
+    return from_object(safe_torch_load(data, source=source, trust=trust), source)
+
+
+def _local_or_bytes(storage: Storage, key: str) -> bytes | str:
+    """A local path when the backend has one (torch can then mmap multi-GB files), else
+    the bytes."""
+    path = storage.local_path(key)
+    if path is not None:
+        return path
+    try:
+        return storage.read_bytes(key)
+    except FileNotFoundError as exc:
+        raise CheckpointNotFoundError(f"{storage.url_of(key)}: no such file") from exc
+
+
+def _head(data: bytes | str) -> bytes:
+    if isinstance(data, str):
+        with open(data, "rb") as f:
+            return f.read(4)
+    return bytes(data[:4])
+
+
+def read_torch(storage: Storage, key: str, *, trust: bool = False) -> Any:
+    """``safe_torch_load`` of one file in ``storage``."""
+    return safe_torch_load(_local_or_bytes(storage, key), source=storage.url_of(key), trust=trust)
+
+
+def read_safetensors(storage: Storage, key: str) -> dict[str, torch.Tensor]:
+    """``safe_safetensors_load`` of one file in ``storage``."""
+    return safe_safetensors_load(_local_or_bytes(storage, key), source=storage.url_of(key))
+
+
+def is_state_dict(obj: Any) -> bool:
+    """A flat, non-empty mapping of names to tensors: what ``module.state_dict()`` returns."""
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def from_object(obj: Any, source: str) -> Loaded | None:
+    """Classify what a legacy file held: a bare state dict, a dict checkpoint, or (None)
+    something we do not know how to map."""
+    if is_state_dict(obj):
+        return state_dict_checkpoint(obj, source)
+    if isinstance(obj, Mapping) and obj and all(isinstance(k, str) for k in obj):
+        return dict_checkpoint(obj, source)
+    return None
+
+
+def state_dict_checkpoint(sd: Mapping[str, torch.Tensor], source: str) -> Loaded:
+    """A model's weights and nothing else."""
+    notes = [
+        "model weights only (a bare state_dict)",
+        NO_OPTIMIZER,
+        NO_SCHEDULER,
+        NO_RNG,
+        NO_STEP,
+        NO_LOADER,
+        NO_EARLY_STOPPING,
+    ]
+    notes.extend(_prefix_notes(sd))
+    return Loaded(state={"model": sd}, kind="legacy-state-dict", source=source, notes=notes)
+
+
+def _prefix_notes(sd: Mapping[str, Any]) -> list[str]:
+    if sd and all(k.startswith("module.") for k in sd):
+        return [
+            "weight names start with 'module.' (saved from a DataParallel/DDP wrapper): "
+            "load them into the wrapped model, or strip the prefix"
+        ]
+    return []
+
+
+def _first(
+    obj: Mapping[str, Any], keys: tuple[str, ...], want: type | tuple[type, ...]
+) -> str | None:
+    return next((k for k in keys if isinstance(obj.get(k), want)), None)
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        return int(value.item())
+    return None
+
+
+def dict_checkpoint(obj: Mapping[str, Any], source: str) -> Loaded:
+    """Map a dict checkpoint's entries onto ckptkit's state names, conservatively: only
+    well-known names are mapped, everything else is kept under its own name."""
+    state: dict[str, Any] = {}
+    notes: list[str] = []
+    used: set[str] = set()
+
+    def take(target: str, keys: tuple[str, ...], want: type | tuple[type, ...]) -> bool:
+        found = _first(obj, keys, want)
+        if found is not None:
+            state[target] = obj[found]
+            used.add(found)
+        return found is not None
+
+    if take("model", MODEL_KEYS, Mapping):
+        notes.extend(_prefix_notes(state["model"]))
+    else:
+        notes.append(
+            f"no model weights under any of {', '.join(MODEL_KEYS)}: entries are kept under "
+            "their own names"
+        )
+    if not take("optimizer", OPTIMIZER_KEYS, Mapping) and not _take_single(
+        obj, state, used, "optimizer", OPTIMIZER_LIST_KEYS
+    ):
+        notes.append(NO_OPTIMIZER)
+    if not take("scheduler", SCHEDULER_KEYS, Mapping) and not _take_single(
+        obj, state, used, "scheduler", SCHEDULER_LIST_KEYS
+    ):
+        # Colab scripts save 'scheduler': None when the schedule is stepped by hand.
+        used.update(k for k in SCHEDULER_KEYS if k in obj and obj[k] is None)
+        notes.append(NO_SCHEDULER)
+    take("scaler", SCALER_KEYS, Mapping)
+
+    step = _take_number(obj, state, used, "step", STEP_KEYS)
+    epoch = _take_number(obj, state, used, "epoch", EPOCH_KEYS)
+    if step is None and epoch is None:
+        notes.append(NO_STEP)
+
+    metrics = _metrics(obj)
+    early = _early_stopping(obj, used)
+    if early is not None:
+        state["early_stopping"] = early
+        notes.append(
+            "early stopping: best value from val_loss_min/best_score; patience, delta and "
+            f"counter were not saved (patience={TIMELLM_PATIENCE}, delta={TIMELLM_DELTA} "
+            "are Time-LLM's defaults, the counter restarts at 0)"
+        )
+    else:
+        notes.append(NO_EARLY_STOPPING)
+    notes.extend([NO_RNG, NO_LOADER])
+
+    for k, v in obj.items():
+        if k not in used:
+            state[k if k not in state else f"legacy.{k}"] = v
+    return Loaded(
+        state=state,
+        kind="legacy-dict",
+        source=source,
+        step=step,
+        epoch=epoch,
+        metrics=metrics,
+        notes=notes,
+    )
+
+
+def _take_single(
+    obj: Mapping[str, Any],
+    state: dict[str, Any],
+    used: set[str],
+    target: str,
+    keys: tuple[str, ...],
+) -> bool:
+    for k in keys:
+        value = obj.get(k)
+        if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], Mapping):
+            state[target] = value[0]
+            used.add(k)
+            return True
+    return False
+
+
+def _take_number(
+    obj: Mapping[str, Any],
+    state: dict[str, Any],
+    used: set[str],
+    target: str,
+    keys: tuple[str, ...],
+) -> int | None:
+    for k in keys:
+        if k in obj and (value := _as_int(obj[k])) is not None:
+            state[target] = value
+            used.add(k)
+            return value
+    return None
+
+
+def _metrics(obj: Mapping[str, Any]) -> dict[str, float]:
+    # Finite top-level floats (loss, val_loss_min, best_acc...) are the only metrics a
+    # dict checkpoint has; infinities (val_loss_min before the first validation) say nothing.
+    out: dict[str, float] = {}
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1 and v.is_floating_point():
+            v = v.item()
+        if isinstance(v, float) and math.isfinite(v):
+            out[k] = v
+    return out
+
+
+def _early_stopping(obj: Mapping[str, Any], used: set[str]) -> dict[str, Any] | None:
+    """Time-LLM's EarlyStopping keeps ``val_loss_min`` (best validation loss, ``inf``
+    before the first) and ``best_score = -val_loss_min``; build a ``ckptkit.EarlyStopping``
+    state (mode "min") from them."""
+    if "val_loss_min" not in obj and "best_score" not in obj:
+        return None
+    best: float | None = None
+    loss_min, score = obj.get("val_loss_min"), obj.get("best_score")
+    if isinstance(loss_min, (int, float)) and math.isfinite(loss_min):
+        best = float(loss_min)
+    elif isinstance(score, (int, float)) and math.isfinite(score):
+        best = -float(score)
+    used.update(k for k in ("val_loss_min", "best_score") if k in obj)
+    return {
+        "patience": TIMELLM_PATIENCE,
+        "delta": TIMELLM_DELTA,
+        "mode": "min",
+        "best": best,
+        "best_step": None,
+        "counter": 0,
+        "should_stop": False,
+        "steps": 0,
+    }

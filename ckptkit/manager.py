@@ -7,6 +7,7 @@ Encoding lives in ``formats``, commit in ``atomic``, what to keep and when to sa
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Mapping, MutableMapping
 from typing import Any
@@ -41,7 +42,7 @@ from ckptkit.policies import (
 from ckptkit.run import CheckpointInfo, warn
 from ckptkit.stateful import apply_state, collect_state
 from ckptkit.storage.base import Storage, join_key
-from ckptkit.storage.registry import open_storage
+from ckptkit.storage.registry import open_storage, scheme_of
 
 # Exit code for "stopped early on purpose (signal or time limit), resume me":
 # EX_TEMPFAIL from sysexits.h, which schedulers' retry loops can test for.
@@ -121,12 +122,19 @@ class CheckpointManager:
             self._deadline = Deadline(parse_duration(time_limit))
             self.triggers.append(self._deadline)
 
+        self.readonly = readonly
         self.writer = not readonly and _is_main_process()
         self._lock = RunLock(self.storage) if self.writer else None
         if self._lock is not None:
             self._lock.acquire(break_lock=break_lock)
-            self._remove_leftovers()
-        self.run_name = self._run_info(run_name)
+        try:
+            if self._lock is not None:
+                self._remove_leftovers()
+            self.run_name = self._run_info(run_name)
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release()  # a failed constructor must not keep the run locked
+            raise
 
     # -- context manager ------------------------------------------------------
     def __enter__(self) -> CheckpointManager:
@@ -224,7 +232,7 @@ class CheckpointManager:
         """
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ConfigError(f"step must be a non-negative int, got {step!r}")
-        if not self.writer:
+        if not self._writable("save"):
             return None
         started = time.monotonic()
         self._pm.hook.ckptkit_before_save(manager=self, step=step, state=state)
@@ -251,8 +259,10 @@ class CheckpointManager:
             versions=versions(),
         )
         existing = self.list()
-        revision = 1 + max((c.revision for c in existing if c.step == step), default=-1)
-        name = checkpoint_name(step, revision)
+        # Count every directory named for this step, committed or not: a damaged one
+        # still occupies its name, and the new checkpoint must not collide with it.
+        taken = [p for n in self.storage.listdir("") if (p := parse_name(n)) and p[0] == step]
+        name = checkpoint_name(step, 1 + max((rev for _, rev in taken), default=-1))
         self.strategy.commit(self.storage, name, files, manifest.to_bytes())
         info = CheckpointInfo(name=name, url=self.storage.url_of(name), manifest=manifest)
         self._pm.hook.ckptkit_after_save(manager=self, info=info)
@@ -286,11 +296,19 @@ class CheckpointManager:
     def delete(self, info: CheckpointInfo) -> bool:
         """Delete one checkpoint, manifest first (so a half-deleted one is never read).
         Returns False when a ``ckptkit_before_delete`` hook vetoed it."""
+        if not self._writable("delete"):
+            return False
         if False in self._pm.hook.ckptkit_before_delete(manager=self, info=info):
             return False
         self.storage.delete(join_key(info.name, MANIFEST))
         self.storage.delete(info.name, recursive=True)
         return True
+
+    def _writable(self, action: str) -> bool:
+        """False on non-main ranks (they skip writes); a read-only manager refuses."""
+        if self.readonly:
+            raise ConfigError(f"{self.url}: cannot {action}: this manager is readonly=True")
+        return self.writer
 
     def _remove_leftovers(self) -> None:
         for name in self.strategy.leftovers(self.storage, self.storage.listdir("")):
@@ -298,7 +316,7 @@ class CheckpointManager:
 
     def write_file(self, name: str, data: bytes | str) -> None:
         """Write a run file (logs, metrics, plots) next to the checkpoints."""
-        if self.writer:
+        if self._writable("write a file"):
             self.storage.write_bytes(name, data.encode() if isinstance(data, str) else data)
 
     def read_file(self, name: str) -> bytes | None:
@@ -351,8 +369,12 @@ class CheckpointManager:
         notes = apply_state(full, data.state, data.source)
         for key in state:
             state[key] = full[key]  # plain values were replaced in ``full``
+        said: set[str] = set()
         for note in data.notes + notes:
-            warn(f"restored {data.source}: {note}")
+            topic = note.split(":", 1)[0]  # a legacy reader and apply_state may say the same
+            if topic not in said:
+                said.add(topic)
+                warn(f"restored {data.source}: {note}")
         if info is not None:
             self.restored_from = info
             self._pm.hook.ckptkit_after_restore(manager=self, info=info, state=state)
@@ -422,9 +444,21 @@ class CheckpointManager:
         if isinstance(which, int) or str(which).isdigit() or parse_name(str(which)):
             info = runmod.find(checkpoints, which, self.url)
             return info, self._read(info, verify)
+        own = self._own_checkpoint(checkpoints, str(which))
+        if own is not None:  # a path into this run: protect it from rotation like any other
+            return own, self._read(own, verify)
         from ckptkit.reader import read_checkpoint
 
         return None, read_checkpoint(str(which), verify=verify, trust=trust)
+
+    def _own_checkpoint(self, checkpoints: list[CheckpointInfo], url: str) -> CheckpointInfo | None:
+        def where(u: str) -> str:
+            return (
+                os.path.realpath(u.removeprefix("file://")) if scheme_of(u) in ("", "file") else u
+            )
+
+        target = where(url.rstrip("/"))
+        return next((c for c in checkpoints if where(c.url) == target), None)
 
     def _read(self, info: CheckpointInfo, verify: bool) -> Loaded:
         return Loaded(

@@ -1,0 +1,110 @@
+"""Early stopping whose best score survives a resume."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, SupportsFloat
+
+from ckptkit.errors import ConfigError, IncompatibleCheckpointError
+
+_MODES = ("min", "max")
+
+
+class EarlyStopping:
+    """Stop when a monitored value has not improved for `patience` consecutive steps.
+
+    Same rule as Time-LLM's `EarlyStopping`: with mode "min" a value is a new best when
+    `value < best - delta` ("max": `value > best + delta`); any other value increments the
+    counter, and `should_stop` becomes True once the counter reaches `patience`. A new best
+    resets the counter. Unlike Time-LLM's, the best value is part of the state, so a resumed
+    run keeps comparing against it. A NaN value never counts as a new best.
+    """
+
+    def __init__(self, patience: int = 7, delta: float = 0.0, mode: str = "min") -> None:
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ConfigError(f"EarlyStopping patience must be an int >= 1, got {patience!r}")
+        if mode not in _MODES:
+            raise ConfigError(f"EarlyStopping mode must be 'min' or 'max', got {mode!r}")
+        delta = float(delta)
+        if not delta >= 0:
+            raise ConfigError(f"EarlyStopping delta must be >= 0 (a margin), got {delta!r}")
+        self.patience = patience
+        self.delta = delta
+        self.mode = mode
+        self._best: float | None = None
+        self._best_step: int | None = None
+        self._counter = 0
+        self._should_stop = False
+        self._steps = 0
+
+    @property
+    def best(self) -> float | None:
+        """The best value seen so far; None before the first (non-NaN) value."""
+        return self._best
+
+    @property
+    def best_step(self) -> int | None:
+        """The step of the best value: as passed to `step()`, else the 0-based call count."""
+        return self._best_step
+
+    @property
+    def counter(self) -> int:
+        """Consecutive steps without improvement."""
+        return self._counter
+
+    @property
+    def should_stop(self) -> bool:
+        return self._should_stop
+
+    def step(self, value: SupportsFloat, step: int | None = None) -> bool:
+        """Record `value` (a float, NumPy scalar or one-element tensor); return True when it
+        is a new best."""
+        value = float(value)
+        step = self._steps if step is None else int(step)
+        self._steps += 1
+        if self._is_improvement(value):
+            self._best = value
+            self._best_step = step
+            self._counter = 0
+            return True
+        self._counter += 1
+        if self._counter >= self.patience:
+            self._should_stop = True
+        return False
+
+    def _is_improvement(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        if self._best is None:
+            return True
+        if self.mode == "min":
+            return value < self._best - self.delta
+        return value > self._best + self.delta
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "patience": self.patience,
+            "delta": self.delta,
+            "mode": self.mode,
+            "best": self._best,
+            "best_step": self._best_step,
+            "counter": self._counter,
+            "should_stop": self._should_stop,
+            "steps": self._steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore progress. The saved patience and delta are adopted; a different mode
+        raises IncompatibleCheckpointError, since the saved best would mean the opposite."""
+        if state["mode"] != self.mode:
+            raise IncompatibleCheckpointError(
+                f"EarlyStopping checkpoint was saved with mode={state['mode']!r} but this one "
+                f"has mode={self.mode!r}; construct it with mode={state['mode']!r}"
+            )
+        self.patience = int(state["patience"])
+        self.delta = float(state["delta"])
+        self._best = None if state["best"] is None else float(state["best"])
+        self._best_step = state["best_step"]
+        self._counter = int(state["counter"])
+        self._should_stop = bool(state["should_stop"])
+        self._steps = int(state["steps"])

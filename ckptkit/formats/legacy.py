@@ -53,8 +53,6 @@ NO_STEP = "no step/epoch: training restarts at step 0"
 NO_EARLY_STOPPING = "no early-stopping state: the best score starts fresh"
 
 # Time-LLM's run_main.py defaults, used where a file keeps the best score but not these.
-TIMELLM_PATIENCE = 10
-TIMELLM_DELTA = 0.0
 
 
 def read_legacy(storage: Storage, key: str = "", *, trust: bool = False) -> Loaded | None:
@@ -283,9 +281,8 @@ def dict_checkpoint(obj: Mapping[str, Any], source: str) -> Loaded:
     if early is not None:
         state["early_stopping"] = early
         notes.append(
-            "early stopping: best value from val_loss_min/best_score; patience, delta and "
-            f"counter were not saved (patience={TIMELLM_PATIENCE}, delta={TIMELLM_DELTA} "
-            "are Time-LLM's defaults, the counter restarts at 0)"
+            "early stopping: best value from val_loss_min/best_score; patience and delta "
+            "were not saved (your EarlyStopping's own are kept), the counter restarts at 0"
         )
     else:
         notes.append(NO_EARLY_STOPPING)
@@ -361,9 +358,8 @@ def _early_stopping(obj: Mapping[str, Any], used: set[str]) -> dict[str, Any] | 
     elif isinstance(score, (int, float)) and math.isfinite(score):
         best = -float(score)
     used.update(k for k in ("val_loss_min", "best_score") if k in obj)
+    # No patience/delta: the file never had them, so the user's EarlyStopping keeps its own.
     return {
-        "patience": TIMELLM_PATIENCE,
-        "delta": TIMELLM_DELTA,
         "mode": "min",
         "best": best,
         "best_step": None,

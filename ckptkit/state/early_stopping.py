@@ -101,8 +101,9 @@ class EarlyStopping:
                 f"EarlyStopping checkpoint was saved with mode={state['mode']!r} but this one "
                 f"has mode={self.mode!r}; construct it with mode={state['mode']!r}"
             )
-        self.patience = int(state["patience"])
-        self.delta = float(state["delta"])
+        # Legacy files carry no patience/delta: then the constructor's values stand.
+        self.patience = int(state.get("patience", self.patience))
+        self.delta = float(state.get("delta", self.delta))
         self._best = None if state["best"] is None else float(state["best"])
         self._best_step = state["best_step"]
         self._counter = int(state["counter"])

@@ -143,9 +143,11 @@ def test_colab_dict_checkpoint(tmp_path, storage_cls, numpy1: bool) -> None:
         opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"]
     )
 
-    es = EarlyStopping(mode="min")
+    es = EarlyStopping(patience=3, delta=0.01, mode="min")
     es.load_state_dict(loaded.state["early_stopping"])
     assert es.best == 0.125 and es.counter == 0 and not es.should_stop
+    assert (es.patience, es.delta) == (3, 0.01)  # the file never had them: ours stand
+    es.delta = 0.0
     assert es.step(0.2) is False and es.step(0.1) is True  # compares against the saved best
 
 

@@ -42,6 +42,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 from collections import deque
@@ -427,7 +428,7 @@ def _flush_all_at_exit() -> None:
         try:
             _release(up)
         except Exception as exc:  # the staged files stay for the next process
-            print(f"ckptkit: Drive uploads left staged: {exc}", flush=True)
+            print(f"ckptkit: Drive uploads left staged: {exc}", file=sys.stderr, flush=True)
 
 
 def _slug(rel: str, target: str) -> str:
@@ -451,6 +452,7 @@ class DriveStorage:
     """
 
     commit = "marker"
+    write_behind = True  # save() returns before Drive has the files: commit on flush()
 
     def __init__(
         self,

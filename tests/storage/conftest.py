@@ -25,10 +25,6 @@ from ckptkit.storage.base import Storage
 from ckptkit.storage.drive import ROOT_ENV, STAGING_ENV
 from ckptkit.storage.registry import open_storage
 
-# Until the top-level conftest loads the plugin (pytest_plugins = ["tests.gcs_emulator"]);
-# both ways share one emulator per session.
-from tests.gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401
-
 BACKENDS = ["local", "memory", "drive", "gs"]
 
 

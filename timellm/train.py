@@ -1,0 +1,512 @@
+"""The Time-LLM reference trainer, checkpointed with ckptkit (public API only).
+
+One call, :func:`train`, runs the whole job: data, model, optimizer, schedule, periodic
+validation, checkpoints (trainable weights + optimizer/scheduler/RNG/data position/
+EarlyStopping, never the frozen LLM), resume, signals and time limits, metrics/logs/plot
+next to the checkpoints, and a final test evaluation of the best checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+import ckptkit
+from ckptkit import CheckpointManager, EarlyStopping, ResumableDataLoader, RNGState
+from timellm.data import load_dataset
+from timellm.model import TimeLLM, TimeLLMConfig, build_model
+
+# Config fields that may change between resumes without making it another run.
+RESUMABLE_CHANGES = frozenset(
+    {"max_steps", "train_epochs", "num_workers", "allow_download", "compile", "name"}
+)
+# Per-preset run defaults (how often to save/evaluate), overridable by options.
+RUN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny-cpu": {"save_steps": 50, "eval_batches": 16, "log_every": 25},
+}
+
+
+@dataclass
+class RunOptions:
+    """How a training run is stored and resumed (the model/data settings are in
+    :class:`timellm.TimeLLMConfig`)."""
+
+    output: str = "runs/timellm-etth1"
+    resume: str = "auto"  # latest | auto | never | PATH
+    overwrite: bool = False
+    force: bool = False
+    save_steps: int | None = 200
+    save_minutes: float | None = None
+    keep_last: int = 3
+    time_limit: str | None = None
+    eval_every: int | None = None  # steps between validations (default: save_steps)
+    eval_batches: int | None = None  # limit validation/test to N evenly spread batches
+    log_every: int = 50
+    progress: bool | None = None  # tqdm bar; None = only on a terminal
+    test: bool = True  # evaluate the best checkpoint on the test split at the end
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("save_steps", "eval_every", "eval_batches"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ckptkit.ConfigError(
+                    f"{name.replace('_', '-')} must be a positive integer, got {value!r}"
+                )
+        if self.keep_last < 1:
+            raise ckptkit.ConfigError(f"keep-last must be >= 1, got {self.keep_last}")
+        if self.log_every < 1:
+            raise ckptkit.ConfigError(f"log-every must be >= 1, got {self.log_every}")
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_scheduler(
+    opt: torch.optim.Optimizer, cfg: TimeLLMConfig, total_steps: int
+) -> tuple[torch.optim.lr_scheduler.LRScheduler, bool]:
+    """Upstream's ``--lradj`` schedules as torch schedulers (so they checkpoint and resume):
+    returns ``(scheduler, stepped_per_batch)``."""
+    if cfg.lradj == "TST":
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.learning_rate, total_steps=max(total_steps, 2), pct_start=cfg.pct_start
+        )
+        return sched, True
+    if cfg.lradj == "COS":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20, eta_min=1e-8), False
+    lr = cfg.learning_rate
+    table = {2: 5e-5, 4: 1e-5, 6: 5e-6, 8: 1e-6, 10: 5e-7, 15: 1e-7, 20: 5e-8}
+    factors: dict[str, Callable[[int], float]] = {
+        # upstream adjusts after epoch e with epoch+1; LambdaLR counts finished epochs.
+        "type1": lambda e: 0.5 ** max(0, e - 1),
+        "type2": lambda e: max((v for k, v in table.items() if k <= e), default=lr) / lr,
+        "type3": lambda e: 1.0 if e < 3 else 0.9 ** (e - 3),
+        "PEMS": lambda e: 0.95**e,
+        "constant": lambda e: 1.0,
+    }
+    return torch.optim.lr_scheduler.LambdaLR(opt, factors[cfg.lradj]), False
+
+
+class _Eval:
+    """Deterministic validation/test: no shuffling, no RNG use, optionally a fixed,
+    evenly spread subset of batches (so every variable is represented)."""
+
+    def __init__(self, dataset: Any, batch_size: int, max_batches: int | None) -> None:
+        n = len(dataset)
+        if max_batches is not None and max_batches * batch_size < n:
+            idx = np.linspace(0, n - 1, max_batches * batch_size).round().astype(int)
+            dataset = Subset(dataset, idx.tolist())
+        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+    @torch.no_grad()
+    def __call__(self, model: TimeLLM, device: torch.device, pred_len: int) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        se = ae = count = 0.0
+        for x, y, _, _ in self.loader:
+            pred = model(x.float().to(device))
+            true = y[:, -pred_len:, :].float().to(device)
+            se += float(((pred - true) ** 2).sum())
+            ae += float((pred - true).abs().sum())
+            count += true.numel()
+        model.train(was_training)
+        return {"mse": se / max(count, 1), "mae": ae / max(count, 1)}
+
+
+def run_config(cfg: TimeLLMConfig, fingerprint: str) -> dict[str, Any]:
+    """What defines the run for resume checks: model/data/training config + backbone."""
+    out = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
+    out["backbone"] = fingerprint
+    return out
+
+
+def _loss_plot(history: list[dict[str, Any]], title: str) -> bytes | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    train = [(h["step"], h["train_loss"]) for h in history if "train_loss" in h]
+    val = [(h["step"], h["val_mse"]) for h in history if "val_mse" in h]
+    if not train and not val:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss (MSE)")
+    if val:
+        ax.plot(*zip(*val, strict=True), marker="o", label="validation MSE")
+    ax.set_xlabel("step")
+    ax.set_ylabel("MSE (scaled)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+class _Reporter:
+    """Plain log lines (they survive ``| tee``), a tqdm bar on terminals, and the same
+    lines kept for ``train.log`` next to the checkpoints."""
+
+    def __init__(
+        self, echo: Callable[[str], None], total: int, initial: int, progress: bool | None
+    ):
+        self.echo = echo
+        self.lines: list[str] = []
+        self.bar = None
+        show = sys.stderr.isatty() if progress is None else progress
+        if show:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(
+                    total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr
+                )
+            except ImportError:
+                self.bar = None
+
+    def line(self, text: str) -> None:
+        stamped = f"{time.strftime('%H:%M:%S')} {text}"
+        self.lines.append(stamped)
+        if self.bar is not None:
+            self.bar.write(stamped, file=sys.stdout)
+        else:
+            self.echo(stamped)
+
+    def advance(self, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(
+    cfg: TimeLLMConfig,
+    opts: RunOptions,
+    *,
+    echo: Callable[[str], None] = lambda s: print(s, flush=True),
+) -> dict[str, Any]:
+    """Train (or resume) a Time-LLM run under ``opts.output``; returns a summary dict
+    (``exit_code`` 75 when a signal or the time limit stopped it early: run it again)."""
+    device = pick_device()
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    import random
+
+    random.seed(cfg.seed)
+
+    train_set = load_dataset(
+        cfg.data,
+        "train",
+        cfg.seq_len,
+        cfg.label_len,
+        cfg.pred_len,
+        cfg.features,
+        target=cfg.target,
+        timeenc=cfg.timeenc,
+        freq=cfg.freq,
+        percent=cfg.percent,
+    )
+    val_set = load_dataset(
+        cfg.data,
+        "val",
+        cfg.seq_len,
+        cfg.label_len,
+        cfg.pred_len,
+        cfg.features,
+        target=cfg.target,
+        timeenc=cfg.timeenc,
+        freq=cfg.freq,
+    )
+    test_set = load_dataset(
+        cfg.data,
+        "test",
+        cfg.seq_len,
+        cfg.label_len,
+        cfg.pred_len,
+        cfg.features,
+        target=cfg.target,
+        timeenc=cfg.timeenc,
+        freq=cfg.freq,
+    )
+    loader = ResumableDataLoader(
+        train_set,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        seed=cfg.seed,
+        num_workers=cfg.num_workers,
+        drop_last=True,
+    )
+    if len(loader) == 0:
+        raise ckptkit.ConfigError(
+            f"{cfg.data}: fewer training windows than one batch of {cfg.batch_size}; "
+            "lower --batch-size or --seq-len"
+        )
+    steps_per_epoch = len(loader)
+    total_steps = cfg.train_epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    model = build_model(cfg)
+    _to_device(model, device, quantized=cfg.quantize is not None)
+    params = model.trainable_parameters()
+    opt = torch.optim.Adam(params, lr=cfg.learning_rate, **_fast_optimizer_kwargs(device))
+    sched, per_batch = make_scheduler(opt, cfg, total_steps)
+    scaler = torch.amp.GradScaler(
+        device.type, enabled=cfg.dtype == "fp16" and device.type == "cuda"
+    )
+    early = EarlyStopping(patience=cfg.patience, mode="min")
+    fingerprint = str(model.backbone_fingerprint()["digest"])
+    eval_every = opts.eval_every or opts.save_steps
+    validate = _Eval(val_set, cfg.batch_size, opts.eval_batches)
+
+    state: dict[str, Any] = {
+        "model": model.trainable_state(),
+        "optimizer": opt,
+        "scheduler": sched,
+        "scaler": scaler,
+        "loader": loader,
+        "rng": RNGState(),
+        "early_stopping": early,
+        "step": 0,
+        "epoch": 0,
+        "history": [],
+        "backbone": fingerprint,
+        # What predict needs to scale new data like the training data.
+        "data_scaler": {**train_set.scaler.state_dict(), "columns": list(train_set.columns)},
+    }
+    mgr = CheckpointManager(
+        opts.output,
+        keep_last=opts.keep_last,
+        keep_best=1,
+        best_metric="val_mse",
+        mode="min",
+        save_every_steps=opts.save_steps,
+        save_every_minutes=opts.save_minutes,
+        handle_signals=True,
+        time_limit=opts.time_limit,
+        config=run_config(cfg, fingerprint),
+        metadata={"trainer": "timellm", "preset": cfg.name, "time_llm_config": cfg.to_dict()},
+        break_lock=False,
+    )
+    report: _Reporter | None = None
+    try:
+        restored = mgr.resume(state, opts.resume, overwrite=opts.overwrite, force=opts.force)
+        if state["backbone"] != fingerprint:
+            raise ckptkit.IncompatibleCheckpointError(
+                f"{opts.output} was trained with another backbone ({state['backbone']}, now "
+                f"{fingerprint}): resume with --llm/--llm-layers as before, or start a new --output"
+            )
+        step, epoch = int(state["step"]), int(state["epoch"])
+        history: list[dict[str, Any]] = state["history"]
+        old_log = mgr.read_file("train.log")
+        report = _Reporter(echo, total_steps, step, opts.progress)
+        if old_log:
+            report.lines = old_log.decode(errors="replace").splitlines()
+        report.line(
+            f"run {mgr.run_name}: {'resumed at step ' + str(restored) if restored is not None else 'fresh start'}"
+            f" | {cfg.name} {cfg.data} {cfg.seq_len}->{cfg.pred_len} | {device.type} {cfg.dtype}"
+            f" | {steps_per_epoch} steps/epoch, {total_steps} steps | {sum(p.numel() for p in params):,} trainable"
+        )
+
+        def persist() -> None:
+            mgr.write_file("metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+            mgr.write_file("train.log", "\n".join(report.lines) + "\n")
+
+        window: list[float] = []
+        last_metrics: dict[str, float] = {}
+        t_window = time.perf_counter()
+        model.train()
+        while step < total_steps and epoch < cfg.train_epochs and not mgr.should_stop:
+            loader.set_epoch(epoch)
+            for x, y, _, _ in loader:
+                loss = _train_step(model, opt, scaler, x, y, cfg.pred_len, device)
+                if per_batch:
+                    sched.step()
+                step += 1
+                state["step"] = step
+                window.append(loss)
+                report.advance(loss)
+                record: dict[str, Any] | None = None
+                if step % opts.log_every == 0 or step == total_steps:
+                    elapsed = time.perf_counter() - t_window
+                    record = {
+                        "step": step,
+                        "epoch": epoch,
+                        "train_loss": float(np.mean(window)),
+                        "lr": opt.param_groups[0]["lr"],
+                        "samples_per_s": len(window) * cfg.batch_size / max(elapsed, 1e-9),
+                    }
+                    window, t_window = [], time.perf_counter()
+                metrics: dict[str, float] = {}
+                if eval_every and (step % eval_every == 0 or step == total_steps):
+                    metrics = last_metrics = _validate(
+                        validate, model, device, cfg, early, step, report
+                    )
+                    record = {**(record or {"step": step, "epoch": epoch}), **metrics}
+                if record is not None:
+                    history.append(record)
+                    if "train_loss" in record:
+                        report.line(_format_record(record, total_steps))
+                if mgr.maybe_save(step, state, metrics=metrics or None, epoch=epoch):
+                    persist()
+                if step >= total_steps or mgr.should_stop:
+                    break
+            else:
+                epoch += 1
+                state["epoch"] = epoch
+                if not per_batch:
+                    sched.step()
+                if not eval_every:
+                    metrics = last_metrics = _validate(
+                        validate, model, device, cfg, early, step, report
+                    )
+                    history.append({"step": step, "epoch": epoch, **metrics})
+                mgr.maybe_save(step, state, metrics=metrics or None, epoch=epoch, epoch_end=True)
+                persist()
+                if early.should_stop:
+                    report.line(f"early stopping: no improvement for {early.patience} validations")
+                    break
+        summary: dict[str, Any] = {
+            "run": opts.output,
+            "run_name": mgr.run_name,
+            "step": step,
+            "stopped": mgr.stop_reason,
+            "exit_code": mgr.exit_code,
+        }
+        if mgr.should_stop:
+            report.line(
+                f"stopped at step {step} ({mgr.stop_reason}): checkpoint saved; run again with --resume latest"
+            )
+        else:
+            latest = mgr.latest()
+            if latest is None or latest.step != step:
+                mgr.save(step, state, metrics=last_metrics or None, epoch=epoch)
+            if opts.test:
+                summary.update(
+                    _final_test(mgr, state, model, device, cfg, test_set, opts, report, history)
+                )
+            report.line(f"done: step {step}, best val_mse {early.best}")
+        persist()
+        plot = _loss_plot(history, f"Time-LLM {cfg.name} on {cfg.data} ({mgr.run_name})")
+        if plot is not None:
+            mgr.write_file("loss.png", plot)
+        summary["best_val_mse"] = early.best
+        mgr.write_file("summary.json", json.dumps(summary, indent=1))
+        return summary
+    finally:
+        if report is not None:
+            report.close()
+        mgr.close()
+
+
+def _train_step(
+    model: TimeLLM,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    pred_len: int,
+    device: torch.device,
+) -> float:
+    x = x.float().to(device, non_blocking=True)
+    y = y[:, -pred_len:, :].float().to(device, non_blocking=True)
+    opt.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise ckptkit.CkptError(
+            f"training diverged (loss {value}); lower --learning-rate or use --dtype fp32/bf16"
+        )
+    return value
+
+
+def _validate(
+    validate: _Eval,
+    model: TimeLLM,
+    device: torch.device,
+    cfg: TimeLLMConfig,
+    early: EarlyStopping,
+    step: int,
+    report: _Reporter,
+) -> dict[str, float]:
+    m = validate(model, device, cfg.pred_len)
+    best = early.step(m["mse"], step)
+    report.line(
+        f"step {step}: val_mse {m['mse']:.4f} val_mae {m['mae']:.4f}{' (best)' if best else ''}"
+    )
+    return {"val_mse": m["mse"], "val_mae": m["mae"]}
+
+
+def _format_record(r: dict[str, Any], total: int) -> str:
+    return (
+        f"step {r['step']}/{total} epoch {r['epoch']} loss {r['train_loss']:.4f} "
+        f"lr {r['lr']:.2e} {r['samples_per_s']:.0f} samples/s"
+    )
+
+
+def _final_test(
+    mgr: CheckpointManager,
+    state: dict[str, Any],
+    model: TimeLLM,
+    device: torch.device,
+    cfg: TimeLLMConfig,
+    test_set: Any,
+    opts: RunOptions,
+    report: _Reporter,
+    history: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Reload the best checkpoint's weights (upstream never does) and evaluate on test."""
+    best = mgr.best()
+    if best is not None:
+        mgr.restore({"model": state["model"]}, best.name)
+    m = _Eval(test_set, cfg.batch_size, opts.eval_batches)(model, device, cfg.pred_len)
+    where = f"best checkpoint (step {best.step})" if best is not None else "final weights"
+    report.line(f"test on {where}: mse {m['mse']:.4f} mae {m['mae']:.4f}")
+    history.append(
+        {
+            "step": state["step"],
+            "epoch": state["epoch"],
+            "test_mse": m["mse"],
+            "test_mae": m["mae"],
+            "test_from_step": best.step if best else state["step"],
+        }
+    )
+    return {"test_mse": m["mse"], "test_mae": m["mae"], "best_step": best.step if best else None}
+
+
+def _to_device(model: TimeLLM, device: torch.device, quantized: bool) -> None:
+    for name, child in model.named_children():
+        if name != "llm_model" or not quantized:  # bitsandbytes placed the 4/8-bit LLM already
+            child.to(device)
+
+
+def _fast_optimizer_kwargs(device: torch.device) -> dict[str, Any]:
+    # fused Adam on CUDA, multi-tensor (foreach) elsewhere: same math, fewer kernel launches.
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}
+
+
+def options_dict(opts: RunOptions) -> dict[str, Any]:
+    return asdict(opts)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import threading
@@ -20,6 +21,7 @@ from ckptkit.errors import RunLockedError
 from ckptkit.storage.base import Storage
 
 LOCK = ".lock"
+log = logging.getLogger("ckptkit")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -73,6 +75,11 @@ class RunLock:
             if self.storage.create_exclusive(LOCK, self._payload()):
                 break
             info = self._read()
+            if info == {}:
+                # The holder may be rewriting it (a heartbeat): look again before
+                # calling it stale; a lock that stays unreadable is a crashed writer's.
+                time.sleep(0.2)
+                info = self._read()
             if info is None:
                 continue
             if info.get("token") == self.token:
@@ -102,6 +109,19 @@ class RunLock:
         while not self._stop.wait(self.heartbeat):
             # A missed heartbeat only makes the lock look older.
             with contextlib.suppress(Exception):
+                info = self._read()
+                if info and info.get("token") not in (None, self.token):
+                    # Taken over as stale (e.g. this host was unreachable): rewriting it
+                    # would make two writers; the other one keeps it.
+                    log.warning(
+                        "%s: the run lock was taken over by pid %s on %s; this process "
+                        "no longer holds it",
+                        self.storage.url,
+                        info.get("pid"),
+                        info.get("host"),
+                    )
+                    self.held = False
+                    return
                 self.storage.write_bytes(LOCK, self._payload())
 
     def release(self) -> None:

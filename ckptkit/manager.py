@@ -57,6 +57,10 @@ class CheckpointManager:
     (model, optimizer, scheduler, ``RNGState()``, ``EarlyStopping``, a
     ``ResumableDataLoader``...) or plain values (ints, floats, strings, lists/dicts of
     them), which ``restore`` writes back into the dict.
+
+    Retention: the last ``keep_last`` checkpoints and the ``keep_best`` best by
+    ``best_metric`` are kept (``keep_last=None`` keeps every checkpoint); the best one
+    and the one this run was restored from are never deleted.
     """
 
     def __init__(
@@ -100,9 +104,10 @@ class CheckpointManager:
         self._pm = get_plugin_manager()
 
         self.retention: list[RetentionPolicy] = list(retention or [])
-        if retention is None:
-            if keep_last is not None:
-                self.retention.append(KeepLastN(keep_last))
+        # keep_last=None keeps every checkpoint: a best-K policy alone would delete all
+        # but the best K, which is not what "no limit" means.
+        if retention is None and keep_last is not None:
+            self.retention.append(KeepLastN(keep_last))
             if keep_best:
                 self.retention.append(KeepBestK(keep_best, best_metric, mode))
         self._best_ranker = KeepBestK(1, best_metric, mode)
@@ -282,14 +287,16 @@ class CheckpointManager:
 
     def _rotate(self, checkpoints: list[CheckpointInfo]) -> None:
         protected = {self.restored_from.name} if self.restored_from else set()
-        ranked = self._best_ranker.ranked(checkpoints)
+        newest_rev = {c.step: c.name for c in checkpoints}
+        current = [c for c in checkpoints if newest_rev[c.step] == c.name]
+        # Rank only current revisions: an older revision of the same step (which wins
+        # a tie as the older checkpoint) must not outlive the save that replaced it.
+        ranked = self._best_ranker.ranked(current)
         if ranked:
             protected.add(ranked[0].name)  # never delete the best
-        newest_rev = {c.step: c.name for c in checkpoints}
         superseded = [
             c for c in checkpoints if newest_rev[c.step] != c.name and c.name not in protected
         ]
-        current = [c for c in checkpoints if newest_rev[c.step] == c.name]
         for info in superseded + select_deletions(current, self.retention, protected):
             self.delete(info)
 

@@ -17,6 +17,9 @@ from ckptkit.manifest import MANIFEST, Manifest, parse_name
 from ckptkit.storage.base import Storage, join_key
 
 log = logging.getLogger("ckptkit")
+# A library logs only where the application configured logging; the warning below is
+# what users see by default (without this, Python's last-resort handler prints it twice).
+log.addHandler(logging.NullHandler())
 
 
 class CheckpointWarning(UserWarning):

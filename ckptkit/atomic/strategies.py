@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Mapping
-from typing import Protocol
+from typing import NoReturn, Protocol
 
-from ckptkit.errors import ConfigError
+from ckptkit.errors import ConfigError, StorageError
 from ckptkit.manifest import MANIFEST, parse_name
 from ckptkit.storage.base import Storage, join_key
+from ckptkit.storage.local import storage_error
 
 TMP_PREFIX = ".tmp-"
 
@@ -40,10 +42,10 @@ class RenameCommit:
             storage.sync_dir(tmp)
             storage.rename(tmp, target)
             storage.sync_dir("")
-        except BaseException:
+        except BaseException as exc:
             # Nothing became visible; drop the temp dir (a kill leaves it for cleanup).
-            storage.delete(tmp, recursive=True)
-            raise
+            _abandon(storage, tmp)
+            _reraise(storage, target, exc)
 
     def leftovers(self, storage: Storage, names: list[str]) -> list[str]:
         out = [n for n in names if n.startswith(TMP_PREFIX)]
@@ -63,13 +65,27 @@ class MarkerCommit:
             for fname, data in files.items():
                 storage.write_bytes(join_key(target, fname), data)
             storage.write_bytes(join_key(target, MANIFEST), manifest)
-        except BaseException:
-            storage.delete(join_key(target, MANIFEST))
-            storage.delete(target, recursive=True)
-            raise
+        except BaseException as exc:
+            _abandon(storage, join_key(target, MANIFEST))
+            _abandon(storage, target)
+            _reraise(storage, target, exc)
 
     def leftovers(self, storage: Storage, names: list[str]) -> list[str]:
         return [n for n in names if parse_name(n) and not storage.exists(join_key(n, MANIFEST))]
+
+
+def _abandon(storage: Storage, key: str) -> None:
+    # Best effort: a failing cleanup must not hide why the commit failed; whatever
+    # stays behind is invisible to readers and removed by the run's next writer.
+    with contextlib.suppress(Exception):
+        storage.delete(key, recursive=True)
+
+
+def _reraise(storage: Storage, target: str, exc: BaseException) -> NoReturn:
+    """Re-raise, turning a backend's bare OSError (full disk...) into a StorageError."""
+    if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+        raise storage_error(storage.url_of(target), exc) from exc
+    raise exc
 
 
 _STRATEGIES: dict[str, type] = {"rename": RenameCommit, "marker": MarkerCommit}

@@ -7,19 +7,27 @@ Plugins add commands through the ``ckptkit_cli_commands`` hook. User errors
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
 from ckptkit.errors import CkptError
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *args: object) -> None:
+    # One line per warning ("Warning: skipping ... (damaged)"), not file:line + source.
+    click.secho(f"Warning: {message}", fg="yellow", err=True)
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):  # type: ignore[no-untyped-def]
-        try:
-            return super().invoke(ctx)
-        except CkptError as exc:
-            click.secho(f"Error: {exc}", fg="red", err=True)
-            ctx.exit(exc.exit_code)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            try:
+                return super().invoke(ctx)
+            except CkptError as exc:
+                click.secho(f"Error: {exc}", fg="red", err=True)
+                ctx.exit(exc.exit_code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -140,8 +140,11 @@ def verify_cmd(path: str, as_json: bool, trust: bool) -> None:
         results.append({"url": path, "ok": True, "problem": None})
     for name, url in targets:
         try:
-            sub = storage.child(name) if name else storage
-            reader.read_checkpoint(sub.url, verify=True)
+            if name:  # a checkpoint of the run: its manifest must be there (no legacy guess)
+                info = runmod.CheckpointInfo(name, url, runmod.read_manifest(storage, name))
+                runmod.read_state(storage, info, verify=True)
+            else:
+                reader.read_checkpoint(path, verify=True)
             results.append({"url": url, "ok": True, "problem": None})
         except CorruptCheckpointError as exc:
             results.append({"url": url, "ok": False, "problem": str(exc)})

@@ -11,7 +11,8 @@ from ckptkit.errors import StorageError
 from ckptkit.storage.base import Storage, join_key
 
 
-def _storage_error(url: str, exc: OSError) -> StorageError:
+def storage_error(url: str, exc: OSError) -> StorageError:
+    """``exc`` as a one-line StorageError that says what to do (full disk, permissions)."""
     if exc.errno == errno.ENOSPC:
         hint = "the disk is full: free space or point the run at another location"
     elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -56,7 +57,7 @@ class LocalStorage:
         except FileNotFoundError:
             raise
         except OSError as exc:
-            raise _storage_error(self.url_of(key), exc) from exc
+            raise storage_error(self.url_of(key), exc) from exc
 
     def exists(self, key: str) -> bool:
         return os.path.exists(self._p(key))
@@ -79,7 +80,7 @@ class LocalStorage:
         except (FileNotFoundError, NotADirectoryError):
             return []
         except OSError as exc:
-            raise _storage_error(self.url_of(key), exc) from exc
+            raise storage_error(self.url_of(key), exc) from exc
 
     def sha256(self, key: str) -> str | None:
         return None
@@ -89,7 +90,7 @@ class LocalStorage:
         try:
             os.makedirs(self._p(key), exist_ok=True)
         except OSError as exc:
-            raise _storage_error(self.url_of(key), exc) from exc
+            raise storage_error(self.url_of(key), exc) from exc
 
     def write_bytes(self, key: str, data: bytes) -> None:
         path = self._p(key)
@@ -100,7 +101,7 @@ class LocalStorage:
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as exc:
-            raise _storage_error(self.url_of(key), exc) from exc
+            raise storage_error(self.url_of(key), exc) from exc
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
         path = self._p(key)
@@ -110,7 +111,7 @@ class LocalStorage:
         except FileExistsError:
             return False
         except OSError as exc:
-            raise _storage_error(self.url_of(key), exc) from exc
+            raise storage_error(self.url_of(key), exc) from exc
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -130,13 +131,13 @@ class LocalStorage:
         except FileNotFoundError:
             pass
         except OSError as exc:
-            raise _storage_error(self.url_of(key), exc) from exc
+            raise storage_error(self.url_of(key), exc) from exc
 
     def rename(self, src: str, dst: str) -> None:
         try:
             os.rename(self._p(src), self._p(dst))
         except OSError as exc:
-            raise _storage_error(self.url_of(dst), exc) from exc
+            raise storage_error(self.url_of(dst), exc) from exc
 
     def sync_dir(self, key: str) -> None:
         try:

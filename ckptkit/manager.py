@@ -340,10 +340,8 @@ class CheckpointManager:
                 return str(json.loads(raw)["run_name"])
             except (ValueError, KeyError):
                 pass
-        name = (
-            run_name
-            or f"{self.url.rstrip('/').rsplit('/', 1)[-1]}-{time.strftime('%Y%m%d-%H%M%S')}"
-        )
+        base = self.url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "run"
+        name = run_name or f"{base}-{time.strftime('%Y%m%d-%H%M%S')}"
         if self.writer:
             self.write_file(RUN_INFO, json.dumps({"run_name": name, "created": time.time()}))
         return name

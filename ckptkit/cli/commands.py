@@ -83,8 +83,8 @@ def _best_name(checkpoints: list[runmod.CheckpointInfo]) -> str | None:
         return None
     meta = checkpoints[-1].manifest.metadata
     metric, mode = meta.get("best_metric"), meta.get("mode", "min")
-    if metric is None:
-        return None
+    if metric is None:  # the newest checkpoint an EarlyStopping marked as a new best
+        return next((c.name for c in reversed(checkpoints) if c.is_best), None)
     ranked = KeepBestK(1, metric, mode if mode in ("min", "max") else "min").ranked(checkpoints)
     return ranked[0].name if ranked else None
 
@@ -101,7 +101,7 @@ def ls_cmd(run: str, as_json: bool) -> None:
     rows = [c.summary() for c in checkpoints]
     best = _best_name(checkpoints)
     for row in rows:
-        row["is_best"] = row["is_best"] or row["name"] == best
+        row["is_best"] = row["name"] == best
     if as_json:
         _echo_json(rows)
         return

@@ -12,6 +12,9 @@ Everything not re-exported here is private and may change.
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
 from ckptkit.errors import (
@@ -26,11 +29,42 @@ from ckptkit.errors import (
     UnsafeCheckpointError,
 )
 from ckptkit.hooks.spec import hookimpl
-from ckptkit.manager import EXIT_RESUMABLE, CheckpointManager
-from ckptkit.reader import inspect, load, read_checkpoint
-from ckptkit.run import CheckpointInfo, CheckpointWarning
-from ckptkit.state import EarlyStopping, ResumableDataLoader, RNGState
-from ckptkit.storage.registry import open_storage
+
+# Heavy parts (torch) load on first use, so `ckptkit --help` and plugin discovery stay fast.
+_LAZY = {
+    "EXIT_RESUMABLE": "ckptkit.manager",
+    "CheckpointManager": "ckptkit.manager",
+    "inspect": "ckptkit.reader",
+    "load": "ckptkit.reader",
+    "read_checkpoint": "ckptkit.reader",
+    "CheckpointInfo": "ckptkit.run",
+    "CheckpointWarning": "ckptkit.run",
+    "EarlyStopping": "ckptkit.state",
+    "ResumableDataLoader": "ckptkit.state",
+    "RNGState": "ckptkit.state",
+    "open_storage": "ckptkit.storage.registry",
+}
+
+if TYPE_CHECKING:
+    from ckptkit.manager import EXIT_RESUMABLE, CheckpointManager
+    from ckptkit.reader import inspect, load, read_checkpoint
+    from ckptkit.run import CheckpointInfo, CheckpointWarning
+    from ckptkit.state import EarlyStopping, ResumableDataLoader, RNGState
+    from ckptkit.storage.registry import open_storage
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ckptkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "EXIT_RESUMABLE",

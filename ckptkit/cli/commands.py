@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from ckptkit import reader
-from ckptkit import run as runmod
 from ckptkit.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckptkit.manifest import MANIFEST, parse_name
 from ckptkit.storage.registry import open_storage
+
+if TYPE_CHECKING:
+    from ckptkit.run import CheckpointInfo
 
 TRUST_HELP = (
     "Allow arbitrary pickled objects in legacy files. This EXECUTES code from the file: "
@@ -50,6 +51,8 @@ def inspect_cmd(path: str, as_json: bool, no_verify: bool, trust: bool) -> None:
     PATH is a checkpoint directory, a run (its latest valid checkpoint), or a legacy
     file (torch.save'd state_dict or dict checkpoint, HF Trainer checkpoint-N).
     """
+    from ckptkit import reader
+
     info = reader.inspect(path, verify=not no_verify, trust=trust)
     if as_json:
         _echo_json(info)
@@ -75,7 +78,7 @@ def inspect_cmd(path: str, as_json: bool, no_verify: bool, trust: bool) -> None:
         click.echo(f"  note: {note}")
 
 
-def _best_name(checkpoints: list[runmod.CheckpointInfo]) -> str | None:
+def _best_name(checkpoints: list[CheckpointInfo]) -> str | None:
     """The best checkpoint by the metric the run's manager was configured with."""
     from ckptkit.policies import KeepBestK
 
@@ -97,6 +100,8 @@ def ls_cmd(run: str, as_json: bool) -> None:
 
     Incomplete or unreadable checkpoints are not listed (a warning names them)."""
     storage = open_storage(run)
+    from ckptkit import run as runmod
+
     checkpoints = runmod.list_checkpoints(storage)
     rows = [c.summary() for c in checkpoints]
     best = _best_name(checkpoints)
@@ -128,6 +133,9 @@ def verify_cmd(path: str, as_json: bool, trust: bool) -> None:
     its manifest: presence, size and sha256; legacy files are test-loaded safely.
 
     Exits 4 when anything is corrupt or incomplete, 0 when all is well."""
+    from ckptkit import reader
+    from ckptkit import run as runmod
+
     storage = open_storage(path)
     results: list[dict[str, Any]] = []
     if storage.exists(MANIFEST):
@@ -174,6 +182,7 @@ def convert_cmd(src: str, dst: str, step: int | None, trust: bool) -> None:
 
     The result restores with CheckpointManager(DST).restore(state) and loads
     with weights_only safety; what the source lacked is printed."""
+    from ckptkit import reader
     from ckptkit.manager import CheckpointManager
 
     loaded = reader.read_checkpoint(src, trust=trust)

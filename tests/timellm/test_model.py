@@ -195,3 +195,25 @@ def test_presets_and_d_ff_bound():
         tiny.replace(bogus=1)
     with pytest.raises(ConfigError, match="d_ff"):
         build_model(_cfg(d_ff=128))  # tiny LLM hidden size is 64
+
+
+def test_load_from_local_directory_truncates_and_freezes(tmp_path):
+    """The pretrained-loading path (local dir, offline), with a saved tiny model."""
+    source = load_backbone("tiny-llama", 2, seed=3)
+    source.model.save_pretrained(tmp_path)
+    source.tokenizer.save_pretrained(tmp_path)
+    loaded = load_backbone(str(tmp_path), 1, dtype="bf16")
+    assert loaded.model.config.num_hidden_layers == 1 and len(loaded.model.layers) == 1
+    assert loaded.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+    torch.testing.assert_close(
+        loaded.model.layers[0].mlp.up_proj.weight.float(),
+        source.model.layers[0].mlp.up_proj.weight.to(torch.bfloat16).float(),
+    )
+    assert loaded.tokenizer.pad_token == loaded.tokenizer.eos_token
+    with pytest.raises(ConfigError, match="TimeLLMConfig.dtype"):
+        build_model(_cfg(llm=str(tmp_path), llm_layers=1), loaded)
+    model = build_model(_cfg(llm=str(tmp_path), llm_layers=1, dtype="bf16"), loaded)
+    assert model(torch.randn(2, 32, 1)).shape == (2, 8, 1)
+    with pytest.raises(ConfigError, match="llm_layers"):
+        load_backbone(str(tmp_path), 3)

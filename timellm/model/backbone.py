@@ -176,7 +176,9 @@ def _load_pretrained(
     if quant is not None and device_map is None:
         device_map = {"": torch.cuda.current_device()}
     previous = transformers.logging.get_verbosity()
+    bars_were_off = not transformers.utils.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()  # truncation makes it list every unused weight
+    transformers.utils.logging.disable_progress_bar()
     try:
         model = AutoModel.from_pretrained(
             repo,
@@ -190,6 +192,8 @@ def _load_pretrained(
         raise _unavailable(repo, exc) from exc
     finally:
         transformers.logging.set_verbosity(previous)
+        if not bars_were_off:
+            transformers.utils.logging.enable_progress_bar()
     return model, tokenizer
 
 

@@ -54,6 +54,11 @@ class TimeLLM(nn.Module):
                 f"TimeLLMConfig.d_ff: must be <= the LLM hidden size ({backbone.d_llm}), "
                 f"got {cfg.d_ff}"
             )
+        if DTYPES[cfg.dtype] != backbone.dtype:
+            raise ConfigError(
+                f"TimeLLMConfig.dtype: {cfg.dtype!r} but the backbone was loaded as "
+                f"{backbone.dtype}; load it with the config's dtype"
+            )
         self.cfg, self.backbone_name, self.backbone_quantize = cfg, backbone.name, backbone.quantize
         self.pred_len, self.seq_len, self.d_ff = cfg.pred_len, cfg.seq_len, cfg.d_ff
         self.compute_dtype = DTYPES[cfg.dtype]

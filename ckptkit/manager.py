@@ -207,6 +207,10 @@ class CheckpointManager:
             return None
         urgent = [r for r in reasons if r.startswith("SIG") or r == "time limit"]
         info = self.save(step, state, metrics, epoch=epoch)
+        if not urgent and self._signals is not None and self._signals.received:
+            # The signal came while this checkpoint of the step just finished was being
+            # written: stop on it rather than after one more step and save.
+            urgent = [self._signals.received]
         if urgent:
             self.stop_reason = urgent[0]
             self._stop_after_save = True

@@ -105,13 +105,15 @@ class SignalTrigger:
     """Turns SIGTERM / SIGUSR1 / SIGINT into "save at the next step, then stop".
 
     A second SIGINT falls through to the previous handler (Ctrl+C twice still
-    interrupts at once). Handlers are only installed from the main thread.
+    interrupts at once, whatever other signals came between). ``received`` is the first
+    signal, the reason to stop. Handlers are only installed from the main thread.
     """
 
     DEFAULT = ("SIGTERM", "SIGUSR1", "SIGINT")
 
     def __init__(self, signals: Iterable[str] = DEFAULT) -> None:
         self.received: str | None = None
+        self._interrupted = False
         self._previous: dict[int, object] = {}
         self._installed = False
         self._names = [s for s in signals if hasattr(signal, s)]
@@ -133,13 +135,16 @@ class SignalTrigger:
 
     def _handle(self, signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
-        if self.received == "SIGINT" and name == "SIGINT":
+        if name == "SIGINT" and self._interrupted:
             prev = self._previous.get(signum)
             self.uninstall()
             if callable(prev):
                 prev(signum, frame)
             raise KeyboardInterrupt
-        self.received = name
+        # A wrapper may pass the stop on as another signal (retry loops send SIGTERM on
+        # Ctrl+C): that must neither hide the first Ctrl+C nor replace the first reason.
+        self._interrupted = self._interrupted or name == "SIGINT"
+        self.received = self.received or name
 
     def reason(self, step: int, now: float) -> str | None:
         return self.received

@@ -7,6 +7,7 @@ weights and the training data's scaler; the frozen LLM is rebuilt from the confi
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import fields
 from typing import Any
 
@@ -67,7 +68,10 @@ def load_for_inference(checkpoint: str, which: str = "best") -> tuple[Any, dict[
 
 def _future_dates(dates: pd.Series, n: int) -> pd.DatetimeIndex:
     dates = pd.to_datetime(dates)
-    freq = pd.infer_freq(dates.iloc[-min(len(dates), 50) :])
+    with warnings.catch_warnings():
+        # pandas 3 announces that this returns an offset instead of a string: both do below.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        freq = pd.infer_freq(dates.iloc[-min(len(dates), 50) :])
     if freq is None:
         freq = pd.tseries.frequencies.to_offset(dates.iloc[-1] - dates.iloc[-2])
     return pd.date_range(dates.iloc[-1], periods=n + 1, freq=freq)[1:]

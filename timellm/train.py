@@ -13,6 +13,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -290,6 +291,7 @@ def train(
         "step": 0,
         "epoch": 0,
         "history": [],
+        "loss_window": [],
         "backbone": fingerprint,
         # What predict needs to scale new data like the training data.
         "data_scaler": {**train_set.scaler.state_dict(), "columns": list(train_set.columns)},
@@ -310,14 +312,17 @@ def train(
     )
     report: _Reporter | None = None
     try:
+        if opts.resume in ("latest", "auto") and (latest := mgr.latest()) is not None:
+            # Before the config check, whose "pass --force" would not help here.
+            _check_backbone(latest.manifest.config or {}, cfg, fingerprint, latest.url)
         restored = mgr.resume(state, opts.resume, overwrite=opts.overwrite, force=opts.force)
-        if state["backbone"] != fingerprint:
-            raise ckptkit.IncompatibleCheckpointError(
-                f"{opts.output} was trained with another backbone ({state['backbone']}, now "
-                f"{fingerprint}): resume with --llm/--llm-layers as before, or start a new --output"
-            )
+        source = mgr.restored_from.url if mgr.restored_from is not None else opts.resume
+        _check_backbone({"backbone": state["backbone"]}, cfg, fingerprint, source)
         step, epoch = int(state["step"]), int(state["epoch"])
         history: list[dict[str, Any]] = state["history"]
+        # Losses since the last log record: part of the state, so a resume between two
+        # records averages over the same steps as an uninterrupted run.
+        window: list[float] = state["loss_window"]
         old_log = mgr.read_file("train.log")
         report = _Reporter(echo, total_steps, step, opts.progress)
         if old_log:
@@ -332,11 +337,14 @@ def train(
             mgr.write_file("metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
             mgr.write_file("train.log", "\n".join(report.lines) + "\n")
 
-        window: list[float] = []
-        last_metrics: dict[str, float] = {}
         t_window = time.perf_counter()
         model.train()
-        while step < total_steps and epoch < cfg.train_epochs and not mgr.should_stop:
+        while (
+            step < total_steps
+            and epoch < cfg.train_epochs
+            and not mgr.should_stop
+            and not early.should_stop
+        ):
             loader.set_epoch(epoch)
             for x, y, _, _ in loader:
                 loss = _train_step(model, opt, scaler, x, y, cfg.pred_len, device)
@@ -356,12 +364,11 @@ def train(
                         "lr": opt.param_groups[0]["lr"],
                         "samples_per_s": len(window) * cfg.batch_size / max(elapsed, 1e-9),
                     }
-                    window, t_window = [], time.perf_counter()
+                    window.clear()
+                    t_window = time.perf_counter()
                 metrics: dict[str, float] = {}
                 if eval_every and (step % eval_every == 0 or step == total_steps):
-                    metrics = last_metrics = _validate(
-                        validate, model, device, cfg, early, step, report
-                    )
+                    metrics = _validate(validate, model, device, cfg, early, step, report)
                     record = {**(record or {"step": step, "epoch": epoch}), **metrics}
                 if record is not None:
                     history.append(record)
@@ -369,23 +376,30 @@ def train(
                         report.line(_format_record(record, total_steps))
                 if mgr.maybe_save(step, state, metrics=metrics or None, epoch=epoch):
                     persist()
-                if step >= total_steps or mgr.should_stop:
+                if step >= total_steps or mgr.should_stop or early.should_stop:
                     break
             else:
+                # Also reached when resuming from a checkpoint taken at the epoch's last
+                # batch: nothing is left to iterate, and the epoch end happens here.
                 epoch += 1
                 state["epoch"] = epoch
                 if not per_batch:
-                    sched.step()
-                if not eval_every:
-                    metrics = last_metrics = _validate(
-                        validate, model, device, cfg, early, step, report
-                    )
+                    with warnings.catch_warnings():
+                        # torch's "scheduler before optimizer" check misfires when a resumed
+                        # process starts at an epoch end: its optimizer stepped before the save.
+                        warnings.filterwarnings(
+                            "ignore", "Detected call of `lr_scheduler.step", UserWarning
+                        )
+                        sched.step()
+                if eval_every:
+                    metrics = _val_metrics_at(history, step)
+                else:
+                    metrics = _validate(validate, model, device, cfg, early, step, report)
                     history.append({"step": step, "epoch": epoch, **metrics})
                 mgr.maybe_save(step, state, metrics=metrics or None, epoch=epoch, epoch_end=True)
                 persist()
-                if early.should_stop:
-                    report.line(f"early stopping: no improvement for {early.patience} validations")
-                    break
+        if early.should_stop and not mgr.should_stop:
+            report.line(f"early stopping: no improvement for {early.patience} validations")
         summary: dict[str, Any] = {
             "run": opts.output,
             "run_name": mgr.run_name,
@@ -400,12 +414,13 @@ def train(
         else:
             latest = mgr.latest()
             if latest is None or latest.step != step:
-                mgr.save(step, state, metrics=last_metrics or None, epoch=epoch)
+                mgr.save(step, state, metrics=_val_metrics_at(history, step) or None, epoch=epoch)
             if opts.test:
                 summary.update(
                     _final_test(mgr, state, model, device, cfg, test_set, opts, report, history)
                 )
-            report.line(f"done: step {step}, best val_mse {early.best}")
+            best = "none" if early.best is None else f"{early.best:.4f}"
+            report.line(f"done: step {step}, best val_mse {best}")
         persist()
         plot = _loss_plot(history, f"Time-LLM {cfg.name} on {cfg.data} ({mgr.run_name})")
         if plot is not None:
@@ -460,6 +475,31 @@ def _validate(
     return {"val_mse": m["mse"], "val_mae": m["mae"]}
 
 
+def _val_metrics_at(history: list[dict[str, Any]], step: int) -> dict[str, float]:
+    """The validation metrics recorded at ``step`` (from the history, which a resume
+    restores), or nothing: a checkpoint is ranked only by metrics measured on its weights."""
+    for record in reversed(history):
+        if record["step"] == step and "val_mse" in record:
+            return {"val_mse": record["val_mse"], "val_mae": record["val_mae"]}
+    return {}
+
+
+def _check_backbone(
+    saved: dict[str, Any], cfg: TimeLLMConfig, fingerprint: str, source: str
+) -> None:
+    """Refuse trainable weights learnt on another frozen LLM (``saved``: a run config or
+    ``{"backbone": digest}``)."""
+    theirs = saved.get("backbone")
+    if theirs in (None, fingerprint):
+        return
+    was = f"{saved['llm']}, {saved['llm_layers']} layers, " if "llm" in saved else ""
+    raise ckptkit.IncompatibleCheckpointError(
+        f"{source} was trained on another frozen LLM ({was}backbone {theirs[:12]}) than "
+        f"this run's ({cfg.llm}, {cfg.llm_layers} layers, backbone {fingerprint[:12]}): "
+        "resume with the same --llm/--llm-layers, or train into a new --output"
+    )
+
+
 def _format_record(r: dict[str, Any], total: int) -> str:
     return (
         f"step {r['step']}/{total} epoch {r['epoch']} loss {r['train_loss']:.4f} "
@@ -481,7 +521,8 @@ def _final_test(
     """Reload the best checkpoint's weights (upstream never does) and evaluate on test."""
     best = mgr.best()
     if best is not None:
-        mgr.restore({"model": state["model"]}, best.name)
+        # force: the run's own checkpoint, possibly from before a --force resume.
+        mgr.restore({"model": state["model"]}, best.name, force=True)
     m = _Eval(test_set, cfg.batch_size, opts.eval_batches)(model, device, cfg.pred_len)
     where = f"best checkpoint (step {best.step})" if best is not None else "final weights"
     report.line(f"test on {where}: mse {m['mse']:.4f} mae {m['mae']:.4f}")

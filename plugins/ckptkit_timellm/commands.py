@@ -37,6 +37,11 @@ PRESET_HELP = "Named configuration: tiny-cpu (default; offline tiny LLM on CPU),
     "--llm-layers", type=int, help="Keep only the first N transformer layers of the frozen LLM."
 )
 @click.option("--seq-len", type=int, help="Input window length (time steps the model sees).")
+@click.option(
+    "--label-len",
+    type=int,
+    help="Known steps at the start of each target window (upstream's --label_len; at most --seq-len).",
+)
 @click.option("--pred-len", type=int, help="Forecast horizon (time steps predicted).")
 @click.option("--batch-size", type=int, help="Training batch size (first knob when out of memory).")
 @click.option("--learning-rate", type=float, help="Peak learning rate of the Adam optimizer.")
@@ -121,8 +126,8 @@ def train_cmd(**kw: Any) -> None:
     preset = kw.pop("preset")
     overrides = {
         "data": kw.pop("data"), "llm": kw.pop("llm"), "llm_layers": kw.pop("llm_layers"),
-        "seq_len": kw.pop("seq_len"), "pred_len": kw.pop("pred_len"), "batch_size": kw.pop("batch_size"),
-        "learning_rate": kw.pop("learning_rate"), "train_epochs": kw.pop("epochs"),
+        "seq_len": kw.pop("seq_len"), "label_len": kw.pop("label_len"), "pred_len": kw.pop("pred_len"),
+        "batch_size": kw.pop("batch_size"), "learning_rate": kw.pop("learning_rate"), "train_epochs": kw.pop("epochs"),
         "max_steps": kw.pop("max_steps"), "dtype": kw.pop("dtype"), "num_workers": kw.pop("num_workers"),
         "seed": kw.pop("seed"),
     }  # fmt: skip

@@ -70,6 +70,22 @@ class RunOptions:
             raise ckptkit.ConfigError(f"log-every must be >= 1, got {self.log_every}")
 
 
+def _dataset(cfg: TimeLLMConfig, split: str) -> Any:
+    # ``percent`` (few-shot) only trims the training split, as upstream.
+    return load_dataset(
+        cfg.data,
+        split,
+        cfg.seq_len,
+        cfg.label_len,
+        cfg.pred_len,
+        cfg.features,
+        target=cfg.target,
+        timeenc=cfg.timeenc,
+        freq=cfg.freq,
+        percent=cfg.percent,
+    )
+
+
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -215,40 +231,7 @@ def train(
 
     random.seed(cfg.seed)
 
-    train_set = load_dataset(
-        cfg.data,
-        "train",
-        cfg.seq_len,
-        cfg.label_len,
-        cfg.pred_len,
-        cfg.features,
-        target=cfg.target,
-        timeenc=cfg.timeenc,
-        freq=cfg.freq,
-        percent=cfg.percent,
-    )
-    val_set = load_dataset(
-        cfg.data,
-        "val",
-        cfg.seq_len,
-        cfg.label_len,
-        cfg.pred_len,
-        cfg.features,
-        target=cfg.target,
-        timeenc=cfg.timeenc,
-        freq=cfg.freq,
-    )
-    test_set = load_dataset(
-        cfg.data,
-        "test",
-        cfg.seq_len,
-        cfg.label_len,
-        cfg.pred_len,
-        cfg.features,
-        target=cfg.target,
-        timeenc=cfg.timeenc,
-        freq=cfg.freq,
-    )
+    train_set, val_set, test_set = (_dataset(cfg, split) for split in ("train", "val", "test"))
     loader = ResumableDataLoader(
         train_set,
         batch_size=cfg.batch_size,
@@ -325,7 +308,7 @@ def train(
         window: list[float] = state["loss_window"]
         old_log = mgr.read_file("train.log")
         report = _Reporter(echo, total_steps, step, opts.progress)
-        if old_log:
+        if old_log and restored is not None:  # a fresh start begins a fresh log
             report.lines = old_log.decode(errors="replace").splitlines()
         report.line(
             f"run {mgr.run_name}: {'resumed at step ' + str(restored) if restored is not None else 'fresh start'}"

@@ -89,6 +89,9 @@ PRESET_HELP = "Named configuration: tiny-cpu (default; offline tiny LLM on CPU),
     help="Save and exit (code 75) before this much wall time, e.g. 1h55m for a 2-hour SLURM job.",
 )
 @click.option(
+    "--eval-every", type=int, help="Validate every N steps [default: at every --save-steps]."
+)
+@click.option(
     "--eval-batches",
     type=int,
     help="Validate/test on N evenly spread batches instead of the whole split.",

@@ -5,8 +5,8 @@ Presets (``get_preset(name)``; override fields with ``cfg.replace(...)``):
 ``tiny-cpu`` (default)
     Random 2-layer GPT-2-shaped backbone (hidden 64, ~365-token offline tokenizer), ETTh1,
     seq_len 96 -> pred_len 24, d_model 16, d_ff 32, 100 text prototypes, batch 32, fp32.
-    Needs no download and no GPU; ~0.5 GB RAM. About 0.1 s per step on 2 CPU cores
-    (see ``bench/results/timellm_step.md``), so ``max_steps=300`` is well under a minute.
+    Needs no download and no GPU; < 1 GB RAM. About 0.15-0.2 s per training step on 2 CPU
+    cores (``bench/results/timellm_step.md``), so ``max_steps=300`` takes about a minute.
 
 ``gpt2-etth1``
     GPT-2 small (``openai-community/gpt2``, from a local path or the HF cache), first 6 layers,

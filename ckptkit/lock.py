@@ -21,6 +21,8 @@ from ckptkit.errors import RunLockedError
 from ckptkit.storage.base import Storage
 
 LOCK = ".lock"
+# Tells this process apart from an earlier one that had the same pid (container restarts).
+_PROCESS = uuid.uuid4().hex
 log = logging.getLogger("ckptkit")
 
 
@@ -48,6 +50,7 @@ class RunLock:
 
     def _payload(self) -> bytes:
         info = {
+            "process": _PROCESS,
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "token": self.token,
@@ -67,7 +70,11 @@ class RunLock:
         if not info or "pid" not in info:
             return True
         if info.get("host") == socket.gethostname():
-            return not _pid_alive(int(info["pid"]))
+            pid = int(info["pid"])
+            if pid == os.getpid():
+                # Our pid but not our process: a restarted container reused the pid.
+                return info.get("process") != _PROCESS
+            return not _pid_alive(pid)
         return time.time() - float(info.get("heartbeat", 0)) > self.stale_after
 
     def acquire(self, *, break_lock: bool = False) -> None:

@@ -145,6 +145,16 @@ class SignalTrigger:
         # Ctrl+C): that must neither hide the first Ctrl+C nor replace the first reason.
         self._interrupted = self._interrupted or name == "SIGINT"
         self.received = self.received or name
+        self._quiet_worker_deaths()
+
+    def _quiet_worker_deaths(self) -> None:
+        # A job-wide signal (SLURM, preemption, Ctrl+C) also kills DataLoader workers, and
+        # torch's SIGCHLD handler would then raise inside the save we are about to make.
+        # We are stopping anyway; a loader iterated further still reports dead workers.
+        # Not undone by uninstall(): the workers may die only after the handlers go.
+        sigchld = getattr(signal, "SIGCHLD", None)
+        if sigchld is not None:
+            signal.signal(sigchld, signal.SIG_DFL)
 
     def reason(self, step: int, now: float) -> str | None:
         return self.received

@@ -140,3 +140,11 @@ def test_lock_taken_over_is_not_rewritten_by_the_old_holder(run_dir):
     assert not lock.held
     lock.release()
     assert _lock_info(run_dir)["host"] == "new-owner"  # neither rewritten nor deleted
+
+
+def test_lock_with_our_pid_from_an_earlier_process_is_stale(run_dir):
+    # A container restarted with the same hostname can hand the new process the old pid.
+    _write_lock(run_dir, pid=os.getpid(), host=socket.gethostname(), process="earlier-boot")
+    with CheckpointManager(run_dir) as mgr:
+        assert mgr.save(1, {"x": 1}) is not None
+    assert not os.path.exists(os.path.join(run_dir, LOCK))

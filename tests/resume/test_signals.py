@@ -151,12 +151,6 @@ def test_sigint_again_while_saving_interrupts_at_once_and_the_run_still_resumes(
     resume_and_compare(run, out, expected, 4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DataLoader workers die on a SIGTERM sent to the whole job (torch installs its "
-    "own SIGTERM handler in workers) and the main process then crashes inside the save; "
-    "reported for ckptkit/state/dataloader.py",
-)
 def test_sigterm_to_the_whole_job_including_data_workers(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

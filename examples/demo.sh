@@ -7,19 +7,24 @@ cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
 
 RUN=${RUN:-runs/demo-etth1}
-TRAIN=(ckptkit train --preset tiny-cpu --max-steps 60 --save-steps 15 --eval-batches 8
+TRAIN=(ckptkit train --preset tiny-cpu --max-steps 90 --save-steps 15 --eval-batches 8
        --log-every 5 --output "$RUN")
-INTERRUPT_AFTER=${INTERRUPT_AFTER:-25}
+INTERRUPT_AT=${INTERRUPT_AT:-30}   # send SIGTERM once the checkpoint of this step exists
 
-echo "== 1/5 train from scratch; SIGTERM after ${INTERRUPT_AFTER}s (a preemption)"
+echo "== 1/5 train from scratch; SIGTERM once step $INTERRUPT_AT is saved (a preemption)"
+rm -rf "$RUN"
+"${TRAIN[@]}" --resume never &
+pid=$!
+marker="$RUN/$(printf 'step-%012d' "$INTERRUPT_AT")/manifest.json"
+while kill -0 "$pid" 2>/dev/null && [ ! -f "$marker" ]; do sleep 0.2; done
+kill -TERM "$pid" 2>/dev/null || true
 set +e
-timeout --preserve-status --signal=TERM --kill-after=120 "$INTERRUPT_AFTER" \
-    "${TRAIN[@]}" --resume never --overwrite
+wait "$pid"
 rc=$?
 set -e
 case $rc in
-  75) echo "-> exit 75: stopped early on purpose, checkpoint saved; resume with --resume latest" ;;
-  0)  echo "-> finished before the signal arrived (a fast machine); resuming is then a no-op" ;;
+  75) echo "-> exit 75: finished the step, saved, stopped; resume with --resume latest" ;;
+  0)  echo "-> finished before the signal arrived; resuming is then a no-op" ;;
   *)  echo "-> unexpected exit code $rc" >&2; exit "$rc" ;;
 esac
 

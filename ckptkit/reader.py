@@ -97,17 +97,96 @@ def _describe(value: Any) -> Any:
     return value
 
 
+# ``inspect --json``'s ``format`` names, by reader kind.
+FORMATS = {
+    "native": "ckptkit",
+    "legacy-state-dict": "state_dict",
+    "legacy-dict": "legacy_dict",
+    "hf-trainer": "hf_trainer",
+}
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _has(state: dict[str, Any], test: Any) -> bool:
+    return any(isinstance(v, dict) and test(v) for v in state.values())
+
+
+def resume_gaps(state: dict[str, Any]) -> list[str]:
+    """What a full resume from ``state`` would lack, in the words restore uses."""
+    checks = [
+        (lambda v: "param_groups" in v, "no optimizer state: moments restart from zero"),
+        (lambda v: "last_epoch" in v, "no scheduler state: the learning-rate schedule restarts"),
+        (
+            lambda v: {"python", "torch"} <= set(v),
+            "no RNG state: data order and dropout will differ",
+        ),
+        (
+            lambda v: "batches_yielded" in v,
+            "no data-loader position: the epoch restarts from its first batch",
+        ),
+        (
+            lambda v: "patience" in v and "best" in v,
+            "no EarlyStopping state: the best score starts fresh",
+        ),
+    ]
+    return [note for test, note in checks if not _has(state, test)]
+
+
 def inspect(url: str, *, verify: bool = True, trust: bool = False) -> dict[str, Any]:
-    """What a checkpoint holds: kind, step, epoch, metrics, a summary of each state
-    entry, versions and config (for native checkpoints), and notes on what is missing."""
+    """What a checkpoint holds: ``format`` (ckptkit, state_dict, legacy_dict, hf_trainer),
+    ``step``, ``epoch``, ``metrics``, ``complete``, tensor count/bytes/dtypes, a summary of
+    each state entry, versions and config (native), and ``lacks``: what a full resume
+    from it would not restore. A damaged checkpoint raises CorruptCheckpointError."""
     loaded = read_checkpoint(url, verify=verify, trust=trust)
+    tensors = _tensors(loaded.state)
     return {
         "source": loaded.source,
+        "path": loaded.source,
+        "format": FORMATS.get(loaded.kind, loaded.kind),
         "kind": loaded.kind,
+        "complete": True,
         "step": loaded.step,
         "epoch": loaded.epoch,
         "metrics": loaded.metrics,
+        "tensors": len(tensors),
+        "bytes": int(sum(t.numel() * t.element_size() for t in tensors)),
+        "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in tensors}),
         "state": {k: _describe(v) for k, v in loaded.state.items()},
+        "lacks": resume_gaps(loaded.state),
         "notes": loaded.notes,
         **{k: v for k, v in loaded.meta.items() if v is not None},
+    }
+
+
+def inspect_damaged(url: str, problem: str) -> dict[str, Any]:
+    """``inspect``'s answer for a checkpoint that failed verification: what its manifest
+    still says, with ``complete: false`` and the problem."""
+    storage = open_storage(url)
+    out: dict[str, Any] = {
+        "source": url,
+        "path": url,
+        "format": None,
+        "complete": False,
+        "step": None,
+        "problem": problem,
+    }
+    try:
+        manifest = Manifest.from_bytes(storage.read_bytes(MANIFEST), url)
+    except (FileNotFoundError, CorruptCheckpointError):
+        return out
+    return {
+        **out,
+        "format": "ckptkit",
+        "step": manifest.step,
+        "epoch": manifest.epoch,
+        "metrics": manifest.metrics,
     }

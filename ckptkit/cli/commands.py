@@ -53,11 +53,17 @@ def inspect_cmd(path: str, as_json: bool, no_verify: bool, trust: bool) -> None:
     """
     from ckptkit import reader
 
-    info = reader.inspect(path, verify=not no_verify, trust=trust)
+    try:
+        info = reader.inspect(path, verify=not no_verify, trust=trust)
+    except CorruptCheckpointError as exc:
+        if not as_json:
+            raise
+        _echo_json(reader.inspect_damaged(path, str(exc)))
+        raise click.exceptions.Exit(CorruptCheckpointError.exit_code) from None
     if as_json:
         _echo_json(info)
         return
-    click.echo(f"{info['source']}  ({info['kind']})")
+    click.echo(f"{info['source']}  ({info['format']}, complete)")
     click.echo(
         f"  step {info['step']}  epoch {info['epoch']}  {_fmt_metrics(info['metrics'])}".rstrip()
     )
@@ -74,8 +80,13 @@ def inspect_cmd(path: str, as_json: bool, no_verify: bool, trust: bool) -> None:
         click.echo(
             "  saved with " + ", ".join(f"{k} {v}" for k, v in sorted(info["versions"].items()))
         )
+    click.echo(
+        f"  {info['tensors']} tensors, {_human_size(info['bytes'])}, dtypes {', '.join(info['dtypes']) or '-'}"
+    )
     for note in info["notes"]:
         click.echo(f"  note: {note}")
+    for gap in info["lacks"]:
+        click.echo(f"  a resume would lack: {gap}")
 
 
 def _best_name(checkpoints: list[CheckpointInfo]) -> str | None:
@@ -92,34 +103,81 @@ def _best_name(checkpoints: list[CheckpointInfo]) -> str | None:
     return ranked[0].name if ranked else None
 
 
+def ls_rows(run: str) -> list[dict[str, Any]]:
+    """Every checkpoint directory of ``run`` with its ``status`` (complete, incomplete or
+    corrupt) and ``latest``/``best`` markers, oldest first."""
+    from ckptkit import run as runmod
+
+    storage = open_storage(run)
+    committed = {c.name: c for c in runmod.list_checkpoints(storage, quiet=True)}
+    rows: list[dict[str, Any]] = []
+    complete: list[CheckpointInfo] = []
+    for name in sorted(storage.listdir(""), key=lambda n: parse_name(n) or (-1, 0)):
+        parsed = parse_name(name)
+        if parsed is None:
+            continue
+        info = committed.get(name)
+        row: dict[str, Any] = {
+            "name": name,
+            "path": storage.url_of(name),
+            "step": parsed[0],
+            "epoch": None,
+            "metrics": {},
+            "created": None,
+            "size": None,
+            "files": None,
+            "status": "complete",
+            "problem": None,
+        }
+        try:
+            if info is None:
+                # Re-read to name the problem: no manifest at all, or one that won't parse.
+                runmod.read_manifest(storage, name)
+            else:
+                row.update(info.summary())
+                runmod.check_sizes(storage, info)
+                complete.append(info)
+        except CorruptCheckpointError as exc:
+            missing = not storage.exists(f"{name}/{MANIFEST}")
+            row.update(status="incomplete" if missing else "corrupt", problem=str(exc))
+        row["path"] = storage.url_of(name)
+        rows.append(row)
+    best = _best_name(complete)
+    latest = complete[-1].name if complete else None
+    for row in rows:
+        row["latest"], row["best"] = row["name"] == latest, row["name"] == best
+        row["is_best"] = row["best"]
+    return rows
+
+
 @click.command("ls")
 @click.argument("run")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def ls_cmd(run: str, as_json: bool) -> None:
-    """List the committed checkpoints of RUN, oldest first, marking the latest and best.
-
-    Incomplete or unreadable checkpoints are not listed (a warning names them)."""
-    storage = open_storage(run)
-    from ckptkit import run as runmod
-
-    checkpoints = runmod.list_checkpoints(storage)
-    rows = [c.summary() for c in checkpoints]
-    best = _best_name(checkpoints)
-    for row in rows:
-        row["is_best"] = row["name"] == best
+    """List every checkpoint of RUN, oldest first: step, epoch, size, time, metrics,
+    and status. The latest and best complete checkpoints are marked; incomplete (an
+    interrupted save) and corrupt ones are listed as such and never used to resume."""
+    rows = ls_rows(run)
     if as_json:
         _echo_json(rows)
         return
     if not rows:
-        raise CheckpointNotFoundError(f"{run}: no committed checkpoints")
+        raise CheckpointNotFoundError(f"{run}: no checkpoints")
     click.echo(f"{'name':<22} {'step':>8} {'epoch':>5} {'size':>9}  {'saved':<19}  metrics")
-    for i, row in enumerate(rows):
-        mark = " latest" if i == len(rows) - 1 else ""
-        mark += " best" if row["is_best"] else ""
-        saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created"]))
+    for row in rows:
+        mark = " latest" if row["latest"] else ""
+        mark += " best" if row["best"] else ""
+        if row["status"] != "complete":
+            mark += f" {row['status'].upper()}"
+        saved = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created"]))
+            if row["created"]
+            else "-"
+        )
         epoch = "" if row["epoch"] is None else row["epoch"]
+        size = "-" if row["size"] is None else _human_size(row["size"])
         click.echo(
-            f"{row['name']:<22} {row['step']:>8} {epoch!s:>5} {_human_size(row['size']):>9}  "
+            f"{row['name']:<22} {row['step']:>8} {epoch!s:>5} {size:>9}  "
             f"{saved:<19}  {_fmt_metrics(row['metrics'])}{mark}"
         )
 
@@ -132,7 +190,7 @@ def verify_cmd(path: str, as_json: bool, trust: bool) -> None:
     """Check every file of a checkpoint (or of every checkpoint in a run) against
     its manifest: presence, size and sha256; legacy files are test-loaded safely.
 
-    Exits 4 when anything is corrupt or incomplete, 0 when all is well."""
+    Exits 1 when anything is corrupt or incomplete (naming the bad files), 0 when all is well."""
     from ckptkit import reader
     from ckptkit import run as runmod
 
@@ -166,7 +224,7 @@ def verify_cmd(path: str, as_json: bool, trust: bool) -> None:
                 + (f"\n        {r['problem']}" if r["problem"] else "")
             )
     if bad:
-        raise click.exceptions.Exit(CorruptCheckpointError.exit_code)
+        raise click.exceptions.Exit(1)
 
 
 @click.command("convert")

@@ -14,6 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import ckptkit
 from ckptkit import CheckpointManager
 from ckptkit.cli import _register_commands, cli
 
@@ -62,7 +63,7 @@ def _ckpt(run: str, step: int) -> str:
 def test_inspect_checkpoint_text(run):
     result = invoke("inspect", _ckpt(run, 200))
     assert result.exit_code == 0, result.output
-    assert "(native)" in result.output
+    assert "(ckptkit, complete)" in result.output
     assert "step 200  epoch 2  val_loss=0.4" in result.output
     assert "model: 4 tensors, 58 values" in result.output
     assert "optimizer: state, param_groups" in result.output
@@ -108,21 +109,43 @@ def test_ls_json(run):
     rows = json.loads(result.output)
     assert [r["step"] for r in rows] == [100, 200, 300]
     assert [r["is_best"] for r in rows] == [False, True, False]
+    assert [r["best"] for r in rows] == [False, True, False]
+    assert [r["latest"] for r in rows] == [False, False, True]
+    assert {r["status"] for r in rows} == {"complete"}
     assert all(r["size"] > 0 and r["files"] == 2 for r in rows)
+    # ``path`` is accepted by inspect, verify, load and restore(which=...).
+    for r in rows:
+        assert json.loads(invoke("inspect", r["path"], "--json").output)["step"] == r["step"]
+        assert invoke("verify", r["path"]).exit_code == 0
+        assert ckptkit.load(r["path"])["model"]
+    state = {"model": make_training(seed=5)["model"]}
+    with CheckpointManager(run, readonly=True) as mgr:
+        assert mgr.restore(state, which=rows[0]["path"]) == 100
 
 
-def test_ls_warns_about_a_damaged_manifest_in_one_line(run):
+def test_ls_lists_damaged_and_interrupted_checkpoints_with_their_status(run):
     with open(os.path.join(_ckpt(run, 300), "manifest.json"), "w") as f:
         f.write("{")
+    os.makedirs(os.path.join(run, "step-000000000400"))  # an interrupted marker-style save
+    with open(os.path.join(run, "step-000000000400", "state.pt"), "wb") as f:
+        f.write(b"partial")
     result = invoke("ls", run)
-    assert result.exit_code == 0
-    assert "step-000000000300" not in result.stdout
-    warnings = [ln for ln in result.stderr.splitlines() if "step-000000000300" in ln]
-    assert len(warnings) == 1 and warnings[0].startswith("Warning: skipping")
+    assert result.exit_code == 0, result.output
+    rows = {ln.split()[0]: ln for ln in result.stdout.strip().splitlines()[1:]}
+    assert rows["step-000000000300"].endswith("CORRUPT")
+    assert rows["step-000000000400"].endswith("INCOMPLETE")
+    assert rows["step-000000000200"].endswith("latest best")  # the newest complete one
+    assert "Traceback" not in result.output
+
+    listed = json.loads(invoke("ls", run, "--json").output)
+    status = {r["step"]: r["status"] for r in listed}
+    assert status == {100: "complete", 200: "complete", 300: "corrupt", 400: "incomplete"}
+    assert [r["latest"] for r in listed] == [False, True, False, False]
+    assert all(r["problem"] for r in listed if r["status"] != "complete")
 
 
 def test_ls_of_an_empty_or_missing_run(tmp_path):
-    assert_clean_error(invoke("ls", str(tmp_path / "nope")), 3, "no committed checkpoints")
+    assert_clean_error(invoke("ls", str(tmp_path / "nope")), 3, "no checkpoints")
     result = invoke("ls", str(tmp_path), "--json")
     assert result.exit_code == 0 and json.loads(result.output) == []
 
@@ -141,7 +164,7 @@ def test_verify_reports_corrupt_and_incomplete_checkpoints(run):
     flip_byte(os.path.join(_ckpt(run, 200), "state.pt"))
     os.remove(os.path.join(_ckpt(run, 300), "manifest.json"))
     result = invoke("verify", run, "--json")
-    assert result.exit_code == 4
+    assert result.exit_code == 1
     report = json.loads(result.output)
     assert report["ok"] is False
     by_step = {os.path.basename(c["url"]): c for c in report["checkpoints"]}
@@ -149,7 +172,7 @@ def test_verify_reports_corrupt_and_incomplete_checkpoints(run):
     assert "state.pt: sha256 does not match" in by_step["step-000000000200"]["problem"]
     assert "no manifest" in by_step["step-000000000300"]["problem"]
     text = invoke("verify", run)
-    assert text.exit_code == 4
+    assert text.exit_code == 1
     assert "CORRUPT" in text.output and "Traceback" not in text.output
 
 
@@ -257,7 +280,7 @@ def test_console_script_exit_codes_and_one_line_messages(run, tmp_path):
     assert stderr.strip().splitlines() == [f"Error: {tmp_path / 'nope'}: no such file or directory"]
 
     code, stdout, _ = out["verify"]
-    assert code == 4 and "CORRUPT" in stdout and stdout.count("OK") == 2
+    assert code == 1 and "CORRUPT" in stdout and stdout.count("OK") == 2
 
     code, stdout, stderr = out["inspect"]
     assert code == 0, stderr
@@ -266,3 +289,23 @@ def test_console_script_exit_codes_and_one_line_messages(run, tmp_path):
         f"Warning: skipping {_ckpt(run, 300)}/model.safetensors: sha256 does not match "
         "the manifest (damaged)"
     ]
+
+
+def test_inspect_json_contract(run, tmp_path):
+    info = json.loads(invoke("inspect", _ckpt(run, 200), "--json").output)
+    assert (info["format"], info["step"], info["complete"]) == ("ckptkit", 200, True)
+    assert info["tensors"] > 4 and info["bytes"] > 0 and "float32" in info["dtypes"]
+    assert any("RNG" in gap for gap in info["lacks"])  # the fixture saves no RNGState
+
+    bare = tmp_path / "checkpoint"
+    torch.save(make_training()["model"].state_dict(), bare)
+    legacy = json.loads(invoke("inspect", str(bare), "--json").output)
+    assert (legacy["format"], legacy["step"], legacy["complete"]) == ("state_dict", None, True)
+    assert any("optimizer" in gap for gap in legacy["lacks"])
+
+    flip_byte(os.path.join(_ckpt(run, 300), "model.safetensors"))
+    damaged = invoke("inspect", _ckpt(run, 300), "--json")
+    assert damaged.exit_code == 4
+    report = json.loads(damaged.stdout)
+    assert (report["format"], report["step"], report["complete"]) == ("ckptkit", 300, False)
+    assert "sha256" in report["problem"]

@@ -309,3 +309,23 @@ def test_inspect_json_contract(run, tmp_path):
     report = json.loads(damaged.stdout)
     assert (report["format"], report["step"], report["complete"]) == ("ckptkit", 300, False)
     assert "sha256" in report["problem"]
+
+
+class _Exploit:
+    """Unpickling this would run a shell command: the CLI must refuse, never run it."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify", "convert"])
+def test_malicious_pickle_is_refused_by_the_cli_and_never_executed(tmp_path, command):
+    marker = tmp_path / "pwned"
+    legacy = tmp_path / "checkpoint.pt"
+    torch.save({"model": make_training()["model"].state_dict(), "x": _Exploit(str(marker))}, legacy)
+    args = [command, str(legacy)] + ([str(tmp_path / "out")] if command == "convert" else [])
+    assert_clean_error(invoke(*args), 5, "system", "--trust")
+    assert not marker.exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -86,8 +87,83 @@ def _dataset(cfg: TimeLLMConfig, split: str) -> Any:
     )
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+@dataclass
+class Distributed:
+    """Data-parallel training under ``torchrun`` (gloo on CPU, nccl on GPUs).
+
+    We use torch.distributed directly rather than accelerate: it is what torchrun
+    gives every process, and it is testable on CPU (``accelerate launch --cpu``
+    silently runs one process). Only the trainable parameters' gradients are averaged.
+    Every rank holds the same training state (same seeds, same RNG use, the loader's
+    position is global), so rank 0's checkpoint restores every rank exactly.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @classmethod
+    def from_env(cls) -> Distributed:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size <= 1:
+            return cls()
+        import torch.distributed as dist
+
+        owns = not dist.is_initialized()
+        if owns:
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return cls(
+            dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), owns
+        )
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        if not self.active:
+            return
+        import torch.distributed as dist
+
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def mean(self, value: float) -> float:
+        if not self.active:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t) / self.world_size
+
+    def rank0_says(self, flag: bool) -> bool:
+        """Rank 0's decision on every rank (it writes the checkpoints, so it decides
+        when to stop; a signal reaching ranks a step apart must not split them)."""
+        if not self.active:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([int(flag)])
+        dist.broadcast(t, src=0)
+        return bool(t.item())
+
+    def close(self) -> None:
+        if self.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def pick_device(local_rank: int = 0) -> torch.device:
+    return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
 
 
 def make_scheduler(
@@ -224,7 +300,17 @@ def train(
 ) -> dict[str, Any]:
     """Train (or resume) a Time-LLM run under ``opts.output``; returns a summary dict
     (``exit_code`` 75 when a signal or the time limit stopped it early: run it again)."""
-    device = pick_device()
+    dist = Distributed.from_env()
+    try:
+        return _train(cfg, opts, echo if dist.rank == 0 else (lambda s: None), dist)
+    finally:
+        dist.close()
+
+
+def _train(
+    cfg: TimeLLMConfig, opts: RunOptions, echo: Callable[[str], None], dist: Distributed
+) -> dict[str, Any]:
+    device = pick_device(dist.local_rank)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     import random
@@ -239,6 +325,8 @@ def train(
         seed=cfg.seed,
         num_workers=cfg.num_workers,
         drop_last=True,
+        rank=dist.rank,
+        world_size=dist.world_size,
     )
     if len(loader) == 0:
         raise ckptkit.ConfigError(
@@ -307,7 +395,7 @@ def train(
         # records averages over the same steps as an uninterrupted run.
         window: list[float] = state["loss_window"]
         old_log = mgr.read_file("train.log")
-        report = _Reporter(echo, total_steps, step, opts.progress)
+        report = _Reporter(echo, total_steps, step, opts.progress if dist.rank == 0 else False)
         if old_log and restored is not None:  # a fresh start begins a fresh log
             report.lines = old_log.decode(errors="replace").splitlines()
         report.line(
@@ -322,15 +410,16 @@ def train(
 
         t_window = time.perf_counter()
         model.train()
+        stopping = False
         while (
             step < total_steps
             and epoch < cfg.train_epochs
-            and not mgr.should_stop
+            and not stopping
             and not early.should_stop
         ):
             loader.set_epoch(epoch)
             for x, y, _, _ in loader:
-                loss = _train_step(model, opt, scaler, x, y, cfg.pred_len, device)
+                loss = _train_step(model, opt, scaler, x, y, cfg.pred_len, device, dist)
                 if per_batch:
                     sched.step()
                 step += 1
@@ -359,7 +448,8 @@ def train(
                         report.line(_format_record(record, total_steps))
                 if mgr.maybe_save(step, state, metrics=metrics or None, epoch=epoch):
                     persist()
-                if step >= total_steps or mgr.should_stop or early.should_stop:
+                stopping = dist.rank0_says(mgr.should_stop)
+                if step >= total_steps or stopping or early.should_stop:
                     break
             else:
                 # Also reached when resuming from a checkpoint taken at the epoch's last
@@ -381,16 +471,17 @@ def train(
                     history.append({"step": step, "epoch": epoch, **metrics})
                 mgr.maybe_save(step, state, metrics=metrics or None, epoch=epoch, epoch_end=True)
                 persist()
-        if early.should_stop and not mgr.should_stop:
+                stopping = dist.rank0_says(mgr.should_stop)
+        if early.should_stop and not stopping:
             report.line(f"early stopping: no improvement for {early.patience} validations")
         summary: dict[str, Any] = {
             "run": opts.output,
             "run_name": mgr.run_name,
             "step": step,
             "stopped": mgr.stop_reason,
-            "exit_code": mgr.exit_code,
+            "exit_code": ckptkit.EXIT_RESUMABLE if stopping else 0,
         }
-        if mgr.should_stop:
+        if stopping:
             report.line(
                 f"stopped at step {step} ({mgr.stop_reason}): checkpoint saved; run again with --resume latest"
             )
@@ -425,15 +516,17 @@ def _train_step(
     y: torch.Tensor,
     pred_len: int,
     device: torch.device,
+    dist: Distributed,
 ) -> float:
     x = x.float().to(device, non_blocking=True)
     y = y[:, -pred_len:, :].float().to(device, non_blocking=True)
     opt.zero_grad(set_to_none=True)
     loss = torch.nn.functional.mse_loss(model(x), y)
     scaler.scale(loss).backward()
+    dist.average_gradients(model.trainable_parameters())
     scaler.step(opt)
     scaler.update()
-    value = float(loss.detach())
+    value = dist.mean(float(loss.detach()))
     if not math.isfinite(value):
         raise ckptkit.CkptError(
             f"training diverged (loss {value}); lower --learning-rate or use --dtype fp32/bf16"

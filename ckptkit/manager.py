@@ -470,15 +470,7 @@ class CheckpointManager:
         return next((c for c in checkpoints if where(c.url) == target), None)
 
     def _read(self, info: CheckpointInfo, verify: bool) -> Loaded:
-        return Loaded(
-            state=runmod.read_state(self.storage, info, verify=verify),
-            kind="native",
-            source=info.url,
-            step=info.step,
-            epoch=info.epoch,
-            metrics=dict(info.metrics),
-            meta={"config": info.manifest.config, "config_hash": info.manifest.config_hash},
-        )
+        return runmod.read(self.storage, info, verify=verify)
 
     def _check_config(self, data: Loaded) -> None:
         saved = data.meta.get("config")

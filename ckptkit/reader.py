@@ -27,27 +27,7 @@ def _native_dir(storage: Storage, verify: bool) -> Loaded:
             raise CorruptCheckpointError(f"{storage.url}: {fname} is missing") from None
 
     state = native.decode(manifest, read, storage.url, verify=verify)
-    return _loaded(state, storage.url, manifest)
-
-
-def _loaded(state: dict[str, Any], source: str, manifest: Manifest) -> Loaded:
-    return Loaded(
-        state=state,
-        kind="native",
-        source=source,
-        step=manifest.step,
-        epoch=manifest.epoch,
-        metrics=dict(manifest.metrics),
-        meta={
-            "config": manifest.config,
-            "config_hash": manifest.config_hash,
-            "metadata": manifest.metadata,
-            "versions": manifest.versions,
-            "created": manifest.created,
-            "is_best": manifest.is_best,
-            "files": {k: {"size": v.size, "sha256": v.sha256} for k, v in manifest.files.items()},
-        },
-    )
+    return runmod.as_loaded(state, storage.url, manifest)
 
 
 def read_checkpoint(url: str, *, verify: bool = True, trust: bool = False) -> Loaded:
@@ -57,8 +37,7 @@ def read_checkpoint(url: str, *, verify: bool = True, trust: bool = False) -> Lo
         return _native_dir(storage, verify)
     for info in reversed(runmod.list_checkpoints(storage)):
         try:
-            state = runmod.read_state(storage, info, verify=verify)
-            return _loaded(state, info.url, info.manifest)
+            return runmod.read(storage, info, verify=verify)
         except CorruptCheckpointError as exc:
             runmod.warn(f"skipping {exc}")
     from ckptkit.formats.legacy import read_legacy

@@ -13,6 +13,7 @@ from typing import Any
 
 from ckptkit.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckptkit.formats import native
+from ckptkit.formats.base import Loaded
 from ckptkit.manifest import MANIFEST, Manifest, parse_name
 from ckptkit.storage.base import Storage, join_key
 
@@ -157,3 +158,29 @@ def find(checkpoints: list[CheckpointInfo], which: str | int, url: str) -> Check
         steps = ", ".join(str(c.step) for c in checkpoints[-10:]) or "none"
         raise CheckpointNotFoundError(f"{url}: no checkpoint {which!r} (steps available: {steps})")
     return matches[-1]
+
+
+def as_loaded(state: dict[str, Any], source: str, manifest: Manifest) -> Loaded:
+    """A native checkpoint's state with its manifest's facts, as every reader returns it."""
+    return Loaded(
+        state=state,
+        kind="native",
+        source=source,
+        step=manifest.step,
+        epoch=manifest.epoch,
+        metrics=dict(manifest.metrics),
+        meta={
+            "config": manifest.config,
+            "config_hash": manifest.config_hash,
+            "metadata": manifest.metadata,
+            "versions": manifest.versions,
+            "created": manifest.created,
+            "is_best": manifest.is_best,
+            "files": {k: {"size": v.size, "sha256": v.sha256} for k, v in manifest.files.items()},
+        },
+    )
+
+
+def read(storage: Storage, info: CheckpointInfo, *, verify: bool = True) -> Loaded:
+    """Read one committed checkpoint of a run (verifying sizes and hashes by default)."""
+    return as_loaded(read_state(storage, info, verify=verify), info.url, info.manifest)

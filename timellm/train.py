@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Subset
 
 import ckptkit
 from ckptkit import CheckpointManager, EarlyStopping, ResumableDataLoader, RNGState
-from timellm.data import load_dataset
+from timellm.data import dataset_for
 from timellm.model import TimeLLM, TimeLLMConfig, build_model
 
 # Config fields that may change between resumes without making it another run.
@@ -69,22 +69,6 @@ class RunOptions:
             raise ckptkit.ConfigError(f"keep-last must be >= 1, got {self.keep_last}")
         if self.log_every < 1:
             raise ckptkit.ConfigError(f"log-every must be >= 1, got {self.log_every}")
-
-
-def _dataset(cfg: TimeLLMConfig, split: str) -> Any:
-    # ``percent`` (few-shot) only trims the training split, as upstream.
-    return load_dataset(
-        cfg.data,
-        split,
-        cfg.seq_len,
-        cfg.label_len,
-        cfg.pred_len,
-        cfg.features,
-        target=cfg.target,
-        timeenc=cfg.timeenc,
-        freq=cfg.freq,
-        percent=cfg.percent,
-    )
 
 
 @dataclass
@@ -317,7 +301,7 @@ def _train(
 
     random.seed(cfg.seed)
 
-    train_set, val_set, test_set = (_dataset(cfg, split) for split in ("train", "val", "test"))
+    train_set, val_set, test_set = (dataset_for(cfg, split) for split in ("train", "val", "test"))
     loader = ResumableDataLoader(
         train_set,
         batch_size=cfg.batch_size,

@@ -8,7 +8,14 @@ from timellm.data.descriptions import (
     dataset_description,
     prompt_bank_text,
 )
-from timellm.data.loading import BUNDLED, bundled_path, data_provider, load_dataset, resolve
+from timellm.data.loading import (
+    BUNDLED,
+    bundled_path,
+    data_provider,
+    dataset_for,
+    load_dataset,
+    resolve,
+)
 from timellm.data.scaler import StandardScaler
 from timellm.data.timefeatures import time_features
 from timellm.data.windows import ForecastWindows, WindowSpec, split_borders
@@ -22,6 +29,7 @@ __all__ = [
     "WindowSpec",
     "bundled_path",
     "data_provider",
+    "dataset_for",
     "dataset_description",
     "load_dataset",
     "prompt_bank_text",

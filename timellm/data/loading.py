@@ -105,6 +105,22 @@ def load_dataset(
     return ForecastWindows(frame, layout, split, spec)
 
 
+def dataset_for(cfg: TimeLLMConfig, split: Split) -> ForecastWindows:
+    """One split of the data a config names (``percent`` trims only train, as upstream)."""
+    return load_dataset(
+        cfg.data,
+        split,
+        cfg.seq_len,
+        cfg.label_len,
+        cfg.pred_len,
+        cfg.features,
+        target=cfg.target,
+        timeenc=cfg.timeenc,
+        freq=cfg.freq,
+        percent=cfg.percent,
+    )
+
+
 def data_provider(
     cfg: TimeLLMConfig,
     split: Split,
@@ -120,18 +136,7 @@ def data_provider(
     so do we (ETTh1 512/96 at batch 32: 1,757 train steps). Pass ``sampler`` (e.g. a resumable
     one) to replace shuffling.
     """
-    dataset = load_dataset(
-        cfg.data,
-        split,
-        cfg.seq_len,
-        cfg.label_len,
-        cfg.pred_len,
-        cfg.features,
-        target=cfg.target,
-        timeenc=cfg.timeenc,
-        freq=cfg.freq,
-        percent=cfg.percent,
-    )
+    dataset = dataset_for(cfg, split)
     if shuffle is None:
         shuffle = split != "test" and sampler is None
     loader_kwargs.setdefault("num_workers", cfg.num_workers)

@@ -273,6 +273,11 @@ class CheckpointManager:
         taken = [p for n in self.storage.listdir("") if (p := parse_name(n)) and p[0] == step]
         name = checkpoint_name(step, 1 + max((rev for _, rev in taken), default=-1))
         self.strategy.commit(self.storage, name, files, manifest.to_bytes())
+        if self._run_info_pending:
+            self.write_file(
+                RUN_INFO, json.dumps({"run_name": self.run_name, "created": time.time()})
+            )
+            self._run_info_pending = False
         info = CheckpointInfo(name=name, url=self.storage.url_of(name), manifest=manifest)
         self._pm.hook.ckptkit_after_save(manager=self, info=info)
         self._uncommitted.append(info)
@@ -338,6 +343,7 @@ class CheckpointManager:
             return None
 
     def _run_info(self, run_name: str | None) -> str:
+        self._run_info_pending = False
         raw = self.read_file(RUN_INFO)
         if raw:
             try:
@@ -345,10 +351,9 @@ class CheckpointManager:
             except (ValueError, KeyError):
                 pass
         base = self.url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "run"
-        name = run_name or f"{base}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if self.writer:
-            self.write_file(RUN_INFO, json.dumps({"run_name": name, "created": time.time()}))
-        return name
+        # Written with the first save, so a run that never saved leaves no trace.
+        self._run_info_pending = True
+        return run_name or f"{base}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     # -- restoring ------------------------------------------------------------
     def restore(

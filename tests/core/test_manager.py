@@ -434,3 +434,14 @@ def test_signal_saves_at_next_step_then_stops(run_dir):
         assert mgr.should_stop and mgr.stop_reason == "SIGUSR1"
         assert _steps(mgr) == [2]
     assert signal.getsignal(signal.SIGUSR1) is previous  # handlers restored on close
+
+
+def test_a_run_that_never_saved_leaves_no_files(tmp_path):
+    run = tmp_path / "run"
+    with CheckpointManager(str(run)) as mgr:
+        assert mgr.restore({"x": 0}) is None
+    assert not run.exists() or sorted(os.listdir(run)) == []
+    with CheckpointManager(str(run), run_name="kept") as mgr:
+        mgr.save(1, {"x": 1})
+    with CheckpointManager(str(run)) as mgr:
+        assert mgr.run_name == "kept"

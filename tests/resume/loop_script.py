@@ -139,12 +139,34 @@ class Markers:
         self.holds = {(m, int(n)) for m, _, n in (h.partition(":") for h in holds)}
         self.seen: Counter[str] = Counter()
 
+    STOPS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGUSR1})
+
     def __call__(self, line: str) -> None:
-        print(line, flush=True)
         marker = line.split(" ", 1)[0]
         self.seen[marker] += 1
-        if (marker, self.seen[marker]) in self.holds:
-            signal.pause()  # returns once a signal's handler ran (SIGKILL never returns)
+        if (marker, self.seen[marker]) not in self.holds:
+            print(line, flush=True)
+            return
+        # Notice stop signals from before the line is announced (no race with the test),
+        # whichever thread the kernel hands them to; the real handler runs at once.
+        fired: list[int] = []
+        real = {sig: signal.getsignal(sig) for sig in self.STOPS}
+
+        def relay(signum: int, frame: Any) -> None:
+            fired.append(signum)
+            handler = real[signum]
+            if callable(handler):
+                handler(signum, frame)
+
+        for sig in self.STOPS:
+            signal.signal(sig, relay)
+        try:
+            print(line, flush=True)
+            while not fired:  # SIGKILL never returns
+                time.sleep(0.005)
+        finally:
+            for sig, handler in real.items():
+                signal.signal(sig, handler)
 
 
 def mark_commits(mgr: CheckpointManager, mark: Markers) -> None:

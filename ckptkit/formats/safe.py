@@ -10,6 +10,7 @@ Anything else is an ``UnsafeCheckpointError`` naming the global; nothing is exec
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import re
@@ -160,12 +161,11 @@ def safe_torch_load(
             msg = f"executing pickled code from {source} (trust=True): only do this for files you trust"
             warnings.warn(msg, UserWarning, stacklevel=2)
             log.warning(msg)
-            with _open(data) as (f, _):
-                # The explicit trust branch: full unpickling, as the user asked.
-                obj = torch.load(f, map_location=map_location, weights_only=not trust)
-        else:
-            with _open(data) as (f, mmap), _allowlisted():
-                obj = torch.load(f, map_location=map_location, weights_only=True, mmap=mmap)
+        guard = contextlib.nullcontext() if trust else _allowlisted()
+        with _open(data) as (f, mmap), guard:
+            obj = torch.load(
+                f, map_location=map_location, weights_only=not trust, mmap=mmap
+            )  # safe unless trusted
     except FileNotFoundError as exc:
         raise CheckpointNotFoundError(f"{source}: no such file") from exc
     except MemoryError:

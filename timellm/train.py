@@ -16,7 +16,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -607,7 +607,3 @@ def _to_device(model: TimeLLM, device: torch.device, quantized: bool) -> None:
 def _fast_optimizer_kwargs(device: torch.device) -> dict[str, Any]:
     # fused Adam on CUDA, multi-tensor (foreach) elsewhere: same math, fewer kernel launches.
     return {"fused": True} if device.type == "cuda" else {"foreach": True}
-
-
-def options_dict(opts: RunOptions) -> dict[str, Any]:
-    return asdict(opts)

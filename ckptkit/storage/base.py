@@ -7,9 +7,7 @@ strings end to end (``pathlib.Path("gs://b")`` would collapse the ``//``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import IO, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 
 @runtime_checkable
@@ -77,17 +75,6 @@ class Storage(Protocol):
         """Flush background work and release resources."""
 
 
-@contextmanager
-def opened(storage: Storage) -> Iterator[Storage]:
-    try:
-        yield storage
-    finally:
-        storage.close()
-
-
 def join_key(*parts: str) -> str:
     """Join key parts with ``/``, ignoring empty ones."""
     return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
-
-
-BinaryIO = IO[bytes]

@@ -15,6 +15,7 @@ import torch
 
 from ckptkit.errors import ConfigError, IncompatibleCheckpointError
 
+_SCHEDULERS = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
 _PLAIN = (type(None), bool, int, float, str, bytes, torch.Tensor, torch.dtype, torch.Size)
 
 
@@ -64,6 +65,8 @@ def _missing_note(key: str, target: Any) -> str:
         return "no EarlyStopping state: the best score starts fresh"
     if isinstance(target, torch.optim.Optimizer):
         return f"no optimizer state for '{key}': moments restart from zero"
+    if isinstance(target, _SCHEDULERS):
+        return f"no scheduler state: '{key}' restarts its learning-rate schedule"
     return f"no '{key}' in the checkpoint: it keeps its current value"
 
 
@@ -100,7 +103,8 @@ def apply_state(
             _check_module(key, target, saved[key], source)
     notes: list[str] = []
     for key, target in list(state.items()):
-        if key not in saved:
+        if key not in saved or (saved[key] is None and is_stateful(target)):
+            # A None entry is how scripts say "no state" (Colab's 'scheduler': None).
             notes.append(_missing_note(key, target))
             continue
         if is_stateful(target):

@@ -74,7 +74,6 @@ def _write(path: Path, obj: Any) -> str:
     return str(path)
 
 
-@pytest.mark.xfail(strict=True, reason="load() drops best_score/val_loss_min, renames global_step")
 @pytest.mark.parametrize("layout", ["file", "step-dir"])
 def test_colab_dict_keeps_every_key(tmp_path: Path, layout: str) -> None:
     saved = _colab(*_trained())
@@ -84,7 +83,6 @@ def test_colab_dict_keeps_every_key(tmp_path: Path, layout: str) -> None:
     _assert_every_key_kept(ckptkit.load(url), saved)
 
 
-@pytest.mark.xfail(strict=True, reason="load() drops scheduler=None and val_loss_min=inf")
 def test_colab_dict_before_first_validation_keeps_every_key(tmp_path: Path) -> None:
     saved = _colab(*_trained(), scheduler=False)
     saved.update(best_score=None, val_loss_min=float("inf"))
@@ -107,7 +105,6 @@ def test_colab_dict_before_first_validation_keeps_every_key(tmp_path: Path) -> N
                 "config": {"lr": 1e-3, "name": "x"},
             },
             id="generic-names",
-            marks=pytest.mark.xfail(strict=True, reason="renamed to model/optimizer/step"),
         ),
         pytest.param(
             lambda m, o, s: {
@@ -118,7 +115,6 @@ def test_colab_dict_before_first_validation_keeps_every_key(tmp_path: Path) -> N
                 "global_step": 9,
             },
             id="lightning",
-            marks=pytest.mark.xfail(strict=True, reason="renamed to model/optimizer/step"),
         ),
         pytest.param(
             # Names that collide with what restore maps them to: neither may be lost.
@@ -131,7 +127,6 @@ def test_colab_dict_before_first_validation_keeps_every_key(tmp_path: Path) -> N
                 "val_loss_min": 0.25,
             },
             id="colliding-names",
-            marks=pytest.mark.xfail(strict=True, reason="colliding keys renamed to legacy.*"),
         ),
     ],
 )
@@ -161,7 +156,6 @@ def test_restore_from_colab_dict_still_maps_the_known_names(tmp_path: Path) -> N
     assert state["early_stopping"].best == 0.125
 
 
-@pytest.mark.xfail(strict=True, reason="best_score/val_loss_min are not restorable by name")
 def test_restore_writes_the_files_own_names_back(tmp_path: Path) -> None:
     path = _write(tmp_path / "checkpoint.pt", _colab(*_trained()))
     state: dict[str, Any] = {"model": _fresh()[0], "best_score": None, "val_loss_min": None}

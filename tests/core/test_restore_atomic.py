@@ -202,9 +202,6 @@ def _bad_rng_generators() -> RNGState:
     return RNGState([torch.Generator().manual_seed(5)])
 
 
-_xfail = pytest.mark.xfail(strict=True, reason="checked only after other objects were loaded")
-_late = pytest.mark.xfail(strict=True, reason="wrong structure found only after others loaded")
-
 CASES = [
     pytest.param(lambda: _last(_build(1, width=16), "model"), "shape", id="model-shape"),
     pytest.param(lambda: _last(_build(1, extra=True), "model"), "missing", id="model-missing-key"),
@@ -212,55 +209,46 @@ CASES = [
         lambda: _last(_build(1, optimizer=_sgd), "optimizer"),
         "checkpoint has AdamW, target is SGD",
         id="optimizer-class",
-        marks=_xfail,
     ),
     pytest.param(
         lambda: _last(_build(1, optimizer=_two_groups), "optimizer"),
         "param groups",
         id="optimizer-group-count",
-        marks=_xfail,
     ),
     pytest.param(
         lambda: _last(_build(1, optimizer=_missing_one), "optimizer"),
         "group 0",
         id="optimizer-group-size",
-        marks=_xfail,
     ),
     pytest.param(
         lambda: _last(_build(1, optimizer=_reversed), "optimizer"),
         "exp_avg",
         id="optimizer-state-shape",
-        marks=_xfail,
     ),
     pytest.param(
         lambda: _last(_build(1, scheduler=_step_lr), "scheduler"),
         "checkpoint has OneCycleLR, target is StepLR",
         id="scheduler-class",
-        marks=_xfail,
     ),
     pytest.param(
         lambda: _last({**_build(1), "custom": Versioned(2)}, "custom"),
         "version",
         id="custom-check-refuses",
-        marks=_xfail,
     ),
     pytest.param(
         lambda: _last(_build(1, early=EarlyStopping(mode="max")), "early"),
         "mode",
         id="early-stopping-mode",
-        marks=_xfail,
     ),
     pytest.param(
         lambda: _last(_build(1, rng=_bad_rng_generators()), "rng"),
         "generators",
         id="rng-generators",
-        marks=_xfail,
     ),
     pytest.param(
         lambda: _last(_build(1, batch_size=3), "loader"),
         "batch_size",
         id="loader-batch-size",
-        marks=_xfail,
     ),
 ]
 
@@ -304,24 +292,19 @@ def _rng_wrong_torch() -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("key", "saved", "match"),
     [
-        pytest.param(
-            "early", {"best": 0.5}, "early", id="early-stopping-missing-fields", marks=_late
-        ),
+        pytest.param("early", {"best": 0.5}, "early", id="early-stopping-missing-fields"),
         pytest.param(
             "early",
             {**EarlyStopping().state_dict(), "counter": "three"},
             "counter",
             id="early-stopping-bad-type",
-            marks=_late,
         ),
-        pytest.param("rng", {"python": {}}, "rng", id="rng-missing-parts", marks=_late),
-        pytest.param("rng", _rng_wrong_torch(), "torch", id="rng-wrong-torch-state", marks=_late),
-        pytest.param("loader", {"epoch": 1}, "loader", id="loader-missing-fields", marks=_late),
+        pytest.param("rng", {"python": {}}, "rng", id="rng-missing-parts"),
+        pytest.param("rng", _rng_wrong_torch(), "torch", id="rng-wrong-torch-state"),
+        pytest.param("loader", {"epoch": 1}, "loader", id="loader-missing-fields"),
         pytest.param("model", "not weights", "model", id="model-not-a-state-dict"),
-        pytest.param(
-            "optimizer", {"state": {}}, "optimizer", id="optimizer-no-groups", marks=_late
-        ),
-        pytest.param("epoch", {"n": 3}, "epoch", id="plain-value-type", marks=_late),
+        pytest.param("optimizer", {"state": {}}, "optimizer", id="optimizer-no-groups"),
+        pytest.param("epoch", {"n": 3}, "epoch", id="plain-value-type"),
     ],
 )
 def test_wrong_structure_is_refused_before_anything_is_written(
@@ -331,14 +314,12 @@ def test_wrong_structure_is_refused_before_anything_is_written(
     _refused(run, _last(_build(1), key), match)
 
 
-@pytest.mark.xfail(strict=True, reason="a stateful without the protocol is loaded in order")
 def test_a_stateful_without_the_protocol_is_loaded_before_the_rest(run: str) -> None:
     state = _last({**_build(1), "fragile": Fragile(1, refuse=True)}, "fragile")
     message = _refused(run, state, "Fragile refuses")
     assert "'fragile'" in message
 
 
-@pytest.mark.xfail(strict=True, reason="AdamW state loads into SGD, which crashes in step()")
 def test_adamw_into_sgd_is_refused_even_with_force(run: str) -> None:
     state = _last(_build(1, optimizer=_sgd), "optimizer")
     message = _refused(run, state, "AdamW")
@@ -349,7 +330,6 @@ def test_adamw_into_sgd_is_refused_even_with_force(run: str) -> None:
     state["optimizer"].step()  # the SGD is intact and works
 
 
-@pytest.mark.xfail(strict=True, reason="optimizer/scheduler classes are not recorded or checked")
 def test_force_lets_a_class_mismatch_through_only_when_shapes_fit(tmp_path: Path) -> None:
     run = str(tmp_path / "run")
     source = _build(0, optimizer=lambda m: torch.optim.Adam(m.parameters(), lr=1e-3))
@@ -376,7 +356,6 @@ def test_force_lets_a_class_mismatch_through_only_when_shapes_fit(tmp_path: Path
         assert mgr.restore(other, force=True) == 3
 
 
-@pytest.mark.xfail(strict=True, reason="a legacy AdamW dict loads into SGD")
 def test_legacy_dict_adamw_into_sgd_is_refused(tmp_path: Path) -> None:
     source = _build(0)
     _train(source)

@@ -200,6 +200,11 @@ def _kind(value: Any) -> str | None:
 
 def _check_kind(where: str, current: Any, value: Any) -> None:
     a, b = _kind(current), _kind(value)
+    if {a, b} == {"number", "tensor"}:
+        # A one-element tensor is how many scripts save a counter (global_step).
+        tensor = current if a == "tensor" else value
+        if tensor.size == 1 if isinstance(tensor, np.ndarray) else tensor.numel() == 1:
+            return
     if a is not None and b is not None and a != b:
         raise IncompatibleCheckpointError(
             f"{where}: checkpoint has {type(value).__name__}, target has "
@@ -293,7 +298,7 @@ def _check_optimizer(where: str, opt: torch.optim.Optimizer, saved: Any) -> None
 
 
 def _lacking_hyperparameters(opt: torch.optim.Optimizer, groups: list[Any]) -> list[str]:
-    """Hyperparameters the target's groups have and the saved ones lack even after the
+    """Hyperparameters the target's class takes and the saved groups lack even after the
     class fills its defaults in: load_state_dict adopts the saved groups, so step() would
     fail on them (SGD's 'momentum' after loading an AdamW's state)."""
     copies = [{**{k: v for k, v in g.items() if k != "params"}, "params": []} for g in groups]
@@ -303,9 +308,9 @@ def _lacking_hyperparameters(opt: torch.optim.Optimizer, groups: list[Any]) -> l
         probe.__setstate__({"defaults": dict(opt.defaults), "state": {}, "param_groups": copies})
     except Exception:  # noqa: BLE001 - a custom optimizer needing more: its load decides
         return []
-    return sorted(
-        {k for own, got in zip(opt.param_groups, copies, strict=True) for k in own if k not in got}
-    )
+    # Only the class's own hyperparameters (its defaults): keys a scheduler added to the
+    # target's groups ('initial_lr') are the scheduler's business.
+    return sorted({k for got in copies for k in opt.defaults if k not in got})
 
 
 def _check_state_shapes(

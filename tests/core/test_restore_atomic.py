@@ -379,3 +379,143 @@ def test_legacy_dict_adamw_into_sgd_is_refused(tmp_path: Path) -> None:
         target["optimizer"] = torch.optim.AdamW(target["model"].parameters())
         assert mgr.restore(target, str(path)) is None  # no step in the file: fresh counters
     assert target["epoch"] == 2
+
+
+def _roundtrip(tmp_path: Path, make: Callable[[int], dict[str, Any]], steps: int = 2) -> None:
+    """Save ``make(0)`` after training, restore into ``make(1)``: no refusal, same state."""
+    run = str(tmp_path / "rt")
+    source = make(0)
+
+    def loss() -> torch.Tensor:
+        return source["model"](torch.randn(5, 4)).pow(2).mean()
+
+    for _ in range(steps):
+        loss().backward()
+        source["optimizer"].step(loss)  # LBFGS needs the closure; the others take it too
+        source["optimizer"].zero_grad()
+    with CheckpointManager(run) as mgr:
+        mgr.save(1, source)
+    target = make(1)
+    with CheckpointManager(run) as mgr:
+        assert mgr.restore(target) == 1
+    assert tensors_equal(target["model"].state_dict(), source["model"].state_dict())
+    assert tensors_equal(
+        target["optimizer"].state_dict()["state"], source["optimizer"].state_dict()["state"]
+    )
+
+
+class _WithExtra(torch.nn.Linear):
+    def get_extra_state(self) -> dict[str, int]:
+        return {"calls": 3}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.calls = state["calls"]
+
+
+def _lbfgs(seed: int) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    return {"model": model, "optimizer": torch.optim.LBFGS(model.parameters(), max_iter=2)}
+
+
+def _groups_and_scaler(seed: int) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    model = _model()
+    return {
+        "model": model,
+        "optimizer": _two_groups(model),
+        "scaler": torch.amp.GradScaler("cpu", init_scale=2.0**seed),
+    }
+
+
+def _extra_state(seed: int) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(_WithExtra(4, 2))
+    return {"model": model, "optimizer": torch.optim.RMSprop(model.parameters(), momentum=0.9)}
+
+
+@pytest.mark.parametrize("make", [_lbfgs, _groups_and_scaler, _extra_state])
+def test_matching_targets_are_never_refused(tmp_path: Path, make: Any) -> None:
+    _roundtrip(tmp_path, make)
+
+
+def test_a_scheduler_added_on_resume_is_not_a_mismatch(tmp_path: Path) -> None:
+    run = str(tmp_path / "run")
+    source = _build(0)
+    del source["scheduler"]
+    with CheckpointManager(run) as mgr:
+        mgr.save(1, source)
+    target = _build(1, scheduler=_step_lr)  # StepLR adds 'initial_lr' to the groups
+    with CheckpointManager(run) as mgr, pytest.warns(Warning, match="no scheduler state"):
+        assert mgr.restore(target) == 1
+
+
+def test_legacy_adam_into_rmsprop_is_refused(tmp_path: Path) -> None:
+    model = _model()
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    path = tmp_path / "ck.pt"
+    torch.save(
+        {"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict()}, path
+    )
+    target = {"model": _model(), "optimizer": None}
+    target["optimizer"] = torch.optim.RMSprop(target["model"].parameters())
+    target = _last(target, "optimizer")
+    before = _snapshot(target)
+    refused = pytest.raises(IncompatibleCheckpointError, match="alpha.*RMSprop")
+    with CheckpointManager(str(tmp_path / "run")) as mgr, refused:
+        mgr.restore(target, str(path))
+    _assert_unchanged(target, before)
+
+
+class _CheckRaisesValueError(Versioned):
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        raise ValueError("unsupported layout v0")
+
+
+def test_a_check_that_raises_another_error_is_an_incompatible_checkpoint(run: str) -> None:
+    state = _last({**_build(1), "custom": _CheckRaisesValueError()}, "custom")
+    message = _refused(run, state, "unsupported layout v0")
+    assert "state['custom']" in message
+
+
+def test_only_unprotocolled_objects_can_be_half_restored_and_the_error_says_which(
+    run: str,
+) -> None:
+    state = _build(1)
+    state["first"] = Fragile(5)
+    state["fragile"] = Fragile(1, refuse=True)
+    state = _last(state, "fragile")
+    with CheckpointManager(run) as mgr:
+        mgr.save(9, {**_build(0), "first": Fragile(7)})
+    checked = {k: v for k, v in state.items() if k not in ("first", "fragile")}
+    before = _snapshot(checked)
+    with CheckpointManager(run) as mgr, pytest.raises(IncompatibleCheckpointError) as err:
+        mgr.restore(state)
+    assert "already restored: first" in str(err.value) and "check_state_dict" in str(err.value)
+    _assert_unchanged(checked, before)
+
+
+def test_a_checkpoint_without_recorded_classes_gets_the_shape_checks_only(tmp_path: Path) -> None:
+    import json
+
+    run = str(tmp_path / "run")
+    source = _build(0, optimizer=lambda m: torch.optim.Adam(m.parameters(), lr=1e-3))
+    _train(source)
+    with CheckpointManager(run) as mgr:
+        info = mgr.save(3, source)
+    manifest = Path(info.url) / "manifest.json"
+    raw = json.loads(manifest.read_text())
+    assert raw["metadata"]["state_classes"]["optimizer"] == "torch.optim.adam.Adam"
+    assert raw["metadata"]["state_classes"]["scheduler"].endswith(".OneCycleLR")
+    del raw["metadata"]["state_classes"]  # as a checkpoint from before the record existed
+    manifest.write_text(json.dumps(raw))
+    # Adam -> AdamW: same layout, and no record to tell them apart.
+    with CheckpointManager(run) as mgr:
+        assert mgr.restore(_build(1)) == 3
+    # AdamW's groups still lack SGD's momentum; OneCycleLR's state lacks StepLR's step_size.
+    _refused(run, _last(_build(1, optimizer=_sgd), "optimizer"), "momentum", force=True)
+    _refused(run, _last(_build(1, scheduler=_step_lr), "scheduler"), "step_size")
+    with CheckpointManager(run) as mgr:
+        assert mgr.restore(_build(1, scheduler=_step_lr), force=True) == 3

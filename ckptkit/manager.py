@@ -40,7 +40,7 @@ from ckptkit.policies import (
     select_deletions,
 )
 from ckptkit.run import CheckpointInfo, warn
-from ckptkit.stateful import apply_state, collect_state
+from ckptkit.stateful import apply_state, collect_state, state_classes
 from ckptkit.storage.base import Storage, join_key
 from ckptkit.storage.registry import open_storage, scheme_of
 
@@ -264,6 +264,8 @@ class CheckpointManager:
                 "best_metric": self.best_metric,
                 "mode": self.mode,
                 **self.metadata,
+                # Restore checks an optimizer's/scheduler's class against it (reserved key).
+                "state_classes": state_classes(full),
             },
             versions=versions(),
         )
@@ -380,7 +382,9 @@ class CheckpointManager:
         info, data = loaded
         if not force:
             self._check_config(data)
-        notes = apply_state(full, data.state, data.source)
+        meta = data.meta.get("metadata")
+        classes = meta.get("state_classes") if isinstance(meta, Mapping) else None
+        notes = apply_state(full, data.state, data.source, classes=classes, force=force)
         for key in state:
             state[key] = full[key]  # plain values were replaced in ``full``
         said: set[str] = set()

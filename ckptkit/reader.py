@@ -55,8 +55,12 @@ def read_checkpoint(url: str, *, verify: bool = True, trust: bool = False) -> Lo
 
 
 def load(url: str, *, verify: bool = True, trust: bool = False) -> dict[str, Any]:
-    """The state of any checkpoint we read, as a plain nested dict of tensors and primitives."""
-    return read_checkpoint(url, verify=verify, trust=trust).state
+    """The state of any checkpoint we read, as a plain nested dict of tensors and primitives.
+
+    A legacy dict checkpoint comes back with every key the file held, under its own name,
+    and nothing else; a bare state dict as ``{"model": state_dict}``."""
+    loaded = read_checkpoint(url, verify=verify, trust=trust)
+    return loaded.state if loaded.contents is None else loaded.contents
 
 
 def _describe(value: Any) -> Any:

@@ -3,6 +3,15 @@
 Objects with ``state_dict()``/``load_state_dict()`` are saved through them; plain
 values (numbers, strings, tensors, lists/dicts of them) are saved as they are and
 written back into the dict on restore.
+
+Restoring validates first, then applies: ``check_state`` dry-runs every target against
+what the checkpoint holds and raises ``IncompatibleCheckpointError`` before anything is
+written. Models, optimizers and LR schedulers are checked in ``checks``; any stateful may
+take part by defining the check protocol (see docs/PLUGINS.md)::
+
+    def check_state_dict(self, state_dict) -> None:
+        "Raise IncompatibleCheckpointError if load_state_dict(state_dict) would refuse it
+        or load something unusable; change nothing."
 """
 
 from __future__ import annotations
@@ -13,6 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ckptkit.checks import (
+    LOAD_ERRORS,
+    SCHEDULERS,
+    check_plain,
+    check_stateful,
+    checked_here,
+    first_line,
+)
 from ckptkit.errors import ConfigError, IncompatibleCheckpointError
 
 _PLAIN = (type(None), bool, int, float, str, bytes, torch.Tensor, torch.dtype, torch.Size)
@@ -52,6 +69,16 @@ def collect_state(state: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def state_classes(state: Mapping[str, Any]) -> dict[str, str]:
+    """``{key: "module.ClassName"}`` of every stateful object in ``state``: saved with a
+    checkpoint so that restore can tell an AdamW's state from an Adam's."""
+    return {
+        key: f"{type(obj).__module__}.{type(obj).__qualname__}"
+        for key, obj in state.items()
+        if is_stateful(obj)
+    }
+
+
 def _missing_note(key: str, target: Any) -> str:
     kind = type(target).__name__
     if kind == "RNGState":
@@ -64,53 +91,86 @@ def _missing_note(key: str, target: Any) -> str:
         return "no EarlyStopping state: the best score starts fresh"
     if isinstance(target, torch.optim.Optimizer):
         return f"no optimizer state for '{key}': moments restart from zero"
+    if isinstance(target, SCHEDULERS):
+        return f"no scheduler state: '{key}' restarts its learning-rate schedule"
     return f"no '{key}' in the checkpoint: it keeps its current value"
 
 
-def _check_module(key: str, module: torch.nn.Module, saved: Mapping[str, Any], source: str) -> None:
-    own = module.state_dict()
-    missing = sorted(set(own) - set(saved))
-    unexpected = sorted(set(saved) - set(own))
-    shapes = sorted(
-        f"{k} {tuple(saved[k].shape)} vs {tuple(own[k].shape)}"
-        for k in set(own) & set(saved)
-        if isinstance(saved[k], torch.Tensor) and saved[k].shape != own[k].shape
-    )
-    problems = [
-        f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
-        if items
-    ]
-    if problems:
-        raise IncompatibleCheckpointError(
-            f"{source}: state['{key}'] does not fit this model ({'; '.join(problems)}); "
-            "restore into the model it was saved from"
-        )
+def check_state(
+    state: Mapping[str, Any],
+    saved: Mapping[str, Any],
+    source: str = "checkpoint",
+    *,
+    classes: Mapping[str, Any] | None = None,
+    force: bool = False,
+) -> None:
+    """Raise ``IncompatibleCheckpointError`` if restoring ``saved`` into ``state`` would
+    refuse any entry or load something unusable; writes nothing.
+
+    ``classes`` is what ``state_classes`` recorded at save time (None for checkpoints that
+    lack it: then only shapes and structure are checked). ``force=True`` skips the class
+    checks, never the shape and count checks."""
+    # Models first: a changed model also changes its optimizer's shapes, and the model
+    # is what the user should hear about.
+    for key in sorted(state, key=lambda k: not isinstance(state[k], torch.nn.Module)):
+        target = state[key]
+        if _has_state(saved, key, target):
+            recorded = classes.get(key) if isinstance(classes, Mapping) else None
+            where = f"{source}: state['{key}']"
+            if not is_stateful(target):
+                check_plain(where, target, saved[key])
+            else:
+                recorded = recorded if isinstance(recorded, str) else None
+                check_stateful(where, target, saved[key], recorded, force)
+
+
+def _has_state(saved: Mapping[str, Any], key: str, target: Any) -> bool:
+    # A None entry is how scripts say "no state" (Colab's 'scheduler': None).
+    return key in saved and not (saved[key] is None and is_stateful(target))
 
 
 def apply_state(
-    state: MutableMapping[str, Any], saved: Mapping[str, Any], source: str = "checkpoint"
+    state: MutableMapping[str, Any],
+    saved: Mapping[str, Any],
+    source: str = "checkpoint",
+    *,
+    classes: Mapping[str, Any] | None = None,
+    force: bool = False,
 ) -> list[str]:
-    """Load ``saved`` into ``state`` in place; returns notes on what was missing.
-
-    Every module is checked first, so a mismatch leaves ``state`` untouched.
-    """
-    for key, target in state.items():
-        if isinstance(target, torch.nn.Module) and key in saved:
-            _check_module(key, target, saved[key], source)
-    notes: list[str] = []
-    for key, target in list(state.items()):
-        if key not in saved:
-            notes.append(_missing_note(key, target))
-            continue
-        if is_stateful(target):
-            try:
-                target.load_state_dict(saved[key])
-            except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise IncompatibleCheckpointError(
-                    f"{source}: cannot load state['{key}']: {first}"
-                ) from exc
-        else:
+    """Load ``saved`` into ``state`` in place, all or nothing; returns notes on what was
+    missing. Everything is checked first (``check_state``), so a refused restore leaves
+    every object as it was."""
+    check_state(state, saved, source, classes=classes, force=force)
+    present = [k for k, target in state.items() if _has_state(saved, k, target)]
+    notes = [_missing_note(k, state[k]) for k in state if k not in present]
+    # Only a stateful without check_state_dict can still refuse now: load those first,
+    # so such a refusal leaves every checked object (and plain value) as it was.
+    order = sorted(present, key=lambda k: not _unchecked(state[k]))
+    done: list[str] = []
+    for key in order:
+        target = state[key]
+        if not is_stateful(target):
             state[key] = saved[key]
+            continue
+        try:
+            target.load_state_dict(saved[key])
+        except LOAD_ERRORS as exc:
+            also = f" (already restored: {', '.join(done)})" if done else ""
+            if _unchecked(target):
+                also += (
+                    f"; a check_state_dict() on {type(target).__name__} would refuse it "
+                    "before anything is written"
+                )
+            raise IncompatibleCheckpointError(
+                f"{source}: cannot load state['{key}']: {first_line(exc)}{also}"
+            ) from exc
+        done.append(key)
     return notes
+
+
+def _unchecked(target: Any) -> bool:
+    return (
+        is_stateful(target)
+        and not checked_here(target)
+        and not callable(getattr(target, "check_state_dict", None))
+    )

@@ -14,6 +14,10 @@ class Loaded:
     ``state_dict()`` returned when it was saved, or to the plain value. ``notes`` says,
     in words a user reads, what a legacy format lacked or how it was mapped
     (e.g. "no RNG state: data order will differ").
+
+    ``contents`` is set where ``state`` adds names a reader mapped for ``restore`` (a
+    legacy dict checkpoint): every entry of the file under its own name, nothing added,
+    which is what ``ckptkit.load`` returns. ``state`` holds all of them too.
     """
 
     state: dict[str, Any]
@@ -24,3 +28,4 @@ class Loaded:
     metrics: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    contents: dict[str, Any] | None = None

@@ -128,7 +128,7 @@ def _adopt_step(loaded: Loaded, number: int, name: str) -> None:
     # fair stand-in when the file itself does not say.
     if loaded.step is None:
         loaded.step = number
-        loaded.state["step"] = number
+        loaded.state.setdefault("step", number)  # never over an entry of the file's own
         loaded.notes = [n for n in loaded.notes if n != NO_STEP]
         loaded.notes.append(f"step {number} taken from the directory name {name}")
 
@@ -239,47 +239,64 @@ def _as_int(value: Any) -> int | None:
 
 
 def dict_checkpoint(obj: Mapping[str, Any], source: str) -> Loaded:
-    """Map a dict checkpoint's entries onto ckptkit's state names, conservatively: only
-    well-known names are mapped, everything else is kept under its own name."""
-    state: dict[str, Any] = {}
+    """A dict checkpoint, two views of it.
+
+    ``contents`` (what ``ckptkit.load`` returns) is every entry of the file under its own
+    name. ``state`` (what ``restore`` reads) is the same entries plus aliases under
+    ckptkit's state names for the well-known ones (``model_state_dict`` -> ``model``,
+    ``global_step`` -> ``step``, ``val_loss_min``/``best_score`` -> ``early_stopping``...):
+    it may add keys, never drop or replace one of the file's. An alias whose name the file
+    already uses for something else is not added."""
+    contents = dict(obj)
+    aliases: dict[str, Any] = {}
     notes: list[str] = []
-    used: set[str] = set()
+
+    def alias(target: str, found: str | None, value: Any) -> bool:
+        if found is None:
+            return False
+        if target in contents and found != target:
+            notes.append(
+                f"'{found}' is not restored as '{target}': the file has its own '{target}' "
+                "entry, restored as it is"
+            )
+        else:
+            aliases[target] = value
+        return True
 
     def take(target: str, keys: tuple[str, ...], want: type | tuple[type, ...]) -> bool:
         found = _first(obj, keys, want)
-        if found is not None:
-            state[target] = obj[found]
-            used.add(found)
-        return found is not None
+        return alias(target, found, None if found is None else obj[found])
 
     if take("model", MODEL_KEYS, Mapping):
-        notes.extend(_prefix_notes(state["model"]))
+        notes.extend(_prefix_notes(aliases.get("model", {})))
     else:
         notes.append(
             f"no model weights under any of {', '.join(MODEL_KEYS)}: entries are kept under "
             "their own names"
         )
-    if not take("optimizer", OPTIMIZER_KEYS, Mapping) and not _take_single(
-        obj, state, used, "optimizer", OPTIMIZER_LIST_KEYS
+    if not take("optimizer", OPTIMIZER_KEYS, Mapping) and not alias(
+        "optimizer", *_single(obj, OPTIMIZER_LIST_KEYS)
     ):
         notes.append(NO_OPTIMIZER)
-    if not take("scheduler", SCHEDULER_KEYS, Mapping) and not _take_single(
-        obj, state, used, "scheduler", SCHEDULER_LIST_KEYS
+    if not take("scheduler", SCHEDULER_KEYS, Mapping) and not alias(
+        "scheduler", *_single(obj, SCHEDULER_LIST_KEYS)
     ):
-        # Colab scripts save 'scheduler': None when the schedule is stepped by hand.
-        used.update(k for k in SCHEDULER_KEYS if k in obj and obj[k] is None)
+        # Colab scripts save 'scheduler': None when the schedule is stepped by hand; restore
+        # takes a None entry as no state.
         notes.append(NO_SCHEDULER)
     take("scaler", SCALER_KEYS, Mapping)
 
-    step = _take_number(obj, state, used, "step", STEP_KEYS)
-    epoch = _take_number(obj, state, used, "epoch", EPOCH_KEYS)
+    step_key, step = _number(obj, STEP_KEYS)
+    alias("step", step_key, step)
+    epoch_key, epoch = _number(obj, EPOCH_KEYS)
+    alias("epoch", epoch_key, epoch)
     if step is None and epoch is None:
         notes.append(NO_STEP)
 
-    metrics = _metrics(obj)
-    early = _early_stopping(obj, used)
+    early = _early_stopping(obj)
     if early is not None:
-        state["early_stopping"] = early
+        alias("early_stopping", "val_loss_min/best_score", early)
+    if "early_stopping" in aliases:
         notes.append(
             "early stopping: best value from val_loss_min/best_score; patience and delta "
             "were not saved (your EarlyStopping's own are kept), the counter restarts at 0"
@@ -287,50 +304,32 @@ def dict_checkpoint(obj: Mapping[str, Any], source: str) -> Loaded:
     else:
         notes.append(NO_EARLY_STOPPING)
     notes.extend([NO_RNG, NO_LOADER])
-
-    for k, v in obj.items():
-        if k not in used:
-            state[k if k not in state else f"legacy.{k}"] = v
     return Loaded(
-        state=state,
+        state={**contents, **aliases},
         kind="legacy-dict",
         source=source,
         step=step,
         epoch=epoch,
-        metrics=metrics,
+        metrics=_metrics(obj),
         notes=notes,
+        contents=contents,
     )
 
 
-def _take_single(
-    obj: Mapping[str, Any],
-    state: dict[str, Any],
-    used: set[str],
-    target: str,
-    keys: tuple[str, ...],
-) -> bool:
+def _single(obj: Mapping[str, Any], keys: tuple[str, ...]) -> tuple[str | None, Any]:
+    """The one state in a one-element list (PyTorch Lightning's ``optimizer_states``)."""
     for k in keys:
         value = obj.get(k)
         if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], Mapping):
-            state[target] = value[0]
-            used.add(k)
-            return True
-    return False
+            return k, value[0]
+    return None, None
 
 
-def _take_number(
-    obj: Mapping[str, Any],
-    state: dict[str, Any],
-    used: set[str],
-    target: str,
-    keys: tuple[str, ...],
-) -> int | None:
+def _number(obj: Mapping[str, Any], keys: tuple[str, ...]) -> tuple[str | None, int | None]:
     for k in keys:
         if k in obj and (value := _as_int(obj[k])) is not None:
-            state[target] = value
-            used.add(k)
-            return value
-    return None
+            return k, value
+    return None, None
 
 
 def _metrics(obj: Mapping[str, Any]) -> dict[str, float]:
@@ -345,7 +344,7 @@ def _metrics(obj: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def _early_stopping(obj: Mapping[str, Any], used: set[str]) -> dict[str, Any] | None:
+def _early_stopping(obj: Mapping[str, Any]) -> dict[str, Any] | None:
     """Time-LLM's EarlyStopping keeps ``val_loss_min`` (best validation loss, ``inf``
     before the first) and ``best_score = -val_loss_min``; build a ``ckptkit.EarlyStopping``
     state (mode "min") from them."""
@@ -357,7 +356,6 @@ def _early_stopping(obj: Mapping[str, Any], used: set[str]) -> dict[str, Any] | 
         best = float(loss_min)
     elif isinstance(score, (int, float)) and math.isfinite(score):
         best = -float(score)
-    used.update(k for k in ("val_loss_min", "best_score") if k in obj)
     # No patience/delta: the file never had them, so the user's EarlyStopping keeps its own.
     return {
         "mode": "min",

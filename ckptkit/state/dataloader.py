@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 import weakref
-from collections.abc import Iterator, Sized
+from collections.abc import Iterator, Mapping, Sized
 from typing import Any
 
 import numpy as np
@@ -159,22 +159,39 @@ class ResumableDataLoader:
             "drop_last": self.drop_last,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume at the saved position; the saved seed replaces the constructor's. Raises
-        IncompatibleCheckpointError if dataset length, batch size, world size, shuffle or
-        drop_last differ from the saving run."""
+    def check_state_dict(self, state: Any) -> None:
+        """Raise IncompatibleCheckpointError unless `load_state_dict(state)` would take
+        `state`; changes nothing (ckptkit checks every object before restoring any)."""
         current = self.state_dict()
+        if not isinstance(state, Mapping) or (missing := sorted(set(current) - set(state))):
+            lacks = f"lacks {missing}" if isinstance(state, Mapping) else "is not a dict"
+            raise IncompatibleCheckpointError(
+                f"loader state {lacks}; it was not written by ResumableDataLoader.state_dict()"
+            )
         for key in _CHECKED_KEYS:
             if state[key] != current[key]:
                 raise IncompatibleCheckpointError(
                     f"loader checkpoint has {key}={state[key]!r} but this loader has "
                     f"{key}={current[key]!r}; resume with the same {key} to continue the epoch"
                 )
-        if not 0 <= state["batches_yielded"] <= len(self):
+        for key in ("epoch", "seed", "batches_yielded"):
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise IncompatibleCheckpointError(
+                    f"loader checkpoint has {key}={value!r}, expected an int >= 0; the state "
+                    "is corrupt or from another loader"
+                )
+        if not state["batches_yielded"] <= len(self):
             raise IncompatibleCheckpointError(
                 f"loader checkpoint is at batch {state['batches_yielded']} of an epoch of "
                 f"{len(self)} batches; the state is corrupt or from another loader"
             )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at the saved position; the saved seed replaces the constructor's. Raises
+        IncompatibleCheckpointError if dataset length, batch size, world size, shuffle or
+        drop_last differ from the saving run."""
+        self.check_state_dict(state)
         self.seed = int(state["seed"])
         self._epoch = int(state["epoch"])
         self._yielded = int(state["batches_yielded"])

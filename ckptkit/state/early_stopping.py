@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, SupportsFloat
 
 from ckptkit.errors import ConfigError, IncompatibleCheckpointError
@@ -93,14 +94,48 @@ class EarlyStopping:
             "steps": self._steps,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore progress. The saved patience and delta are adopted; a different mode
-        raises IncompatibleCheckpointError, since the saved best would mean the opposite."""
+    def check_state_dict(self, state: Any) -> None:
+        """Raise IncompatibleCheckpointError unless `load_state_dict(state)` would take
+        `state`; changes nothing (ckptkit checks every object before restoring any)."""
+        fix = "it was not written by EarlyStopping.state_dict()"
+        if not isinstance(state, Mapping):
+            raise IncompatibleCheckpointError(
+                f"EarlyStopping state is a {type(state).__name__}, not a dict; {fix}"
+            )
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if missing:
+            raise IncompatibleCheckpointError(f"EarlyStopping state lacks {missing}; {fix}")
         if state["mode"] != self.mode:
             raise IncompatibleCheckpointError(
                 f"EarlyStopping checkpoint was saved with mode={state['mode']!r} but this one "
                 f"has mode={self.mode!r}; construct it with mode={state['mode']!r}"
             )
+        for key, ok, want in (
+            ("best", state["best"] is None or _real(state["best"]), "None or a number"),
+            (
+                "best_step",
+                state["best_step"] is None or _count(state["best_step"]),
+                "None or an int >= 0",
+            ),
+            ("counter", _count(state["counter"]), "an int >= 0"),
+            ("steps", _count(state["steps"]), "an int >= 0"),
+            ("should_stop", isinstance(state["should_stop"], bool), "a bool"),
+            ("patience", "patience" not in state or _count(state["patience"], 1), "an int >= 1"),
+            (
+                "delta",
+                "delta" not in state or (_real(state["delta"]) and state["delta"] >= 0),
+                "a number >= 0",
+            ),
+        ):
+            if not ok:
+                raise IncompatibleCheckpointError(
+                    f"EarlyStopping state has {key}={state.get(key)!r}, expected {want}; {fix}"
+                )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore progress. The saved patience and delta are adopted; a different mode
+        raises IncompatibleCheckpointError, since the saved best would mean the opposite."""
+        self.check_state_dict(state)
         # Legacy files carry no patience/delta: then the constructor's values stand.
         self.patience = int(state.get("patience", self.patience))
         self.delta = float(state.get("delta", self.delta))
@@ -109,3 +144,14 @@ class EarlyStopping:
         self._counter = int(state["counter"])
         self._should_stop = bool(state["should_stop"])
         self._steps = int(state["steps"])
+
+
+_STATE_KEYS = ("mode", "best", "best_step", "counter", "should_stop", "steps")
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _count(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,6 +14,8 @@ from ckptkit.errors import IncompatibleCheckpointError
 
 Generator = np.random.Generator | torch.Generator
 
+# What restoring a damaged part into a generator raises.
+_BAD_STATE = (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError)
 # Marks a NumPy array inside an encoded bit-generator state, so decoding can tell it
 # apart from the plain dicts that the state is made of.
 _NDARRAY = "__ndarray__"
@@ -46,24 +48,53 @@ class RNGState:
             "generators": [_generator_state(gen) for gen in self.generators],
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore every generator. Raises IncompatibleCheckpointError when the extra
-        generators differ in number or kind; warns and restores what it can when the
-        checkpoint's CUDA devices are missing here."""
+    def check_state_dict(self, state: Any) -> None:
+        """Raise IncompatibleCheckpointError unless `load_state_dict(state)` would restore
+        every generator; changes nothing. Each part is loaded into a throwaway generator
+        of the same kind, so a damaged part is found before any real RNG is touched."""
+        fix = "it was not written by RNGState.state_dict()"
+        if not isinstance(state, Mapping):
+            raise IncompatibleCheckpointError(f"RNG state is a {type(state).__name__}; {fix}")
         missing = {"python", "numpy", "torch", "cuda", "generators"} - state.keys()
         if missing:
-            raise IncompatibleCheckpointError(
-                f"RNG state lacks {sorted(missing)}; it was not written by RNGState.state_dict()"
-            )
+            raise IncompatibleCheckpointError(f"RNG state lacks {sorted(missing)}; {fix}")
         saved_generators = state["generators"]
+        if not isinstance(saved_generators, list | tuple):
+            raise IncompatibleCheckpointError(f"RNG state's generators is not a list; {fix}")
         if len(saved_generators) != len(self.generators):
             raise IncompatibleCheckpointError(
                 f"checkpoint has {len(saved_generators)} extra generators but RNGState was given "
                 f"{len(self.generators)}; pass the same generators, in the same order, as when saving"
             )
-        # Check every generator before touching any, so a mismatch leaves all RNGs as they were.
+        parts: list[tuple[str, Any]] = [
+            ("python", lambda: random.Random().setstate(_to_python_state(state["python"]))),
+            (
+                "numpy",
+                lambda: np.random.RandomState().set_state(_to_numpy_global_state(state["numpy"])),
+            ),
+            ("torch", lambda: torch.Generator().set_state(state["torch"])),
+            ("cuda", lambda: _check_cuda(state["cuda"])),
+        ]
         for i, (gen, saved) in enumerate(zip(self.generators, saved_generators, strict=True)):
-            _check_generator(i, gen, saved)
+            parts.append((f"extra generator {i}", _generator_check(i, gen, saved)))
+        for part, check in parts:
+            try:
+                check()
+            except IncompatibleCheckpointError:
+                raise
+            except _BAD_STATE as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise IncompatibleCheckpointError(
+                    f"RNG state: the {part} part does not load ({first}); {fix}"
+                ) from exc
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore every generator. Raises IncompatibleCheckpointError when the extra
+        generators differ in number or kind, or a part is damaged; warns and restores what
+        it can when the checkpoint's CUDA devices are missing here."""
+        # Check every part before touching any, so a refusal leaves all RNGs as they were.
+        self.check_state_dict(state)
+        saved_generators = state["generators"]
 
         random.setstate(_to_python_state(state["python"]))
         np.random.set_state(_to_numpy_global_state(state["numpy"]))
@@ -150,6 +181,24 @@ def _check_generator(i: int, gen: Generator, saved: dict[str, Any]) -> None:
                 f"extra generator {i} used {saved_name} when saved but uses {name} now; "
                 f"create it with numpy.random.Generator(numpy.random.{saved_name}())"
             )
+
+
+def _check_cuda(saved: Any) -> None:
+    if not isinstance(saved, list | tuple) or not all(
+        isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in saved
+    ):
+        raise TypeError("expected a list of uint8 tensors")
+
+
+def _generator_check(i: int, gen: Generator, saved: Any) -> Any:
+    def check() -> None:
+        _check_generator(i, gen, saved)
+        if isinstance(gen, torch.Generator):
+            torch.Generator(device=gen.device).set_state(saved["state"])
+        else:
+            type(gen.bit_generator)().state = _decode(saved["state"])
+
+    return check
 
 
 def _restore_generator(gen: Generator, saved: dict[str, Any]) -> None:

@@ -69,7 +69,8 @@ PRESET_HELP = "Named configuration: tiny-cpu (default; offline tiny LLM on CPU),
 @click.option(
     "--force",
     is_flag=True,
-    help="Resume even though the training config differs from the checkpoint's.",
+    help="Resume even though the training config, or the optimizer/scheduler class, differs "
+    "from the checkpoint's (shapes are always checked).",
 )
 @click.option(
     "--save-steps",

@@ -174,23 +174,31 @@ class TimeLLM(nn.Module):
     def load_trainable_state_dict(self, state: dict[str, Tensor], strict: bool = True) -> None:
         """Load what :meth:`trainable_state_dict` returned. ``strict``: the key sets and shapes
         must match exactly, else :class:`IncompatibleCheckpointError` lists the differences."""
-        own = self.trainable_state_dict()
-        if strict:
-            _check_same_keys(own, state)
-        bad = [
-            f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}"
-            for k, v in state.items()
-            if k in own and v.shape != own[k].shape
-        ]
-        if bad:
-            raise IncompatibleCheckpointError(
-                f"trainable state shape mismatch: {'; '.join(bad[:4])}"
-            )
+        own = self.check_trainable_state_dict(state, strict=strict)
         with torch.no_grad():
             for key, value in state.items():
                 if key in own:
                     own[key].copy_(value)
         self._prototype_cache = None
+
+    def check_trainable_state_dict(
+        self, state: dict[str, Tensor], strict: bool = True
+    ) -> dict[str, Tensor]:
+        """Raise :class:`IncompatibleCheckpointError` unless :meth:`load_trainable_state_dict`
+        would take ``state``; changes nothing. Returns the model's own trainable state."""
+        own = self.trainable_state_dict()
+        if strict:
+            _check_same_keys(own, state)
+        bad = [
+            f"{k}: {_shape(v)} vs {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if k in own and not (isinstance(v, Tensor) and v.shape == own[k].shape)
+        ]
+        if bad:
+            raise IncompatibleCheckpointError(
+                f"trainable state shape mismatch: {'; '.join(bad[:4])}"
+            )
+        return own
 
     def trainable_state(self) -> TrainableState:
         """An object with ``state_dict()``/``load_state_dict()`` over the trainable state only,
@@ -225,8 +233,21 @@ class TrainableState:
     def state_dict(self) -> dict[str, Tensor]:
         return self.model.trainable_state_dict()
 
+    def check_state_dict(self, state: dict[str, Tensor]) -> None:
+        """ckptkit's check protocol: refuse before any object of the restore is written."""
+        if not isinstance(state, dict):
+            raise IncompatibleCheckpointError(
+                f"trainable state is a {type(state).__name__}, not a dict of tensors; "
+                "restore a checkpoint written by this trainer"
+            )
+        self.model.check_trainable_state_dict(state)
+
     def load_state_dict(self, state: dict[str, Tensor], strict: bool = True) -> None:
         self.model.load_trainable_state_dict(state, strict=strict)
+
+
+def _shape(value: Any) -> Any:
+    return tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
 
 
 def _check_same_keys(own: dict[str, Tensor], state: dict[str, Tensor]) -> None:

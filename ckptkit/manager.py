@@ -26,7 +26,16 @@ from ckptkit.formats import native
 from ckptkit.formats.base import Loaded
 from ckptkit.hooks.manager import get_plugin_manager
 from ckptkit.lock import RunLock
-from ckptkit.manifest import MANIFEST, Manifest, checkpoint_name, config_hash, parse_name, versions
+from ckptkit.manifest import (
+    MANIFEST,
+    MAX_STEP,
+    Manifest,
+    checkpoint_name,
+    config_hash,
+    metric_values,
+    parse_name,
+    versions,
+)
 from ckptkit.policies import (
     Deadline,
     EveryNSteps,
@@ -239,8 +248,8 @@ class CheckpointManager:
         Nothing existing is touched until the new checkpoint is committed; then
         retention deletes what no policy keeps.
         """
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise ConfigError(f"step must be a non-negative int, got {step!r}")
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < MAX_STEP:
+            raise ConfigError(f"step must be an int in [0, 10**12), got {step!r}")
         if not self._writable("save"):
             return None
         started = time.monotonic()
@@ -255,7 +264,7 @@ class CheckpointManager:
             files=native.file_entries(files),
             entries=entries,
             epoch=epoch,
-            metrics={k: float(v) for k, v in (metrics or {}).items()},
+            metrics=metric_values(metrics or {}),
             is_best=_early_stopping_marks_best(full, step),
             config=self.config,
             config_hash=config_hash(self.config),

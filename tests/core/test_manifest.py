@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from ckptkit import CheckpointManager
 from ckptkit.cli import _register_commands, cli
 from ckptkit.errors import ConfigError, CorruptCheckpointError
-from ckptkit.manifest import FileEntry, Manifest
+from ckptkit.manifest import FileEntry, Manifest, config_hash
 from ckptkit.run import CheckpointWarning
 
 from .helpers import make_training, train_steps
@@ -50,6 +50,7 @@ def good_manifest(step: int = 3) -> dict[str, Any]:
             metrics={"val_loss": 0.25},
             created=1795646431.09,
             config={"lr": 0.1, "layers": [1, 2]},
+            config_hash=config_hash({"lr": 0.1, "layers": [1, 2]}),
             metadata={"run_name": "r", "best_metric": "val_loss", "mode": "min"},
             versions={"ckptkit": "0.1.0", "python": "3.11.7"},
         ).to_bytes()
@@ -201,32 +202,6 @@ BAD: dict[str, Mutation] = {
     "huge-int-literal": raw_value("epoch", text=b"9" * 5000),
 }
 
-# What already held before the typed manifest (kept as regression tests); every other
-# case failed on the code this file was written against.
-HELD_BEFORE = {
-    "step-missing",
-    "file-entry-extra-key",
-    "file-entry-list",
-    "files-list",
-    "format-other",
-    "format-missing",
-    "unknown-field",
-    "non-utf8",
-    "top-level-list",
-    "top-level-number",
-    "empty",
-    "truncated",
-    "huge-int-literal",
-}
-
-
-def _case(name: str) -> Any:
-    if name in HELD_BEFORE:
-        return name
-    return pytest.param(
-        name, marks=pytest.mark.xfail(strict=True, reason="manifest fields are not type-checked")
-    )
-
 
 @pytest.fixture(scope="module")
 def template_run(tmp_path_factory) -> str:
@@ -262,7 +237,7 @@ def _invoke(*args: str):
     return result
 
 
-@pytest.mark.parametrize("case", [_case(c) for c in BAD])
+@pytest.mark.parametrize("case", list(BAD))
 def test_a_malformed_manifest_makes_its_checkpoint_corrupt_everywhere(
     case, template_run, tmp_path, commands
 ):
@@ -305,7 +280,6 @@ def test_a_malformed_manifest_makes_its_checkpoint_corrupt_everywhere(
     assert _invoke("inspect", bad).exit_code == CorruptCheckpointError.exit_code
 
 
-@pytest.mark.xfail(strict=True, reason="manifest fields are not type-checked")
 @pytest.mark.slow
 @pytest.mark.skipif(CKPTKIT is None, reason="ckptkit console script not installed")
 def test_console_script_lists_and_verifies_every_kind_of_damage(template_run, tmp_path):
@@ -353,7 +327,6 @@ def test_a_good_manifest_round_trips():
     assert Manifest.from_bytes(m.to_bytes(), "src") == m
 
 
-@pytest.mark.xfail(strict=True, reason="manifest fields are not type-checked")
 def test_every_malformed_manifest_is_refused_by_the_parser_with_one_short_line(tmp_path):
     for case, mutation in BAD.items():
         if case in ("file-dotdot-into-sibling", "step-disagrees-with-name"):
@@ -366,7 +339,6 @@ def test_every_malformed_manifest_is_refused_by_the_parser_with_one_short_line(t
         assert "\n" not in message and len(message) < 400, (case, message)
 
 
-@pytest.mark.xfail(strict=True, reason="the manifest's step is not compared with its name")
 def test_the_step_must_agree_with_the_checkpoint_name():
     data = _dumps(good_manifest(step=5))
     assert Manifest.from_bytes(data, "src", name="step-000000000005-r2").step == 5
@@ -375,7 +347,6 @@ def test_the_step_must_agree_with_the_checkpoint_name():
         Manifest.from_bytes(data, "src", name=_name(7))
 
 
-@pytest.mark.xfail(strict=True, reason="manifest size is not limited")
 def test_an_oversized_manifest_is_refused_without_being_parsed():
     data = _dumps({**good_manifest(), "metadata": {"pad": "x" * (17 * 2**20)}})
     with pytest.raises(CorruptCheckpointError, match="MiB"):
@@ -478,14 +449,12 @@ def mutated_manifests(draw: st.DrawFn) -> bytes:
     return _dumps(m)
 
 
-@pytest.mark.xfail(strict=True, reason="manifest fields are not type-checked")
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated_manifests())
 def test_a_mutated_manifest_is_valid_or_refused_as_corrupt(data):
     _check(data)
 
 
-@pytest.mark.xfail(strict=True, reason="manifest fields are not type-checked")
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_damaged_manifest_bytes_are_valid_or_refused_as_corrupt(data):
@@ -505,7 +474,6 @@ def test_arbitrary_bytes_are_refused_as_corrupt(data):
 # -- the writer never writes what the reader would refuse ----------------------
 
 
-@pytest.mark.xfail(strict=True, reason="the writer does not check what it writes")
 @pytest.mark.parametrize(
     "kwargs",
     [

@@ -465,7 +465,7 @@ class CheckpointManager:
                 )
             return best, self._read(best, verify)
         if isinstance(which, int) or str(which).isdigit() or parse_name(str(which)):
-            info = runmod.find(checkpoints, which, self.url)
+            info = runmod.find(checkpoints, which, self.url, self.storage)
             return info, self._read(info, verify)
         own = self._own_checkpoint(checkpoints, str(which))
         if own is not None:  # a path into this run: protect it from rotation like any other

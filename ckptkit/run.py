@@ -181,12 +181,23 @@ def read_state(
     return native.decode(info.manifest, read, info.url, verify=verify, keys=keys)
 
 
-def find(checkpoints: list[CheckpointInfo], which: str | int, url: str) -> CheckpointInfo:
-    """A checkpoint of the run by step number or directory name."""
-    if isinstance(which, int) or (isinstance(which, str) and which.isdigit()):
-        matches = [c for c in checkpoints if c.step == int(which)]
-    else:
-        matches = [c for c in checkpoints if c.name == which]
+def find(
+    checkpoints: list[CheckpointInfo], which: str | int, url: str, storage: Storage | None = None
+) -> CheckpointInfo:
+    """A checkpoint of the run by step number or directory name. With ``storage``, asking
+    for a damaged one raises CorruptCheckpointError naming the damage, not "not found"."""
+    by_step = isinstance(which, int) or (isinstance(which, str) and which.isdigit())
+
+    def wanted(name: str) -> bool:
+        parsed = parse_name(name)
+        return name == which if not by_step else parsed is not None and parsed[0] == int(which)
+
+    matches = [c for c in checkpoints if wanted(c.name)]
+    if not matches and storage is not None:
+        damaged = scan(storage).damaged
+        hits = sorted((n for n in damaged if wanted(n)), key=lambda n: parse_name(n) or (0, 0))
+        if hits:  # the newest revision, as a good match would be
+            raise CorruptCheckpointError(damaged[hits[-1]])
     if not matches:
         steps = ", ".join(str(c.step) for c in checkpoints[-10:]) or "none"
         raise CheckpointNotFoundError(f"{url}: no checkpoint {which!r} (steps available: {steps})")

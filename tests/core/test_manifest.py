@@ -499,7 +499,6 @@ def test_save_refuses_what_the_manifest_cannot_hold_and_writes_nothing(run_dir, 
 # -- asking for the damaged checkpoint by name ------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a damaged checkpoint asked for by step is 'not found'")
 @pytest.mark.parametrize("which", [3, "3", _name(3)])
 def test_restoring_a_damaged_checkpoint_by_step_or_name_says_it_is_damaged(
     template_run, tmp_path, which

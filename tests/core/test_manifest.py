@@ -512,3 +512,29 @@ def test_restoring_a_damaged_checkpoint_by_step_or_name_says_it_is_damaged(
         with pytest.raises(CorruptCheckpointError, match=f"{_name(3)}.*step must be an int"):
             mgr.restore(state, which)
         assert mgr.restore(state, 2) == 2
+
+
+# -- run.json, the other JSON a run holds ---------------------------------------------
+
+
+_CRASHED = pytest.mark.xfail(strict=True, reason="a junk run.json crashes the manager")
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        pytest.param(b"[1]", marks=_CRASHED),
+        pytest.param(b'"x"', marks=_CRASHED),
+        pytest.param(b"[" * 100_000, marks=_CRASHED),
+        pytest.param(b'{"run_name": {"a": 1}}', marks=_CRASHED),
+        b"\xff",
+    ],
+)
+def test_a_junk_run_json_does_not_stop_the_run(template_run, tmp_path, junk):
+    run = str(tmp_path / "run")
+    shutil.copytree(template_run, run)
+    with open(os.path.join(run, "run.json"), "wb") as f:
+        f.write(junk)
+    with CheckpointManager(run, keep_last=None) as mgr:
+        assert isinstance(mgr.run_name, str) and "{" not in mgr.run_name
+        assert mgr.restore(make_training(seed=9)) == 3

@@ -356,9 +356,11 @@ class CheckpointManager:
         raw = self.read_file(RUN_INFO)
         if raw:
             try:
-                return str(json.loads(raw)["run_name"])
-            except (ValueError, KeyError):
-                pass
+                name = json.loads(raw)["run_name"]
+            except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+                name = None  # a damaged run.json: the next save writes a fresh one
+            if isinstance(name, str):
+                return name
         base = self.url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "run"
         # Written with the first save, so a run that never saved leaves no trace.
         self._run_info_pending = True

@@ -535,3 +535,39 @@ def test_a_junk_run_json_does_not_stop_the_run(template_run, tmp_path, junk):
     with CheckpointManager(run, keep_last=None) as mgr:
         assert isinstance(mgr.run_name, str) and "{" not in mgr.run_name
         assert mgr.restore(make_training(seed=9)) == 3
+
+
+# -- what save() accepts, it writes in the manifest's types ---------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="save writes a numpy epoch as a string")
+def test_save_writes_numpy_and_tensor_numbers_as_json_numbers(run_dir):
+    import numpy as np
+    import torch
+
+    state = make_training()
+    with CheckpointManager(run_dir, keep_last=None) as mgr:
+        mgr.save(1, state, {"loss": np.float32(0.5), "acc": torch.tensor(0.25)}, epoch=np.int64(3))
+        mgr.save(2, {**state, "epoch": torch.tensor(4)}, {"n": np.int64(7)}, epoch=torch.tensor(4))
+        first, second = mgr.list()
+    assert first.epoch == 3 and first.metrics == {"loss": 0.5, "acc": 0.25}
+    assert second.epoch == 4 and second.metrics == {"n": 7.0}
+
+
+@pytest.mark.parametrize(
+    "metrics",
+    [
+        {"loss": "high"},
+        {"loss": [1.0, 2.0]},
+        pytest.param(
+            [("loss", 1.0)],
+            marks=pytest.mark.xfail(strict=True, reason="metrics as a list: AttributeError"),
+        ),
+        {1: 0.5},
+    ],
+)
+def test_save_refuses_metrics_that_are_not_named_numbers(run_dir, metrics):
+    with CheckpointManager(run_dir) as mgr:
+        with pytest.raises(ConfigError, match="metric"):
+            mgr.save(1, make_training(), metrics)
+        assert mgr.list() == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import operator
 import platform
 import re
 import time
@@ -71,6 +72,8 @@ def config_hash(config: dict[str, Any] | None) -> str | None:
 def metric_values(metrics: Mapping[str, Any]) -> dict[str, float]:
     """``save``'s metrics as the manifest holds them: floats (tensors and numpy scalars
     convert); anything else is a ConfigError naming the metric."""
+    if not isinstance(metrics, Mapping):
+        raise ConfigError(f"metrics must be a dict of name -> number, got {_clip(metrics)}")
     out: dict[str, float] = {}
     for key, value in metrics.items():
         try:
@@ -78,6 +81,19 @@ def metric_values(metrics: Mapping[str, Any]) -> dict[str, float]:
         except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of many values
             raise ConfigError(f"metrics[{key!r}] must be a number, got {_clip(value)}") from None
     return out
+
+
+def epoch_value(epoch: Any) -> int | None:
+    """``save``'s epoch as the manifest holds it: None or an int (numpy and tensor
+    integers convert); anything else is a ConfigError."""
+    if epoch is None:
+        return None
+    try:
+        if isinstance(epoch, bool):
+            raise TypeError
+        return operator.index(epoch)
+    except TypeError:
+        raise ConfigError(f"epoch must be an int or None, got {_clip(epoch)}") from None
 
 
 @dataclass

@@ -540,7 +540,6 @@ def test_a_junk_run_json_does_not_stop_the_run(template_run, tmp_path, junk):
 # -- what save() accepts, it writes in the manifest's types ---------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="save writes a numpy epoch as a string")
 def test_save_writes_numpy_and_tensor_numbers_as_json_numbers(run_dir):
     import numpy as np
     import torch
@@ -559,10 +558,7 @@ def test_save_writes_numpy_and_tensor_numbers_as_json_numbers(run_dir):
     [
         {"loss": "high"},
         {"loss": [1.0, 2.0]},
-        pytest.param(
-            [("loss", 1.0)],
-            marks=pytest.mark.xfail(strict=True, reason="metrics as a list: AttributeError"),
-        ),
+        [("loss", 1.0)],
         {1: 0.5},
     ],
 )

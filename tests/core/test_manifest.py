@@ -24,7 +24,8 @@ from ckptkit import CheckpointManager
 from ckptkit.cli import _register_commands, cli
 from ckptkit.errors import ConfigError, CorruptCheckpointError
 from ckptkit.manifest import FileEntry, Manifest, config_hash
-from ckptkit.run import CheckpointWarning
+from ckptkit.run import CheckpointWarning, scan
+from ckptkit.storage.local import LocalStorage
 
 from .helpers import make_training, train_steps
 
@@ -567,3 +568,29 @@ def test_save_refuses_metrics_that_are_not_named_numbers(run_dir, metrics):
         with pytest.raises(ConfigError, match="metric"):
             mgr.save(1, make_training(), metrics)
         assert mgr.list() == []
+
+
+class _CountingStorage(LocalStorage):
+    """Local storage that records which keys were read whole."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.read: list[str] = []
+
+    def read_bytes(self, key: str) -> bytes:
+        self.read.append(key)
+        return super().read_bytes(key)
+
+
+def test_an_oversized_manifest_is_refused_from_its_size_without_reading_it(template_run, tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(template_run, run)
+    try:  # sparse: costs no disk, and reading it would cost 1 GiB of memory
+        os.truncate(os.path.join(run, _name(3), "manifest.json"), 1 << 30)
+    except OSError:
+        pytest.skip("this filesystem has no sparse files")
+    storage = _CountingStorage(run)
+    found = scan(storage)
+    assert [c.step for c in found.committed] == [1, 2]
+    assert "16 MiB" in found.damaged[_name(3)] and str(1 << 30) not in found.damaged[_name(3)]
+    assert f"{_name(3)}/manifest.json" not in storage.read

@@ -325,6 +325,9 @@ def _entries(value: Any, files: dict[str, FileEntry]) -> dict[str, str]:
         # Only the shared state file holds several entries; any other file is one entry's.
         if fname != STATE_FILE and holders.setdefault(fname, key) != key:
             raise _Invalid(f"{_clip(fname)!r} is named by two entries")
+    unnamed = sorted(set(files) - set(entries.values()))
+    if unnamed:  # the writer lists only files it decodes from: a stray one was added later
+        raise _Invalid(f"files lists {_clip(unnamed[0])!r}, which no entry names")
     return entries
 
 

@@ -239,17 +239,7 @@ def _invoke(*args: str):
     return result
 
 
-_LATER = {"file-named-by-no-entry"}  # refused since the commit after the typed manifest
-
-
-def _case(name: str) -> Any:
-    if name not in _LATER:
-        return name
-    reason = "a file no entry names is accepted"
-    return pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=reason))
-
-
-@pytest.mark.parametrize("case", [_case(c) for c in BAD])
+@pytest.mark.parametrize("case", list(BAD))
 def test_a_malformed_manifest_makes_its_checkpoint_corrupt_everywhere(
     case, template_run, tmp_path, commands
 ):
@@ -298,7 +288,7 @@ def test_console_script_lists_and_verifies_every_kind_of_damage(template_run, tm
     run = str(tmp_path / "run")
     shutil.copytree(template_run, run)
     damaged = {}
-    for i, case in enumerate(c for c in BAD if c not in _LATER):
+    for i, case in enumerate(BAD):
         step = 10 + i
         name = _name(step)
         shutil.copytree(os.path.join(run, _name(3)), os.path.join(run, name))
@@ -341,7 +331,7 @@ def test_a_good_manifest_round_trips():
 
 def test_every_malformed_manifest_is_refused_by_the_parser_with_one_short_line(tmp_path):
     for case, mutation in BAD.items():
-        if case in ("file-dotdot-into-sibling", "step-disagrees-with-name", *_LATER):
+        if case in ("file-dotdot-into-sibling", "step-disagrees-with-name"):
             continue  # need a run around them: covered end to end above
         data = mutation(str(tmp_path), good_manifest())
         with pytest.raises(CorruptCheckpointError) as err:

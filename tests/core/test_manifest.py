@@ -323,6 +323,23 @@ def test_console_script_lists_and_verifies_every_kind_of_damage(template_run, tm
 # -- the parser on its own -----------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "mutation",
+    [
+        pytest.param(
+            setting("format", value="\x1b[2J\nevil"),
+            marks=pytest.mark.xfail(strict=True, reason="control characters reach messages raw"),
+        ),
+        setting("metadata", "run_name", value=["\x1b]0;title\x07"]),
+        renaming_state_file("a\x1b[31m/b"),
+    ],
+)
+def test_messages_show_control_characters_from_a_manifest_escaped(tmp_path, mutation):
+    with pytest.raises(CorruptCheckpointError) as err:
+        Manifest.from_bytes(mutation(str(tmp_path), good_manifest()), "src")
+    assert not any(c in str(err.value) for c in "\x1b\x07\n"), str(err.value)
+
+
 def test_a_good_manifest_round_trips():
     m = Manifest.from_bytes(_dumps(good_manifest()), "src")
     assert m.step == 3 and m.files["state.pt"].size == 5247 and m.metrics == {"val_loss": 0.25}

@@ -187,8 +187,10 @@ class _Invalid(ValueError):
 
 def _clip(value: object, limit: int = 40) -> str:
     """``repr`` of a value from a manifest, cut short: messages stay one short line."""
-    text = value if isinstance(value, str | BaseException) else repr(value)
-    text = str(text).replace("\n", " ")
+    text = str(value) if isinstance(value, str | BaseException) else repr(value)
+    text = text[: limit + 1]
+    # Control characters (newlines, terminal escapes) are shown escaped, never sent raw.
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

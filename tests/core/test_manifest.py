@@ -326,10 +326,7 @@ def test_console_script_lists_and_verifies_every_kind_of_damage(template_run, tm
 @pytest.mark.parametrize(
     "mutation",
     [
-        pytest.param(
-            setting("format", value="\x1b[2J\nevil"),
-            marks=pytest.mark.xfail(strict=True, reason="control characters reach messages raw"),
-        ),
+        setting("format", value="\x1b[2J\nevil"),
         setting("metadata", "run_name", value=["\x1b]0;title\x07"]),
         renaming_state_file("a\x1b[31m/b"),
     ],

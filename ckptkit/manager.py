@@ -26,7 +26,17 @@ from ckptkit.formats import native
 from ckptkit.formats.base import Loaded
 from ckptkit.hooks.manager import get_plugin_manager
 from ckptkit.lock import RunLock
-from ckptkit.manifest import MANIFEST, Manifest, checkpoint_name, config_hash, parse_name, versions
+from ckptkit.manifest import (
+    MANIFEST,
+    MAX_STEP,
+    Manifest,
+    checkpoint_name,
+    config_hash,
+    epoch_value,
+    metric_values,
+    parse_name,
+    versions,
+)
 from ckptkit.policies import (
     Deadline,
     EveryNSteps,
@@ -239,8 +249,8 @@ class CheckpointManager:
         Nothing existing is touched until the new checkpoint is committed; then
         retention deletes what no policy keeps.
         """
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise ConfigError(f"step must be a non-negative int, got {step!r}")
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < MAX_STEP:
+            raise ConfigError(f"step must be an int in [0, 10**12), got {step!r}")
         if not self._writable("save"):
             return None
         started = time.monotonic()
@@ -254,8 +264,8 @@ class CheckpointManager:
             step=step,
             files=native.file_entries(files),
             entries=entries,
-            epoch=epoch,
-            metrics={k: float(v) for k, v in (metrics or {}).items()},
+            epoch=epoch_value(epoch),
+            metrics=metric_values(metrics or {}),
             is_best=_early_stopping_marks_best(full, step),
             config=self.config,
             config_hash=config_hash(self.config),
@@ -349,9 +359,11 @@ class CheckpointManager:
         raw = self.read_file(RUN_INFO)
         if raw:
             try:
-                return str(json.loads(raw)["run_name"])
-            except (ValueError, KeyError):
-                pass
+                name = json.loads(raw)["run_name"]
+            except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+                name = None  # a damaged run.json: the next save writes a fresh one
+            if isinstance(name, str):
+                return name
         base = self.url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "run"
         # Written with the first save, so a run that never saved leaves no trace.
         self._run_info_pending = True
@@ -460,7 +472,7 @@ class CheckpointManager:
                 )
             return best, self._read(best, verify)
         if isinstance(which, int) or str(which).isdigit() or parse_name(str(which)):
-            info = runmod.find(checkpoints, which, self.url)
+            info = runmod.find(checkpoints, which, self.url, self.storage)
             return info, self._read(info, verify)
         own = self._own_checkpoint(checkpoints, str(which))
         if own is not None:  # a path into this run: protect it from rotation like any other

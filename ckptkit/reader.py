@@ -12,13 +12,13 @@ from ckptkit import run as runmod
 from ckptkit.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckptkit.formats import native
 from ckptkit.formats.base import Loaded
-from ckptkit.manifest import MANIFEST, Manifest
+from ckptkit.manifest import MANIFEST
 from ckptkit.storage.base import Storage
 from ckptkit.storage.registry import open_storage
 
 
 def _native_dir(storage: Storage, verify: bool) -> Loaded:
-    manifest = Manifest.from_bytes(storage.read_bytes(MANIFEST), storage.url)
+    manifest = runmod.read_manifest(storage, "")
 
     def read(fname: str) -> bytes:
         try:
@@ -163,8 +163,8 @@ def inspect_damaged(url: str, problem: str) -> dict[str, Any]:
         "problem": problem,
     }
     try:
-        manifest = Manifest.from_bytes(storage.read_bytes(MANIFEST), url)
-    except (FileNotFoundError, CorruptCheckpointError):
+        manifest = runmod.read_manifest(storage, "")
+    except CorruptCheckpointError:
         return out
     return {
         **out,

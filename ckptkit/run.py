@@ -14,7 +14,7 @@ from typing import Any
 from ckptkit.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckptkit.formats import native
 from ckptkit.formats.base import Loaded
-from ckptkit.manifest import MANIFEST, Manifest, parse_name
+from ckptkit.manifest import MANIFEST, Manifest, check_manifest_size, parse_name
 from ckptkit.storage.base import Storage, join_key
 
 log = logging.getLogger("ckptkit")
@@ -80,15 +80,29 @@ class CheckpointInfo:
         }
 
 
-def read_manifest(storage: Storage, name: str) -> Manifest:
+def _manifest_of(storage: Storage, name: str) -> Manifest | None:
+    """The manifest of checkpoint ``name`` ("" for the storage's own root), None when it
+    has none (not committed); CorruptCheckpointError when it is malformed."""
     url = storage.url_of(name)
+    key = join_key(name, MANIFEST)
     try:
-        data = storage.read_bytes(join_key(name, MANIFEST))
+        check_manifest_size(storage.size(key), url)  # before reading: a hostile one is huge
+        data = storage.read_bytes(key)
     except FileNotFoundError:
+        return None
+    dirname = name or url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    return Manifest.from_bytes(data, url, name=dirname)
+
+
+def read_manifest(storage: Storage, name: str) -> Manifest:
+    """The (type-checked) manifest of checkpoint ``name``; CorruptCheckpointError when it
+    is missing or malformed, or names another step than the directory does."""
+    manifest = _manifest_of(storage, name)
+    if manifest is None:
         raise CorruptCheckpointError(
-            f"{url}: no manifest (an interrupted save); it is ignored"
-        ) from None
-    return Manifest.from_bytes(data, url)
+            f"{storage.url_of(name)}: no manifest (an interrupted save); it is ignored"
+        )
+    return manifest
 
 
 def check_sizes(storage: Storage, info: CheckpointInfo) -> None:
@@ -114,24 +128,43 @@ def verify(storage: Storage, info: CheckpointInfo) -> None:
         )
 
 
-def list_checkpoints(storage: Storage, *, quiet: bool = False) -> list[CheckpointInfo]:
-    """Committed checkpoints, oldest first (one listing of the run root + one manifest read each)."""
+@dataclass(frozen=True)
+class Scan:
+    """One look at a run: committed checkpoints (oldest first) and damaged ones, those
+    whose manifest exists but is malformed (name -> the problem, one line)."""
+
+    committed: list[CheckpointInfo]
+    damaged: dict[str, str]
+
+
+def scan(storage: Storage) -> Scan:
+    """Every ``step-*`` directory of the run with a manifest, good or damaged (one listing
+    of the run root + one manifest read each). Directories without a manifest are
+    interrupted saves: in neither list."""
     storage.invalidate()
-    out: list[CheckpointInfo] = []
+    committed: list[CheckpointInfo] = []
+    damaged: dict[str, str] = {}
     for name in storage.listdir(""):
         if parse_name(name) is None:
             continue
-        if not storage.exists(join_key(name, MANIFEST)):
-            continue  # not committed (yet): invisible by design
         try:
-            manifest = read_manifest(storage, name)
+            manifest = _manifest_of(storage, name)
         except CorruptCheckpointError as exc:
-            if not quiet:
-                warn(f"skipping {exc}")
+            damaged[name] = str(exc)
             continue
-        out.append(CheckpointInfo(name=name, url=storage.url_of(name), manifest=manifest))
-    out.sort(key=lambda c: parse_name(c.name) or (0, 0))
-    return out
+        if manifest is not None:
+            committed.append(CheckpointInfo(name=name, url=storage.url_of(name), manifest=manifest))
+    committed.sort(key=lambda c: parse_name(c.name) or (0, 0))
+    return Scan(committed, damaged)
+
+
+def list_checkpoints(storage: Storage, *, quiet: bool = False) -> list[CheckpointInfo]:
+    """Committed checkpoints, oldest first; a damaged one is skipped with a warning."""
+    found = scan(storage)
+    if not quiet:
+        for problem in found.damaged.values():
+            warn(f"skipping {problem}")
+    return found.committed
 
 
 def read_state(
@@ -148,12 +181,23 @@ def read_state(
     return native.decode(info.manifest, read, info.url, verify=verify, keys=keys)
 
 
-def find(checkpoints: list[CheckpointInfo], which: str | int, url: str) -> CheckpointInfo:
-    """A checkpoint of the run by step number or directory name."""
-    if isinstance(which, int) or (isinstance(which, str) and which.isdigit()):
-        matches = [c for c in checkpoints if c.step == int(which)]
-    else:
-        matches = [c for c in checkpoints if c.name == which]
+def find(
+    checkpoints: list[CheckpointInfo], which: str | int, url: str, storage: Storage | None = None
+) -> CheckpointInfo:
+    """A checkpoint of the run by step number or directory name. With ``storage``, asking
+    for a damaged one raises CorruptCheckpointError naming the damage, not "not found"."""
+    by_step = isinstance(which, int) or (isinstance(which, str) and which.isdigit())
+
+    def wanted(name: str) -> bool:
+        parsed = parse_name(name)
+        return name == which if not by_step else parsed is not None and parsed[0] == int(which)
+
+    matches = [c for c in checkpoints if wanted(c.name)]
+    if not matches and storage is not None:
+        damaged = scan(storage).damaged
+        hits = sorted((n for n in damaged if wanted(n)), key=lambda n: parse_name(n) or (0, 0))
+        if hits:  # the newest revision, as a good match would be
+            raise CorruptCheckpointError(damaged[hits[-1]])
     if not matches:
         steps = ", ".join(str(c.step) for c in checkpoints[-10:]) or "none"
         raise CheckpointNotFoundError(f"{url}: no checkpoint {which!r} (steps available: {steps})")

@@ -109,7 +109,8 @@ def ls_rows(run: str) -> list[dict[str, Any]]:
     from ckptkit import run as runmod
 
     storage = open_storage(run)
-    committed = {c.name: c for c in runmod.list_checkpoints(storage, quiet=True)}
+    found = runmod.scan(storage)
+    committed = {c.name: c for c in found.committed}
     rows: list[dict[str, Any]] = []
     complete: list[CheckpointInfo] = []
     for name in sorted(storage.listdir(""), key=lambda n: parse_name(n) or (-1, 0)):
@@ -130,9 +131,10 @@ def ls_rows(run: str) -> list[dict[str, Any]]:
             "problem": None,
         }
         try:
+            if name in found.damaged:
+                raise CorruptCheckpointError(found.damaged[name])
             if info is None:
-                # Re-read to name the problem: no manifest at all, or one that won't parse.
-                runmod.read_manifest(storage, name)
+                runmod.read_manifest(storage, name)  # no manifest: names the problem
             else:
                 row.update(info.summary())
                 runmod.check_sizes(storage, info)

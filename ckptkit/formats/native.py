@@ -16,9 +16,8 @@ import torch
 
 from ckptkit.errors import CorruptCheckpointError
 from ckptkit.formats.safe import safe_safetensors_load, safe_torch_load
-from ckptkit.manifest import FileEntry, Manifest, sha256_bytes
+from ckptkit.manifest import STATE_FILE, FileEntry, Manifest, sha256_bytes
 
-STATE_FILE = "state.pt"
 _SAFE_FILENAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,100}$")
 
 

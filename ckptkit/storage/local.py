@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -111,10 +112,17 @@ class LocalStorage:
             return False
         except OSError as exc:
             raise storage_error(self.url_of(key), exc) from exc
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            # The file is ours (O_EXCL): an empty or partial one must not stay behind,
+            # where it would read as a lock of a crashed writer (a full disk does this).
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise storage_error(self.url_of(key), exc) from exc
         return True
 
     def delete(self, key: str, recursive: bool = False) -> None:

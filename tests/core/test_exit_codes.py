@@ -53,7 +53,6 @@ def invoke(*args: str):
     return CliRunner().invoke(cli, list(args))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 item 8: no exit code table")
 def test_every_error_class_has_its_row_and_code():
     table = _table()
     classes = _error_classes()
@@ -64,7 +63,6 @@ def test_every_error_class_has_its_row_and_code():
     assert table["OK"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 item 8: no exit code table")
 def test_readme_and_format_point_to_the_one_table():
     for doc in (DOCS.parent / "README.md", DOCS / "FORMAT.md"):
         text = doc.read_text()
@@ -81,7 +79,6 @@ def _raise(exc: BaseException) -> click.Command:
     return boom
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 item 8: no exit code table; raw OSError")
 @pytest.mark.parametrize(
     "exc",
     [
@@ -117,7 +114,6 @@ def _file(run: str, step: int) -> str:
     return os.path.join(folder, next(f for f in os.listdir(folder) if f != "manifest.json"))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 item 8: verify exits 1 on damage")
 @pytest.mark.parametrize("damage", ["flip", "no manifest", "bad manifest"])
 @pytest.mark.parametrize("target", ["run", "checkpoint"])
 def test_verify_on_a_damaged_checkpoint_exits_4(run, damage, target):
@@ -137,7 +133,6 @@ def test_verify_on_a_damaged_checkpoint_exits_4(run, damage, target):
         assert "Traceback" not in result.output
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 item 8: no exit code table")
 def test_cli_paths_exit_with_the_table_codes(run, tmp_path):
     table = _table()
     assert invoke("ls", str(tmp_path / "nope")).exit_code == table["CheckpointNotFoundError"]

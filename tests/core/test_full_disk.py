@@ -78,10 +78,6 @@ def run_files(run: str) -> list[str]:
     return sorted(os.listdir(run)) if os.path.isdir(run) else []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9 item 6: a full disk at lock creation is a raw OSError and leaves a 0-byte .lock",
-)
 def test_lock_on_a_full_disk_is_a_storage_error_and_leaves_no_lock(small_fs):
     run = os.path.join(small_fs, "run")
     os.makedirs(run)
@@ -93,9 +89,6 @@ def test_lock_on_a_full_disk_is_a_storage_error_and_leaves_no_lock(small_fs):
     assert LOCK not in run_files(run)  # no 0-byte lock left behind
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 9 item 6: the CLI shows a traceback for a full disk at lock creation"
-)
 def test_cli_on_a_full_disk_exits_7_with_one_line(small_fs, tmp_path):
     _register_commands()
     src = str(tmp_path / "src")
@@ -161,9 +154,6 @@ def test_manifest_write_on_a_full_disk_raises_and_keeps_the_previous_checkpoint(
         assert [c.step for c in mgr.list()] == [1, 2]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 9 item 6: a rotation failure raises after the checkpoint committed"
-)
 def test_rotation_failing_on_a_busy_directory_returns_the_checkpoint_and_warns(small_fs):
     run = os.path.join(small_fs, "run")
     with CheckpointManager(run, keep_last=1, keep_best=0) as mgr:
@@ -192,9 +182,6 @@ class _FailingDelete:
         raise OSError(errno.EIO, "Input/output error", info.url)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 9 item 6: a rotation failure raises after the checkpoint committed"
-)
 def test_rotation_os_error_never_reports_a_committed_checkpoint_as_lost(run_dir):
     get_plugin_manager().register(_FailingDelete())
     with CheckpointManager(run_dir, keep_last=1, keep_best=0) as mgr:

@@ -39,12 +39,12 @@ def _dead_pid() -> int:
 
 
 def test_second_writer_fails_fast_naming_pid_and_host(run_dir):
-    with CheckpointManager(run_dir):
-        with pytest.raises(RunLockedError) as err:
-            CheckpointManager(run_dir)
-        message = str(err.value)
-        assert f"pid {os.getpid()} on {socket.gethostname()}" in message
-        assert "--break-lock" in message and "\n" not in message
+    _write_lock(run_dir, pid=os.getppid(), host=socket.gethostname())  # a live process
+    with pytest.raises(RunLockedError) as err:
+        CheckpointManager(run_dir)
+    message = str(err.value)
+    assert f"pid {os.getppid()} on {socket.gethostname()}" in message
+    assert "break_lock=True" in message and "\n" not in message
 
 
 def test_second_writer_in_another_process_is_refused(run_dir):

@@ -6,6 +6,7 @@ Encoding lives in ``formats``, commit in ``atomic``, what to keep and when to sa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -190,7 +191,10 @@ class CheckpointManager:
         skipped: dict[str, str] = {}
         for info in reversed(checkpoints):
             try:
-                (runmod.verify if verify else runmod.check_sizes)(self.storage, info)
+                if verify:  # the restore's own read: sizes, sha256 and a full decode
+                    runmod.read_state(self.storage, info, verify=True)
+                else:
+                    runmod.check_sizes(self.storage, info)
             except CorruptCheckpointError as exc:
                 skipped[info.name] = str(exc)
                 continue
@@ -376,9 +380,16 @@ class CheckpointManager:
         # still occupies its name, and the new checkpoint must not collide with it.
         taken = [p for n in self.storage.listdir("") if (p := parse_name(n)) and p[0] == step]
         name = checkpoint_name(step, 1 + max((rev for _, rev in taken), default=-1))
-        self.strategy.commit(self.storage, name, files, manifest.to_bytes())
+        wrote_run_info = self._write_run_info()
+        try:
+            self.strategy.commit(self.storage, name, files, manifest.to_bytes())
+        except BaseException:
+            if wrote_run_info:  # the first save failed: a run that never saved leaves no trace
+                self._run_info_pending = True
+                with contextlib.suppress(Exception):
+                    self.storage.delete(RUN_INFO)
+            raise
         info = CheckpointInfo(name=name, url=self.storage.url_of(name), manifest=manifest)
-        self._write_run_info(info)
         self._pm.hook.ckptkit_after_save(manager=self, info=info)
         self._uncommitted.append(info)
         if not getattr(self.storage, "write_behind", False):
@@ -394,18 +405,21 @@ class CheckpointManager:
         while self._uncommitted:
             self._pm.hook.ckptkit_after_commit(manager=self, info=self._uncommitted.pop(0))
 
-    def _write_run_info(self, saved: CheckpointInfo) -> None:
-        # After the commit, so that a run that never saved leaves no trace; the
-        # checkpoint is saved by now, so a failure here is a warning, not an error.
+    def _write_run_info(self) -> bool:
+        """Write ``run.json`` with the run's first save, before its commit: a failure
+        (full disk) then raises a StorageError with nothing saved, never after a
+        checkpoint committed. Returns whether it wrote it."""
         if not self._run_info_pending:
-            return
+            return False
+        data = json.dumps({"run_name": self.run_name, "created": time.time()})
         try:
-            self.write_file(
-                RUN_INFO, json.dumps({"run_name": self.run_name, "created": time.time()})
-            )
-            self._run_info_pending = False
-        except OSError as exc:  # StorageError included
-            warn(f"{saved.url} was saved, but {RUN_INFO} was not ({exc}); the next save retries")
+            self.write_file(RUN_INFO, data)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.storage.delete(RUN_INFO)  # no empty or partial run.json left behind
+            raise
+        self._run_info_pending = False
+        return True
 
     def _rotate(self, checkpoints: list[CheckpointInfo], saved: CheckpointInfo) -> None:
         """Delete what retention does not keep. ``saved`` has committed already: a
@@ -450,7 +464,12 @@ class CheckpointManager:
 
     def _remove_leftovers(self) -> None:
         for name in self.strategy.leftovers(self.storage, self.storage.listdir("")):
-            self.storage.delete(name, recursive=True)
+            try:
+                self.storage.delete(name, recursive=True)
+            except OSError as exc:  # StorageError included
+                # Invisible to readers anyway: an undeletable leftover (a busy or
+                # read-only directory) must not stop the run from being opened.
+                warn(f"could not remove the leftover {name} of an interrupted save ({exc})")
 
     def write_file(self, name: str, data: bytes | str) -> None:
         """Write a run file (logs, metrics, plots) next to the checkpoints."""

@@ -126,7 +126,8 @@ def test_first_save_on_a_full_disk_raises_and_commits_nothing(small_fs):
     run = os.path.join(small_fs, "run")
     with CheckpointManager(run) as mgr:
         filler = fill_space(small_fs)
-        with pytest.raises(StorageError, match="disk is full"):
+        # run.json is written first, before the commit: it is what fails, with nothing saved.
+        with pytest.raises(StorageError, match=r"run\.json: the disk is full"):
             mgr.save(1, small_state())
         assert mgr.list() == []
         assert [n for n in run_files(run) if n != LOCK] == []  # no run.json, no temp dir
@@ -190,3 +191,20 @@ def test_rotation_os_error_never_reports_a_committed_checkpoint_as_lost(run_dir)
             new = mgr.save(2, small_state())
         assert new is not None and new.step == 2
         assert mgr.latest().name == new.name
+
+
+def test_an_undeletable_leftover_does_not_stop_a_run_from_opening(small_fs):
+    run = os.path.join(small_fs, "run")
+    leftover = os.path.join(run, ".tmp-step-000000000001-dead")  # an interrupted save's
+    busy = os.path.join(leftover, "busy")
+    os.makedirs(busy)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", busy], check=True)
+    try:
+        with pytest.warns(CheckpointWarning, match="leftover"), CheckpointManager(run) as mgr:
+            info = mgr.save(1, small_state())
+            assert mgr.latest().name == info.name
+    finally:
+        subprocess.run(["umount", "-l", busy], check=False)
+    with CheckpointManager(run):  # the next writer removes it
+        pass
+    assert not os.path.exists(leftover)

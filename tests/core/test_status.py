@@ -211,3 +211,19 @@ def test_cli_lock_message_names_a_flag_the_command_has(run_dir, tmp_path):
     from ckptkit_timellm.commands import train_cmd
 
     assert "--break-lock" in {opt for p in train_cmd.params for opt in p.opts}
+
+
+def test_train_maps_the_start_over_advice_to_its_own_flags():
+    from ckptkit_timellm.commands import train_cmd
+
+    from ckptkit.cli import cli_message
+
+    advice = "pass resume='never', overwrite=True to delete them and start over"
+    assert (
+        cli_message(advice, train_cmd)
+        == "pass --resume never --overwrite to delete them and start over"
+    )
+    # A command without those flags keeps the library's words: no flag that does not exist.
+    assert cli_message(advice, cli.commands["ls"]) == advice
+    assert cli_message("pass break_lock=True", cli.commands["convert"]) == "pass --break-lock"
+    assert cli_message("pass trust=True (--trust)", cli.commands["ls"]) == "pass trust=True"

@@ -3,8 +3,11 @@ what the CLI really exits with."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import importlib
 import os
+import pkgutil
 import re
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import ckptkit
 import ckptkit.errors
 from ckptkit import CheckpointManager
 from ckptkit.cli import _register_commands, cli
@@ -35,6 +39,10 @@ def _table() -> dict[str, int]:
 
 
 def _error_classes() -> dict[str, type[ckptkit.errors.CkptError]]:
+    """Every error class of the package, wherever it is defined (a backend may add one)."""
+    for module in pkgutil.walk_packages(ckptkit.__path__, "ckptkit."):
+        with contextlib.suppress(ImportError):  # an optional extra that is not installed
+            importlib.import_module(module.name)
     found, todo = {}, [ckptkit.errors.CkptError]
     while todo:
         cls = todo.pop()

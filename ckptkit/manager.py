@@ -174,8 +174,9 @@ class CheckpointManager:
         """The checkpoint ``restore(state)`` restores: the newest committed one whose
         files pass the check, newer damaged ones skipped with a warning naming them.
 
-        The check is the restore's: every file's size and sha256 with ``verify`` (the
-        manager's ``verify``, True by default; reads the files), sizes only without.
+        The check is the restore's own read with ``verify`` (the manager's ``verify``,
+        True by default): sizes, sha256 and a decode of every file, so it reads them;
+        sizes only without (cheap, but a damaged byte goes unnoticed until restore).
         """
         verify = self.verify if verify is None else verify
         info, skipped = self._newest_valid(self.list(), verify)

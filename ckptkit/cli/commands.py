@@ -9,8 +9,6 @@ from typing import Any
 import click
 
 from ckptkit.errors import CheckpointNotFoundError, CorruptCheckpointError
-from ckptkit.manifest import MANIFEST, parse_name
-from ckptkit.storage.registry import open_storage
 
 TRUST_HELP = (
     "Allow arbitrary pickled objects in legacy files. This EXECUTES code from the file: "
@@ -152,32 +150,8 @@ def verify_cmd(path: str, as_json: bool, trust: bool) -> None:
     Exits 4 when anything is corrupt or incomplete (naming the bad files), 0 when all
     is well (docs/EXIT_CODES.md)."""
     from ckptkit import reader
-    from ckptkit import run as runmod
 
-    storage = open_storage(path)
-    results: list[dict[str, Any]] = []
-    if storage.exists(MANIFEST):
-        targets = [("", path)]
-    else:
-        names = [n for n in storage.listdir("") if parse_name(n)]
-        targets = [(n, storage.url_of(n)) for n in names]
-    if not targets and parse_name(path.rstrip("/").rsplit("/", 1)[-1]) and storage.isdir(""):
-        # A checkpoint directory of a run without its manifest: an interrupted save.
-        problem = f"{path}: no manifest (an interrupted save); it is ignored"
-        results.append({"url": path, "ok": False, "problem": problem})
-    elif not targets:
-        reader.read_checkpoint(path, trust=trust)  # legacy: a safe full load is the check
-        results.append({"url": path, "ok": True, "problem": None})
-    for name, url in targets:
-        try:
-            if name:  # a checkpoint of the run: its manifest must be there (no legacy guess)
-                info = runmod.CheckpointInfo(name, url, runmod.read_manifest(storage, name))
-                runmod.read_state(storage, info, verify=True)
-            else:
-                reader.read_checkpoint(path, verify=True)
-            results.append({"url": url, "ok": True, "problem": None})
-        except CorruptCheckpointError as exc:
-            results.append({"url": url, "ok": False, "problem": str(exc)})
+    results = reader.verify(path, trust=trust)
     bad = [r for r in results if not r["ok"]]
     if as_json:
         _echo_json({"ok": not bad, "checkpoints": results})

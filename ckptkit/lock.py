@@ -23,6 +23,7 @@ from ckptkit.storage.base import Storage
 from ckptkit.storage.local import storage_error
 
 LOCK = ".lock"
+_TMP_PREFIX = f"{LOCK}-"  # a heartbeat's temporary file: .lock-<token>.tmp
 # Tells this process apart from an earlier one that had the same pid (container restarts).
 _PROCESS = uuid.uuid4().hex
 log = logging.getLogger("ckptkit")
@@ -91,7 +92,7 @@ class RunLock:
         if getattr(self.storage, "commit", None) != "rename":
             self.storage.write_bytes(LOCK, self._payload())
             return
-        tmp = f"{LOCK}-{self.token}.tmp"
+        tmp = f"{_TMP_PREFIX}{self.token}.tmp"
         try:
             self.storage.write_bytes(tmp, self._payload())
             self.storage.rename(tmp, LOCK)
@@ -188,6 +189,15 @@ class RunLock:
                 f"{self.storage.url}: another process took the run lock at the same time"
             )
         self.held = True
+        self._remove_stale_temps()
+
+    def _remove_stale_temps(self) -> None:
+        # A holder killed mid-heartbeat leaves its temporary lock file; only the new
+        # holder may remove them (another live writer's would be its heartbeat).
+        with contextlib.suppress(Exception):
+            for name in self.storage.listdir(""):
+                if name.startswith(_TMP_PREFIX) and self.token not in name:
+                    self.storage.delete(name)
 
     def _abandon(self) -> None:
         """Stop holding (the lock was taken over); never touch the lock file again."""

@@ -19,6 +19,7 @@ import uuid
 from typing import Any
 
 from ckptkit.errors import CkptError, RunLockedError
+from ckptkit.run import warn
 from ckptkit.storage.base import Storage
 from ckptkit.storage.local import storage_error
 
@@ -237,6 +238,10 @@ class RunLock:
             info = self._read()
             if info and info.get("token") == self.token:
                 self.storage.delete(LOCK)
+        except OSError as exc:  # StorageError included
+            # Not worth failing close() (and hiding why a save failed) over: once this
+            # process is gone the next writer takes the lock over as stale.
+            warn(f"could not remove the run lock ({exc}); the next writer takes it over")
         finally:
             self._abandon()
 

@@ -15,7 +15,11 @@ def storage_error(url: str, exc: OSError) -> StorageError:
     """``exc`` as a one-line StorageError that says what to do (full disk, permissions)."""
     if exc.errno == errno.ENOSPC:
         hint = "the disk is full: free space or point the run at another location"
-    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    elif exc.errno == errno.EDQUOT:
+        hint = "the disk quota is exceeded: free space or point the run at another location"
+    elif exc.errno == errno.EROFS:
+        hint = "the filesystem is read-only: choose a writable location"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
         hint = "permission denied: choose a writable location"
     else:
         hint = exc.strerror or str(exc)
@@ -66,7 +70,12 @@ class LocalStorage:
         return os.path.isdir(self._p(key))
 
     def size(self, key: str) -> int:
-        return os.path.getsize(self._p(key))
+        try:
+            return os.path.getsize(self._p(key))
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise storage_error(self.url_of(key), exc) from exc
 
     def mtime(self, key: str) -> float | None:
         try:

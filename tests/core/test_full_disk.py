@@ -214,9 +214,6 @@ def _remount(mnt: str, mode: str) -> None:
     subprocess.run(["mount", "-o", f"remount,{mode}", mnt], check=True)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 9 item 6: a read-only filesystem reads as 'permission denied'"
-)
 def test_a_read_only_filesystem_is_one_storage_error(small_fs, tmp_path):
     run = os.path.join(small_fs, "run")
     os.makedirs(run)
@@ -235,9 +232,6 @@ def test_a_read_only_filesystem_is_one_storage_error(small_fs, tmp_path):
         _remount(small_fs, "rw")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 9 item 6: close() raises a second error over the failed save"
-)
 def test_a_filesystem_turning_read_only_mid_run_fails_the_save_not_the_close(small_fs):
     run = os.path.join(small_fs, "run")
     mgr = CheckpointManager(run)

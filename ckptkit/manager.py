@@ -6,6 +6,7 @@ Encoding lives in ``formats``, commit in ``atomic``, what to keep and when to sa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -179,20 +180,128 @@ class CheckpointManager:
         """Committed checkpoints, oldest first."""
         return runmod.list_checkpoints(self.storage)
 
-    def latest(self) -> CheckpointInfo | None:
-        """The newest checkpoint whose files are all present with their recorded sizes."""
-        for info in reversed(self.list()):
+    def latest(self, *, verify: bool | None = None) -> CheckpointInfo | None:
+        """The checkpoint ``restore(state)`` restores: the newest committed one whose
+        files pass the check, newer damaged ones skipped with a warning naming them.
+
+        The check is the restore's own read with ``verify`` (the manager's ``verify``,
+        True by default): sizes, sha256 and a decode of every file, so it reads them;
+        sizes only without (cheap, but a damaged byte goes unnoticed until restore).
+        """
+        verify = self.verify if verify is None else verify
+        info, skipped = self._newest_valid(self.list(), verify)
+        for problem in skipped.values():
+            warn(f"skipping {problem}")
+        return info
+
+    def _newest_valid(
+        self, checkpoints: list[CheckpointInfo], verify: bool
+    ) -> tuple[CheckpointInfo | None, dict[str, str]]:
+        """The newest of ``checkpoints`` that passes the check, and the problem of each
+        newer one it skipped, by name: one rule for ``latest()``, ``status()`` and resume."""
+        skipped: dict[str, str] = {}
+        for info in reversed(checkpoints):
             try:
-                runmod.check_sizes(self.storage, info)
-                return info
+                if verify:  # the restore's own read: sizes, sha256 and a full decode
+                    runmod.read_state(self.storage, info, verify=True)
+                else:
+                    runmod.check_sizes(self.storage, info)
             except CorruptCheckpointError as exc:
-                warn(f"skipping {exc}")
-        return None
+                skipped[info.name] = str(exc)
+                continue
+            return info, skipped
+        return None, skipped
 
     def best(self) -> CheckpointInfo | None:
-        """The best checkpoint by ``best_metric`` (or the newest an EarlyStopping marked)."""
-        ranked = self._best_ranker.ranked(self.list())
+        """The best checkpoint by ``best_metric`` (or the newest an EarlyStopping marked).
+
+        A manager given no ``best_metric`` ranks by the one the run recorded, so that a
+        read-only manager (and ``ckptkit ls``) finds the best the run's writer kept."""
+        checkpoints = self.list()
+        ranked = self._ranker(checkpoints).ranked(checkpoints)
         return ranked[0] if ranked else None
+
+    def _ranker(self, checkpoints: list[CheckpointInfo]) -> KeepBestK:
+        if self.best_metric is not None or not checkpoints:
+            return self._best_ranker
+        meta = checkpoints[-1].manifest.metadata
+        metric, mode = meta.get("best_metric"), meta.get("mode", "min")
+        if not isinstance(metric, str):
+            return self._best_ranker
+        return KeepBestK(1, metric, mode if mode in ("min", "max") else "min")
+
+    def status(self, *, verify: bool | None = None) -> list[dict[str, Any]]:
+        """Every checkpoint directory of the run, oldest first, as ``ckptkit ls`` shows it.
+
+        Each row has the checkpoint's summary (``name``, ``path``, ``step``, ``epoch``,
+        ``metrics``, ``created``, ``size``, ``files``) and:
+
+        - ``status``: ``complete``, ``incomplete`` (no manifest: an interrupted save,
+          never committed) or ``corrupt`` (a manifest that does not parse, or files that
+          do not match it), with the ``problem`` named;
+        - ``checked``: what was checked: ``"sha256"`` (every byte: the newest
+          checkpoints, down to the one a resume restores, when ``verify``), ``"sizes"``
+          (the others) or ``"manifest"`` (a directory without a usable manifest);
+        - ``latest``: exactly the checkpoint ``latest(verify=verify)`` returns;
+        - ``best`` (and ``is_best``): the one ``best()`` ranks first among the complete.
+        """
+        verify = self.verify if verify is None else verify
+        committed = runmod.list_checkpoints(self.storage, quiet=True)
+        latest, skipped = self._newest_valid(committed, verify)
+        # With verify, the newest checkpoints down to latest were read in full.
+        hashed = set(skipped) if verify else set()
+        if verify and latest is not None:
+            hashed.add(latest.name)
+        by_name = {c.name: c for c in committed}
+        rows: list[dict[str, Any]] = []
+        complete: list[CheckpointInfo] = []
+        names = [n for n in self.storage.listdir("") if parse_name(n) is not None]
+        for name in sorted(names, key=lambda n: parse_name(n) or (0, 0)):
+            info = by_name.get(name)
+            row = self._status_row(name, info, skipped.get(name))
+            if info is not None:
+                row["checked"] = "sha256" if name in hashed else "sizes"
+                if row["status"] == "complete":
+                    complete.append(info)
+            rows.append(row)
+        ranked = self._ranker(complete).ranked(complete)
+        best = ranked[0].name if ranked else None
+        for row in rows:
+            row["latest"] = latest is not None and row["name"] == latest.name
+            row["best"] = row["is_best"] = row["name"] == best
+        return rows
+
+    def _status_row(
+        self, name: str, info: CheckpointInfo | None, problem: str | None
+    ) -> dict[str, Any]:
+        parsed = parse_name(name) or (0, 0)
+        row: dict[str, Any] = {
+            "name": name,
+            "step": parsed[0],
+            "epoch": None,
+            "metrics": {},
+            "created": None,
+            "size": None,
+            "files": None,
+            "status": "complete",
+            "problem": problem,
+            "checked": "manifest",
+        }
+        try:
+            if info is None:
+                # Read it again to name the problem: no manifest, or one that won't parse.
+                runmod.read_manifest(self.storage, name)
+                raise CorruptCheckpointError(f"{self.storage.url_of(name)}: not committed")
+            row.update(info.summary())
+            if problem is None:
+                runmod.check_sizes(self.storage, info)  # the ones older than latest
+        except CorruptCheckpointError as exc:
+            problem = str(exc)
+        if problem is not None:
+            missing = info is None and not self.storage.exists(join_key(name, MANIFEST))
+            row.update(status="incomplete" if missing else "corrupt", problem=problem)
+        row["path"] = self.storage.url_of(name)
+        return row
 
     # -- saving ---------------------------------------------------------------
     def maybe_save(
@@ -284,12 +393,15 @@ class CheckpointManager:
         # still occupies its name, and the new checkpoint must not collide with it.
         taken = [p for n in self.storage.listdir("") if (p := parse_name(n)) and p[0] == step]
         name = checkpoint_name(step, 1 + max((rev for _, rev in taken), default=-1))
-        self.strategy.commit(self.storage, name, files, manifest.to_bytes())
-        if self._run_info_pending:
-            self.write_file(
-                RUN_INFO, json.dumps({"run_name": self.run_name, "created": time.time()})
-            )
-            self._run_info_pending = False
+        wrote_run_info = self._write_run_info()
+        try:
+            self.strategy.commit(self.storage, name, files, manifest.to_bytes())
+        except BaseException:
+            if wrote_run_info:  # the first save failed: a run that never saved leaves no trace
+                self._run_info_pending = True
+                with contextlib.suppress(Exception):
+                    self.storage.delete(RUN_INFO)
+            raise
         info = CheckpointInfo(name=name, url=self.storage.url_of(name), manifest=manifest)
         self._pm.hook.ckptkit_after_save(manager=self, info=info)
         self._uncommitted.append(info)
@@ -297,7 +409,7 @@ class CheckpointManager:
             self._fire_commits()
         for trigger in self.triggers:
             trigger.saved(step, time.monotonic())
-        self._rotate([*existing, info])
+        self._rotate([*existing, info], saved=info)
         if self._deadline is not None:
             self._deadline.save_time = max(self._deadline.save_time, time.monotonic() - started)
         return info
@@ -306,7 +418,26 @@ class CheckpointManager:
         while self._uncommitted:
             self._pm.hook.ckptkit_after_commit(manager=self, info=self._uncommitted.pop(0))
 
-    def _rotate(self, checkpoints: list[CheckpointInfo]) -> None:
+    def _write_run_info(self) -> bool:
+        """Write ``run.json`` with the run's first save, before its commit: a failure
+        (full disk) then raises a StorageError with nothing saved, never after a
+        checkpoint committed. Returns whether it wrote it."""
+        if not self._run_info_pending:
+            return False
+        data = json.dumps({"run_name": self.run_name, "created": time.time()})
+        try:
+            self.write_file(RUN_INFO, data)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.storage.delete(RUN_INFO)  # no empty or partial run.json left behind
+            raise
+        self._run_info_pending = False
+        return True
+
+    def _rotate(self, checkpoints: list[CheckpointInfo], saved: CheckpointInfo) -> None:
+        """Delete what retention does not keep. ``saved`` has committed already: a
+        deletion that fails (full disk, a busy or read-only directory) is a warning,
+        never an exception that would read as "nothing was saved"."""
         protected = {self.restored_from.name} if self.restored_from else set()
         newest_rev = {c.step: c.name for c in checkpoints}
         current = [c for c in checkpoints if newest_rev[c.step] == c.name]
@@ -319,7 +450,13 @@ class CheckpointManager:
             c for c in checkpoints if newest_rev[c.step] != c.name and c.name not in protected
         ]
         for info in superseded + select_deletions(current, self.retention, protected):
-            self.delete(info)
+            try:
+                self.delete(info)
+            except OSError as exc:  # StorageError included
+                warn(
+                    f"{saved.name} was saved, but rotation could not delete {info.name} "
+                    f"({exc}); it stays until a later save or writer removes it"
+                )
 
     def delete(self, info: CheckpointInfo) -> bool:
         """Delete one checkpoint, manifest first (so a half-deleted one is never read).
@@ -340,7 +477,12 @@ class CheckpointManager:
 
     def _remove_leftovers(self) -> None:
         for name in self.strategy.leftovers(self.storage, self.storage.listdir("")):
-            self.storage.delete(name, recursive=True)
+            try:
+                self.storage.delete(name, recursive=True)
+            except OSError as exc:  # StorageError included
+                # Invisible to readers anyway: an undeletable leftover (a busy or
+                # read-only directory) must not stop the run from being opened.
+                warn(f"could not remove the leftover {name} of an interrupted save ({exc})")
 
     def write_file(self, name: str, data: bytes | str) -> None:
         """Write a run file (logs, metrics, plots) next to the checkpoints."""
@@ -432,26 +574,54 @@ class CheckpointManager:
         """
         mode = str(resume)
         if mode == "never":
-            existing = self.list()
-            if existing and not overwrite:
+            committed = self._committed_names()
+            if committed and not overwrite:
                 raise ConfigError(
-                    f"{self.url} already has {len(existing)} checkpoint(s) (latest step "
-                    f"{existing[-1].step}): resume with --resume latest/auto, choose another "
-                    "--output, or pass --overwrite to delete them and start fresh"
+                    f"{self.url} already has {len(committed)} checkpoint(s) (newest "
+                    f"{committed[-1]}): resume with resume='latest' or 'auto', use another run, "
+                    "or pass overwrite=True to delete them and start fresh"
                 )
-            for info in existing:
-                self.delete(info)
+            self._delete_all(committed)
             return None
-        if mode == "latest":
+        if mode in ("latest", "auto"):
             step = self.restore(state, "latest", force=force)
-            if step is None:
-                raise CheckpointNotFoundError(
-                    f"{self.url}: no valid checkpoint to resume from; use --resume auto to start fresh"
+            if step is not None:
+                return step
+            damaged = self._committed_names()
+            if damaged:
+                # Starting fresh would bury them under new checkpoints: the user decides.
+                shown = ", ".join(damaged[:8]) + (
+                    f" and {len(damaged) - 8} more" if len(damaged) > 8 else ""
                 )
-            return step
-        if mode == "auto":
-            return self.restore(state, "latest", force=force)
+                raise CorruptCheckpointError(
+                    f"{self.url}: every committed checkpoint is damaged ({shown}), so there is "
+                    "nothing to resume from: check them with `ckptkit verify`, or pass "
+                    "resume='never', overwrite=True to delete them and start over"
+                )
+            if mode == "latest":
+                raise CheckpointNotFoundError(
+                    f"{self.url}: no checkpoint to resume from; use resume='auto' to start fresh"
+                )
+            return None
         return self.restore(state, mode, force=force, trust=trust)
+
+    def _committed_names(self) -> list[str]:
+        """Checkpoint directories with a manifest, oldest first, whether it parses or
+        not: an interrupted save (no manifest) is a leftover, not a checkpoint."""
+        self.storage.invalidate()
+        names = [n for n in self.storage.listdir("") if parse_name(n) is not None]
+        names.sort(key=lambda n: parse_name(n) or (0, 0))
+        return [n for n in names if self.storage.exists(join_key(n, MANIFEST))]
+
+    def _delete_all(self, names: list[str]) -> None:
+        """Delete these checkpoints, the damaged ones (no manifest that parses) too."""
+        committed = {c.name: c for c in runmod.list_checkpoints(self.storage, quiet=True)}
+        for name in names:
+            if name in committed:
+                self.delete(committed[name])
+            elif self._writable("delete"):
+                self.storage.delete(join_key(name, MANIFEST))
+                self.storage.delete(name, recursive=True)
 
     def _load(
         self, which: str | int, *, verify: bool, trust: bool
@@ -503,7 +673,7 @@ class CheckpointManager:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {self.config.get(k)!r}" for k in keys[:6])
         raise IncompatibleCheckpointError(
             f"{data.source} was saved with a different training config ({diffs}); "
-            "resume with the same settings or pass force=True / --force"
+            "resume with the same settings or pass force=True"
         )
 
     def _with_extra_state(self, state: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from ckptkit import run as runmod
 from ckptkit.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckptkit.formats import native
 from ckptkit.formats.base import Loaded
-from ckptkit.manifest import MANIFEST
+from ckptkit.manifest import MANIFEST, Manifest, parse_name
 from ckptkit.storage.base import Storage
 from ckptkit.storage.registry import open_storage
 
@@ -173,3 +173,33 @@ def inspect_damaged(url: str, problem: str) -> dict[str, Any]:
         "epoch": manifest.epoch,
         "metrics": manifest.metrics,
     }
+
+
+def verify(url: str, *, trust: bool = False) -> list[dict[str, Any]]:
+    """The full check of a checkpoint, or of every checkpoint directory of a run (an
+    interrupted save's included): ``[{"url", "ok", "problem"}]``. A legacy file is
+    test-loaded safely instead (its errors raise, as ``read_checkpoint``'s do)."""
+    storage = open_storage(url)
+    if storage.exists(MANIFEST):
+        targets = [("", url)]
+    else:
+        targets = [(n, storage.url_of(n)) for n in storage.listdir("") if parse_name(n)]
+    if not targets and parse_name(url.rstrip("/").rsplit("/", 1)[-1]) and storage.isdir(""):
+        # A checkpoint directory of a run without its manifest: an interrupted save.
+        problem = f"{url}: no manifest (an interrupted save); it is ignored"
+        return [{"url": url, "ok": False, "problem": problem}]
+    if not targets:
+        read_checkpoint(url, trust=trust)  # legacy: a safe full load is the check
+        return [{"url": url, "ok": True, "problem": None}]
+    results: list[dict[str, Any]] = []
+    for name, target in targets:
+        try:
+            if name:  # a checkpoint of the run: its manifest must be there (no legacy guess)
+                info = runmod.CheckpointInfo(name, target, runmod.read_manifest(storage, name))
+                runmod.read_state(storage, info, verify=True)
+            else:
+                read_checkpoint(url, verify=True)
+            results.append({"url": target, "ok": True, "problem": None})
+        except CorruptCheckpointError as exc:
+            results.append({"url": target, "ok": False, "problem": str(exc)})
+    return results

@@ -47,6 +47,7 @@ class RunOptions:
     resume: str = "auto"  # latest | auto | never | PATH
     overwrite: bool = False
     force: bool = False
+    break_lock: bool = False  # take over the run lock of a writer that is gone
     save_steps: int | None = 200
     save_minutes: float | None = None
     keep_last: int = 3
@@ -363,7 +364,7 @@ def _train(
         time_limit=opts.time_limit,
         config=run_config(cfg, fingerprint),
         metadata={"trainer": "timellm", "preset": cfg.name, "time_llm_config": cfg.to_dict()},
-        break_lock=False,
+        break_lock=opts.break_lock,
     )
     report: _Reporter | None = None
     try:

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
 from ckptkit.errors import CheckpointNotFoundError, CorruptCheckpointError
-from ckptkit.manifest import MANIFEST, parse_name
-from ckptkit.storage.registry import open_storage
-
-if TYPE_CHECKING:
-    from ckptkit.run import CheckpointInfo
 
 TRUST_HELP = (
     "Allow arbitrary pickled objects in legacy files. This EXECUTES code from the file: "
     "only for files whose author you trust."
+)
+
+BREAK_LOCK_HELP = (
+    "Take over the run lock of a writer that is gone (a crashed VM's lock goes stale "
+    "only after 2 minutes); never while that writer still runs."
 )
 
 
@@ -89,77 +89,24 @@ def inspect_cmd(path: str, as_json: bool, no_verify: bool, trust: bool) -> None:
         click.echo(f"  a resume would lack: {gap}")
 
 
-def _best_name(checkpoints: list[CheckpointInfo]) -> str | None:
-    """The best checkpoint by the metric the run's manager was configured with."""
-    from ckptkit.policies import KeepBestK
-
-    if not checkpoints:
-        return None
-    meta = checkpoints[-1].manifest.metadata
-    metric, mode = meta.get("best_metric"), meta.get("mode", "min")
-    if metric is None:  # the newest checkpoint an EarlyStopping marked as a new best
-        return next((c.name for c in reversed(checkpoints) if c.is_best), None)
-    ranked = KeepBestK(1, metric, mode if mode in ("min", "max") else "min").ranked(checkpoints)
-    return ranked[0].name if ranked else None
-
-
-def ls_rows(run: str) -> list[dict[str, Any]]:
-    """Every checkpoint directory of ``run`` with its ``status`` (complete, incomplete or
-    corrupt) and ``latest``/``best`` markers, oldest first."""
-    from ckptkit import run as runmod
-
-    storage = open_storage(run)
-    found = runmod.scan(storage)
-    committed = {c.name: c for c in found.committed}
-    rows: list[dict[str, Any]] = []
-    complete: list[CheckpointInfo] = []
-    for name in sorted(storage.listdir(""), key=lambda n: parse_name(n) or (-1, 0)):
-        parsed = parse_name(name)
-        if parsed is None:
-            continue
-        info = committed.get(name)
-        row: dict[str, Any] = {
-            "name": name,
-            "path": storage.url_of(name),
-            "step": parsed[0],
-            "epoch": None,
-            "metrics": {},
-            "created": None,
-            "size": None,
-            "files": None,
-            "status": "complete",
-            "problem": None,
-        }
-        try:
-            if name in found.damaged:
-                raise CorruptCheckpointError(found.damaged[name])
-            if info is None:
-                runmod.read_manifest(storage, name)  # no manifest: names the problem
-            else:
-                row.update(info.summary())
-                runmod.check_sizes(storage, info)
-                complete.append(info)
-        except CorruptCheckpointError as exc:
-            missing = not storage.exists(f"{name}/{MANIFEST}")
-            row.update(status="incomplete" if missing else "corrupt", problem=str(exc))
-        row["path"] = storage.url_of(name)
-        rows.append(row)
-    best = _best_name(complete)
-    latest = complete[-1].name if complete else None
-    for row in rows:
-        row["latest"], row["best"] = row["name"] == latest, row["name"] == best
-        row["is_best"] = row["best"]
-    return rows
-
-
 @click.command("ls")
 @click.argument("run")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def ls_cmd(run: str, as_json: bool) -> None:
+@click.option(
+    "--no-verify",
+    is_flag=True,
+    help="Check only manifests and file sizes, not the sha256 of the latest checkpoint "
+    "(faster on remote storage; the latest shown may then be one a resume skips).",
+)
+def ls_cmd(run: str, as_json: bool, no_verify: bool) -> None:
     """List every checkpoint of RUN, oldest first: step, epoch, size, time, metrics,
-    and status. The latest and best complete checkpoints are marked; incomplete (an
+    and status. `latest` marks the checkpoint a resume restores (its sha256 checked,
+    and the sizes of the others); `best` the best complete one. Incomplete (an
     interrupted save) and corrupt ones are listed as such and never used to resume."""
-    rows = ls_rows(run)
+    from ckptkit.manager import CheckpointManager
+
+    with CheckpointManager(run, readonly=True) as mgr:
+        rows = mgr.status(verify=not no_verify)
     if as_json:
         _echo_json(rows)
         return
@@ -182,6 +129,14 @@ def ls_cmd(run: str, as_json: bool) -> None:
             f"{row['name']:<22} {row['step']:>8} {epoch!s:>5} {size:>9}  "
             f"{saved:<19}  {_fmt_metrics(row['metrics'])}{mark}"
         )
+    # On stderr, so that the table stays one line per checkpoint for scripts.
+    click.echo(_checked_note(rows, run), err=True)
+
+
+def _checked_note(rows: list[dict[str, Any]], run: str) -> str:
+    hashed = [r["name"] for r in rows if r["checked"] == "sha256"]
+    what = f"sha256 of {', '.join(hashed)}; sizes of the others" if hashed else "sizes only"
+    return f"checked: manifests, file {what} (`ckptkit verify {run}` reads every byte)"
 
 
 @click.command("verify")
@@ -192,30 +147,11 @@ def verify_cmd(path: str, as_json: bool, trust: bool) -> None:
     """Check every file of a checkpoint (or of every checkpoint in a run) against
     its manifest: presence, size and sha256; legacy files are test-loaded safely.
 
-    Exits 1 when anything is corrupt or incomplete (naming the bad files), 0 when all is well."""
+    Exits 4 when anything is corrupt or incomplete (naming the bad files), 0 when all
+    is well (docs/EXIT_CODES.md)."""
     from ckptkit import reader
-    from ckptkit import run as runmod
 
-    storage = open_storage(path)
-    results: list[dict[str, Any]] = []
-    if storage.exists(MANIFEST):
-        targets = [("", path)]
-    else:
-        names = [n for n in storage.listdir("") if parse_name(n)]
-        targets = [(n, storage.url_of(n)) for n in names]
-    if not targets:
-        reader.read_checkpoint(path, trust=trust)  # legacy: a safe full load is the check
-        results.append({"url": path, "ok": True, "problem": None})
-    for name, url in targets:
-        try:
-            if name:  # a checkpoint of the run: its manifest must be there (no legacy guess)
-                info = runmod.CheckpointInfo(name, url, runmod.read_manifest(storage, name))
-                runmod.read_state(storage, info, verify=True)
-            else:
-                reader.read_checkpoint(path, verify=True)
-            results.append({"url": url, "ok": True, "problem": None})
-        except CorruptCheckpointError as exc:
-            results.append({"url": url, "ok": False, "problem": str(exc)})
+    results = reader.verify(path, trust=trust)
     bad = [r for r in results if not r["ok"]]
     if as_json:
         _echo_json({"ok": not bad, "checkpoints": results})
@@ -226,7 +162,7 @@ def verify_cmd(path: str, as_json: bool, trust: bool) -> None:
                 + (f"\n        {r['problem']}" if r["problem"] else "")
             )
     if bad:
-        raise click.exceptions.Exit(1)
+        raise click.exceptions.Exit(CorruptCheckpointError.exit_code)
 
 
 @click.command("convert")
@@ -236,7 +172,8 @@ def verify_cmd(path: str, as_json: bool, trust: bool) -> None:
     "--step", type=int, default=None, help="Step to record (default: the source's, else 0)."
 )
 @click.option("--trust", is_flag=True, help=TRUST_HELP)
-def convert_cmd(src: str, dst: str, step: int | None, trust: bool) -> None:
+@click.option("--break-lock", is_flag=True, help=BREAK_LOCK_HELP)
+def convert_cmd(src: str, dst: str, step: int | None, trust: bool, break_lock: bool) -> None:
     """Convert SRC (any checkpoint we read: legacy state_dict, dict checkpoint, HF
     checkpoint-N, native) into a native checkpoint in run DST.
 
@@ -246,7 +183,7 @@ def convert_cmd(src: str, dst: str, step: int | None, trust: bool) -> None:
     from ckptkit.manager import CheckpointManager
 
     loaded = reader.read_checkpoint(src, trust=trust)
-    with CheckpointManager(dst, keep_last=None, keep_best=0) as mgr:
+    with CheckpointManager(dst, keep_last=None, keep_best=0, break_lock=break_lock) as mgr:
         info = mgr.save(
             step if step is not None else (loaded.step or 0),
             loaded.state,

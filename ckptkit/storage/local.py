@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -14,7 +15,11 @@ def storage_error(url: str, exc: OSError) -> StorageError:
     """``exc`` as a one-line StorageError that says what to do (full disk, permissions)."""
     if exc.errno == errno.ENOSPC:
         hint = "the disk is full: free space or point the run at another location"
-    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    elif exc.errno == errno.EDQUOT:
+        hint = "the disk quota is exceeded: free space or point the run at another location"
+    elif exc.errno == errno.EROFS:
+        hint = "the filesystem is read-only: choose a writable location"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
         hint = "permission denied: choose a writable location"
     else:
         hint = exc.strerror or str(exc)
@@ -65,7 +70,12 @@ class LocalStorage:
         return os.path.isdir(self._p(key))
 
     def size(self, key: str) -> int:
-        return os.path.getsize(self._p(key))
+        try:
+            return os.path.getsize(self._p(key))
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise storage_error(self.url_of(key), exc) from exc
 
     def mtime(self, key: str) -> float | None:
         try:
@@ -111,10 +121,17 @@ class LocalStorage:
             return False
         except OSError as exc:
             raise storage_error(self.url_of(key), exc) from exc
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            # The file is ours (O_EXCL): an empty or partial one must not stay behind,
+            # where it would read as a lock of a crashed writer (a full disk does this).
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise storage_error(self.url_of(key), exc) from exc
         return True
 
     def delete(self, key: str, recursive: bool = False) -> None:

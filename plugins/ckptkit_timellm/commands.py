@@ -73,6 +73,12 @@ PRESET_HELP = "Named configuration: tiny-cpu (default; offline tiny LLM on CPU),
     "from the checkpoint's (shapes are always checked).",
 )
 @click.option(
+    "--break-lock",
+    is_flag=True,
+    help="Take over the run lock of a writer that is gone (a lost VM's lock goes stale "
+    "only after 2 minutes); never while that writer still runs.",
+)
+@click.option(
     "--save-steps",
     type=int,
     help="Save a checkpoint every N steps (validation runs at the same steps).",

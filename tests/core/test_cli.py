@@ -95,7 +95,7 @@ def test_inspect_refuses_a_damaged_checkpoint_unless_no_verify(run):
 def test_ls_marks_latest_and_best(run):
     result = invoke("ls", run)
     assert result.exit_code == 0, result.output
-    lines = result.output.strip().splitlines()
+    lines = result.stdout.strip().splitlines()  # the note on what was checked is on stderr
     assert lines[0].split()[:2] == ["name", "step"]
     rows = {line.split()[0]: line for line in lines[1:]}
     assert list(rows) == [f"step-{s:012d}" for s in (100, 200, 300)]
@@ -164,7 +164,7 @@ def test_verify_reports_corrupt_and_incomplete_checkpoints(run):
     flip_byte(os.path.join(_ckpt(run, 200), "state.pt"))
     os.remove(os.path.join(_ckpt(run, 300), "manifest.json"))
     result = invoke("verify", run, "--json")
-    assert result.exit_code == 1
+    assert result.exit_code == 4
     report = json.loads(result.output)
     assert report["ok"] is False
     by_step = {os.path.basename(c["url"]): c for c in report["checkpoints"]}
@@ -172,7 +172,7 @@ def test_verify_reports_corrupt_and_incomplete_checkpoints(run):
     assert "state.pt: sha256 does not match" in by_step["step-000000000200"]["problem"]
     assert "no manifest" in by_step["step-000000000300"]["problem"]
     text = invoke("verify", run)
-    assert text.exit_code == 1
+    assert text.exit_code == 4
     assert "CORRUPT" in text.output and "Traceback" not in text.output
 
 
@@ -219,7 +219,8 @@ def test_convert_bad_input(run, tmp_path):
     result = invoke("convert", str(junk), str(tmp_path / "d"))
     assert result.exit_code != 0 and "Traceback" not in result.output + result.stderr
     with CheckpointManager(str(tmp_path / "busy")):
-        assert_clean_error(invoke("convert", _ckpt(run, 100), str(tmp_path / "busy")), 8, "pid")
+        result = invoke("convert", _ckpt(run, 100), str(tmp_path / "busy"))
+        assert_clean_error(result, 8, "this process already holds", "close() it")
 
 
 # -- help ----------------------------------------------------------------------
@@ -280,7 +281,7 @@ def test_console_script_exit_codes_and_one_line_messages(run, tmp_path):
     assert stderr.strip().splitlines() == [f"Error: {tmp_path / 'nope'}: no such file or directory"]
 
     code, stdout, _ = out["verify"]
-    assert code == 1 and "CORRUPT" in stdout and stdout.count("OK") == 2
+    assert code == 4 and "CORRUPT" in stdout and stdout.count("OK") == 2
 
     code, stdout, stderr = out["inspect"]
     assert code == 0, stderr

@@ -39,12 +39,12 @@ def _dead_pid() -> int:
 
 
 def test_second_writer_fails_fast_naming_pid_and_host(run_dir):
-    with CheckpointManager(run_dir):
-        with pytest.raises(RunLockedError) as err:
-            CheckpointManager(run_dir)
-        message = str(err.value)
-        assert f"pid {os.getpid()} on {socket.gethostname()}" in message
-        assert "--break-lock" in message and "\n" not in message
+    _write_lock(run_dir, pid=os.getppid(), host=socket.gethostname())  # a live process
+    with pytest.raises(RunLockedError) as err:
+        CheckpointManager(run_dir)
+    message = str(err.value)
+    assert f"pid {os.getppid()} on {socket.gethostname()}" in message
+    assert "break_lock=True" in message and "\n" not in message
 
 
 def test_second_writer_in_another_process_is_refused(run_dir):
@@ -148,3 +148,27 @@ def test_lock_with_our_pid_from_an_earlier_process_is_stale(run_dir):
     with CheckpointManager(run_dir) as mgr:
         assert mgr.save(1, {"x": 1}) is not None
     assert not os.path.exists(os.path.join(run_dir, LOCK))
+
+
+def test_heartbeat_replaces_the_lock_and_a_dead_holders_temp_file_is_removed(run_dir):
+    os.makedirs(run_dir)
+    leftover = os.path.join(run_dir, f"{LOCK}-deadbeef.tmp")  # killed mid-heartbeat
+    with open(leftover, "w") as f:
+        f.write("{")
+    _write_lock(run_dir, pid=_dead_pid(), host=socket.gethostname())
+    lock = RunLock(LocalStorage(run_dir), heartbeat=0.05)
+    lock.acquire()
+    try:
+        assert not os.path.exists(leftover)
+        first = _lock_info(run_dir)["heartbeat"]
+        deadline = time.time() + 30
+        while _lock_info(run_dir)["heartbeat"] == first and time.time() < deadline:
+            time.sleep(0.05)
+        assert _lock_info(run_dir)["token"] == lock.token
+        assert [n for n in os.listdir(run_dir) if n.endswith(".tmp")] in (
+            [],
+            [f"{LOCK}-{lock.token}.tmp"],
+        )
+    finally:
+        lock.release()
+    assert os.listdir(run_dir) == []

@@ -135,12 +135,22 @@ def test_restore_unknown_step_names_what_exists(three_saves):
         mgr.restore(_tagged(0), 15)
 
 
-def test_best_without_metric_is_an_error(three_saves):
+def test_best_without_metric_is_an_error(run_dir):
+    with CheckpointManager(run_dir) as mgr:
+        mgr.save(1, _tagged(1), {"loss": 1.0})
     with (
-        CheckpointManager(three_saves, readonly=True) as mgr,
+        CheckpointManager(run_dir, readonly=True) as mgr,
         pytest.raises(CheckpointNotFoundError, match="no best checkpoint"),
     ):
         mgr.restore(_tagged(0), "best")
+
+
+def test_a_manager_without_metric_ranks_by_the_one_the_run_recorded(three_saves):
+    # What `ckptkit ls` marks best is what restore(state, "best") restores.
+    state = _tagged(0)
+    with CheckpointManager(three_saves, readonly=True) as mgr:
+        assert mgr.best().step == 20
+        assert mgr.restore(state, "best") == 20 and state["tag"] == 20
 
 
 # -- rotation ------------------------------------------------------------------
@@ -300,7 +310,7 @@ def test_model_shape_change_is_refused_and_state_untouched(run_dir):
 
 def test_resume_latest_requires_a_checkpoint(run_dir):
     with CheckpointManager(run_dir) as mgr:
-        with pytest.raises(CheckpointNotFoundError, match="--resume auto"):
+        with pytest.raises(CheckpointNotFoundError, match="resume='auto'"):
             mgr.resume(_tagged(0), "latest")
         mgr.save(3, _tagged(3))
         state = _tagged(0)
@@ -319,7 +329,7 @@ def test_resume_never_refuses_existing_checkpoints_unless_overwrite(run_dir):
     with CheckpointManager(run_dir) as mgr:
         assert mgr.resume(_tagged(0), "never") is None  # empty run: fine
         mgr.save(3, _tagged(3))
-        with pytest.raises(ConfigError, match="--overwrite"):
+        with pytest.raises(ConfigError, match="overwrite=True"):
             mgr.resume(_tagged(0), "never")
         assert _steps(mgr) == [3]
         state = _tagged(0)

@@ -219,7 +219,7 @@ def test_resume_latest_on_an_empty_run_is_an_error(tmp_path: Path) -> None:
     state = make_state()
     with (
         CheckpointManager(str(tmp_path / "run")) as mgr,
-        pytest.raises(CheckpointNotFoundError, match="--resume auto"),
+        pytest.raises(CheckpointNotFoundError, match="resume='auto'"),
     ):
         mgr.resume(state, "latest")
 

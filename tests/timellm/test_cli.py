@@ -5,7 +5,9 @@ script with entry-point autoload for a few)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -135,3 +137,28 @@ def test_real_processes_report_errors_in_one_line(
     assert_one_line_error(forked, log.read_text(), 2, "--overwrite")
     _, stderr = script.communicate(timeout=PROCESS_TIMEOUT)
     assert_one_line_error(script.returncode, stderr, 2, "unknown 'nope'")
+
+
+def test_train_refuses_a_run_whose_checkpoints_are_all_damaged(
+    cli: click.Group, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    run = copy_run(finished_run(tmp_path_factory.getbasetemp()), tmp_path / "run")
+    damaged = sorted(p for p in run.iterdir() if p.name.startswith("step-"))
+    for ckpt in damaged:
+        (ckpt / "manifest.json").write_text("{")
+    result = invoke(cli, "train", *CLI_ARGS, "--output", run)
+    errors = [ln for ln in result.stderr.splitlines() if not ln.startswith("Warning: ")]
+    assert_one_line_error(result.exit_code, "\n".join(errors), 4, "--resume never --overwrite")
+    assert all(c.name in errors[0] for c in damaged), errors[0]
+    assert "resume='never'" not in errors[0]  # the CLI names its own flags
+    assert sorted(p for p in run.iterdir() if p.name.startswith("step-")) == damaged
+
+
+def test_train_lock_message_names_break_lock(
+    cli: click.Group, tmp_path: Path, run_with_checkpoint: Path
+) -> None:
+    lock = {"token": "t", "pid": 1, "host": "other-host", "heartbeat": time.time()}
+    (run_with_checkpoint / ".lock").write_text(json.dumps(lock))
+    result = invoke(cli, "train", *CLI_ARGS, "--output", run_with_checkpoint)
+    assert_one_line_error(result.exit_code, result.stderr, 8, "--break-lock", "retry in")
+    assert "wait 0 s" not in result.stderr and "break_lock=True" not in result.stderr

@@ -12,7 +12,7 @@ from ckptkit import run as runmod
 from ckptkit.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckptkit.formats import native
 from ckptkit.formats.base import Loaded
-from ckptkit.manifest import MANIFEST, Manifest, parse_name
+from ckptkit.manifest import MANIFEST, parse_name
 from ckptkit.storage.base import Storage
 from ckptkit.storage.registry import open_storage
 

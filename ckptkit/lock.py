@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Any
 
-from ckptkit.errors import RunLockedError
+from ckptkit.errors import CorruptCheckpointError, RunLockedError
 from ckptkit.storage.base import Storage
 
 LOCK = ".lock"
@@ -63,8 +63,8 @@ class RunLock:
             return json.loads(self.storage.read_bytes(LOCK))
         except FileNotFoundError:
             return None
-        except ValueError:
-            return {}  # half-written lock: treat as stale
+        except (ValueError, CorruptCheckpointError):
+            return {}  # half-written lock (or a link planted in its place): treat as stale
 
     def _stale(self, info: dict[str, Any]) -> bool:
         if not info or "pid" not in info:

@@ -17,6 +17,7 @@ from ckptkit.formats.base import Loaded
 from ckptkit.manifest import MANIFEST, Manifest, parse_name
 from ckptkit.storage import confined
 from ckptkit.storage.base import Storage, join_key
+from ckptkit.storage.names import UnsafeNameError, check_member_name
 
 log = logging.getLogger("ckptkit")
 # A library logs only where the application configured logging; the warning below is
@@ -98,6 +99,10 @@ def open_file(storage: Storage, info: CheckpointInfo, fname: str) -> confined.Me
     entry = info.manifest.files.get(fname)
     if entry is None:
         raise CorruptCheckpointError(f"{info.url}: {fname} is not listed in the manifest")
+    try:  # the native layout has no sub-folders
+        check_member_name(fname)
+    except UnsafeNameError as exc:
+        raise CorruptCheckpointError(f"{info.url}: {exc} in the manifest") from None
     try:
         return confined.open_member(storage, join_key(info.name, fname), size=entry.size)
     except FileNotFoundError:

@@ -196,7 +196,15 @@ def test_dev_zero_member_is_bounded(run):
     assert proc.returncode == 0 and proc.stdout.count("refused:") == 2, proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("name", ["../outside.safetensors", "sub/../../outside.safetensors"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../outside.safetensors",
+        "sub/../../outside.safetensors",
+        "sub/inside.safetensors",  # the native layout has no sub-folders
+        "./inside.safetensors",
+    ],
+)
 def test_manifest_names_outside_the_checkpoint_are_refused(run, tmp_path, name):
     """A hand-edited manifest that lists a file outside the checkpoint (hash and all)."""
     model = make_training(seed=3)["model"]

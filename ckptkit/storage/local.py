@@ -48,6 +48,12 @@ class LocalStorage:
     def _key(self, key: str) -> str:
         return join_key(self._prefix, key)
 
+    def _checked(self, key: str) -> str:
+        """``_key(key)`` once ``key`` itself passed the name rule (join_key would quietly
+        turn ``/abs`` into ``abs``)."""
+        confined.key_parts(key, self.url_of(key))
+        return self._key(key)
+
     def _p(self, key: str) -> str:
         key = self._key(key)
         return os.path.join(self.root, *key.split("/")) if key else self.root
@@ -69,9 +75,11 @@ class LocalStorage:
         """``(fd of the parent folder, last component)`` of ``key``, every folder opened
         without following links (created when ``create``); None when the parent is not
         a folder inside the storage (missing, or a link: nothing of ours is there)."""
-        full = self._key(key)
         url = self.url_of(key)
-        parts = confined.key_parts(full, url)
+        try:
+            parts = confined.key_parts(self._checked(key), url)
+        except CorruptCheckpointError as exc:  # "..", absolute...: never written or deleted
+            raise StorageError(str(exc)) from None
         if not parts:
             raise StorageError(f"{url}: the storage root itself cannot be used here")
         if create:
@@ -111,7 +119,7 @@ class LocalStorage:
         """Open ``key`` confined (see :mod:`ckptkit.storage.confined`)."""
         try:
             return confined.open_local(
-                self.root, self._key(key), url=self.url_of(key), size=size, max_size=max_size
+                self.root, self._checked(key), url=self.url_of(key), size=size, max_size=max_size
             )
         except (FileNotFoundError, CorruptCheckpointError):
             raise

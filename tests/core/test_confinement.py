@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 import ckptkit
 from ckptkit import CheckpointManager
 from ckptkit.cli import _register_commands, cli
-from ckptkit.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ckptkit.errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
 from ckptkit.manifest import MANIFEST, sha256_bytes
 from ckptkit.reader import read_checkpoint
 
@@ -327,6 +327,13 @@ def test_lock_symlink_is_replaced_not_followed(run_dir, tmp_path, secret):
     with CheckpointManager(run_dir) as mgr:
         mgr.save(2, make_training())
     assert Path(secret).read_bytes() == SECRET
+
+
+@pytest.mark.parametrize("name", ["../escape.txt", "sub/../../escape.txt", "/tmp/escape.txt"])
+def test_run_file_names_stay_inside_the_run(run_dir, tmp_path, name):
+    with CheckpointManager(run_dir) as mgr, pytest.raises(StorageError):
+        mgr.write_file(name, "x")
+    assert not (tmp_path / "escape.txt").exists()
 
 
 @pytest.mark.timeout(60)

@@ -37,7 +37,6 @@ FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | _CLOEXE
 _CHUNK = 16 << 20
 # Sanity caps for files whose size nothing records (manifests, HF JSON files).
 MAX_JSON = 64 << 20
-_FIX = "ckptkit reads only regular files inside a run, never through links; it is not read"
 
 
 def kind_of(mode: int) -> str:
@@ -55,8 +54,18 @@ def kind_of(mode: int) -> str:
     return "not a regular file"
 
 
-def not_confined(url: str, what: str, mode: int) -> CorruptCheckpointError:
-    return CorruptCheckpointError(f"{url}: {what} is {kind_of(mode)}: {_FIX}")
+def not_confined(url: str, mode: int, folder: str | None = None) -> CorruptCheckpointError:
+    """The refusal of a member (or of ``folder``, a folder on the way to it) that is not
+    a regular file (a real folder): it names the thing and what it is, nothing more."""
+    if folder is None:
+        return CorruptCheckpointError(
+            f"{url} is {kind_of(mode)}, not a regular file: ckptkit never reads through "
+            "links, FIFOs or devices in a run (replace it with the real file, or re-save)"
+        )
+    return CorruptCheckpointError(
+        f"{url}: {folder} is {kind_of(mode)}, not a folder: ckptkit never reads through "
+        "links in a run (replace it with the real folder, or re-save)"
+    )
 
 
 def key_parts(key: str, url: str) -> list[str]:
@@ -180,7 +189,7 @@ def open_dir(root: str, parts: Sequence[str], url: str) -> int:
                 if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
                     raise
                 mode = os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode
-                raise not_confined(url, "/".join(parts[: i + 1]), mode) from None
+                raise not_confined(url, mode, "/".join(parts[: i + 1])) from None
             os.close(fd)
             fd = sub
     except BaseException:
@@ -207,21 +216,21 @@ def open_local(
             # the fstat below is what decides.
             mode = os.stat(name if parts else root, dir_fd=dir_fd, follow_symlinks=False).st_mode
             if not stat.S_ISREG(mode):
-                raise not_confined(url, "/".join(parts) or "it", mode)
+                raise not_confined(url, mode)
             fd = os.open(name if parts else root, FILE_FLAGS, dir_fd=dir_fd)
         finally:
             if dir_fd is not None:
                 os.close(dir_fd)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise not_confined(url, "/".join(parts) or "it", stat.S_IFLNK) from None
+            raise not_confined(url, stat.S_IFLNK) from None
         if isinstance(exc, FileNotFoundError) or exc.errno == errno.ENOTDIR:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), url) from None
         raise
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise not_confined(url, "/".join(parts) or "it", st.st_mode)
+            raise not_confined(url, st.st_mode)
         check_size(url, st.st_size, size, max_size)
     except BaseException:
         os.close(fd)

@@ -318,7 +318,7 @@ class FsspecStorage:
         if info is None:
             raise self._not_found(key)
         if info.get("type") == "directory":
-            raise confined.not_confined(url, key or "it", stat.S_IFDIR)
+            raise confined.not_confined(url, stat.S_IFDIR)
         actual = int(info.get("size") or 0)
         confined.check_size(url, actual, size, max_size)
         path = self._p(key)

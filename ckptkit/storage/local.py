@@ -251,7 +251,7 @@ class LocalStorage:
                 if not stat.S_ISDIR(mode):
                     os.unlink(name, dir_fd=fd)
                 elif recursive:
-                    shutil.rmtree(name, dir_fd=fd)  # fd-based: never follows a link out
+                    _remove_tree(fd, name)
                 else:
                     os.rmdir(name, dir_fd=fd)
             finally:
@@ -303,6 +303,31 @@ class LocalStorage:
 
     def close(self) -> None:
         pass
+
+
+def _remove_tree(parent_fd: int, name: str) -> None:
+    """Remove the folder ``name`` of ``parent_fd`` and everything in it, descending only
+    into real folders (opened ``O_NOFOLLOW``): a link inside is unlinked, never followed
+    (shutil.rmtree takes ``dir_fd`` only from Python 3.11)."""
+    try:
+        fd = os.open(name, confined.DIR_FLAGS, dir_fd=parent_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
+        os.unlink(name, dir_fd=parent_fd)  # swapped for a link meanwhile: remove the link
+        return
+    try:
+        with os.scandir(fd) as it:
+            entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+        for entry, is_dir in entries:
+            with contextlib.suppress(FileNotFoundError):
+                if is_dir:
+                    _remove_tree(fd, entry)
+                else:
+                    os.unlink(entry, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent_fd)
 
 
 _: type[Storage] = LocalStorage  # structural check

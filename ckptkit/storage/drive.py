@@ -55,7 +55,7 @@ from ckptkit.storage import confined
 from ckptkit.storage.base import Storage, join_key
 from ckptkit.storage.confined import Member
 from ckptkit.storage.fsspec_backend import retry_call
-from ckptkit.storage.local import LocalStorage
+from ckptkit.storage.local import LocalStorage, storage_error
 
 T = TypeVar("T")
 
@@ -555,8 +555,14 @@ class DriveStorage:
             return confined.open_local(path, "", url=url, size=size, max_size=max_size)
 
         def on_drive(full: str) -> Member:
-            drive = self._up.drive
-            return confined.open_local(drive.root, full, url=url, size=size, max_size=max_size)
+            try:
+                return confined.open_local(
+                    self._up.drive.root, full, url=url, size=size, max_size=max_size
+                )
+            except FileNotFoundError:
+                raise
+            except OSError as exc:  # the mount failed (EIO...): one line, not a traceback
+                raise storage_error(url, exc) from exc
 
         return self._local(key, staged, on_drive)
 

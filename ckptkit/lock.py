@@ -18,7 +18,7 @@ import time
 import uuid
 from typing import Any
 
-from ckptkit.errors import CkptError, RunLockedError
+from ckptkit.errors import CkptError, CorruptCheckpointError, RunLockedError
 from ckptkit.run import warn
 from ckptkit.storage.base import Storage
 from ckptkit.storage.local import storage_error
@@ -83,8 +83,8 @@ class RunLock:
             return json.loads(self.storage.read_bytes(LOCK))
         except FileNotFoundError:
             return None
-        except ValueError:
-            return {}  # half-written lock: treat as stale
+        except (ValueError, CorruptCheckpointError):
+            return {}  # half-written lock (or a link planted in its place): treat as stale
 
     def _write(self) -> None:
         """Rewrite the lock (a heartbeat). Where renames are atomic, write a temporary

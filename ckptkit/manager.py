@@ -485,15 +485,20 @@ class CheckpointManager:
                 warn(f"could not remove the leftover {name} of an interrupted save ({exc})")
 
     def write_file(self, name: str, data: bytes | str) -> None:
-        """Write a run file (logs, metrics, plots) next to the checkpoints."""
+        """Write a run file (logs, metrics, plots) next to the checkpoints; a symlink of
+        that name is replaced, never written through."""
         if self._writable("write a file"):
             self.storage.write_bytes(name, data.encode() if isinstance(data, str) else data)
 
     def read_file(self, name: str) -> bytes | None:
-        """A run file written with ``write_file``, or None."""
+        """A run file written with ``write_file``, or None (also, with a warning, when it
+        is a symlink or not a regular file: nothing is read through a link in the run)."""
         try:
             return self.storage.read_bytes(name)
         except FileNotFoundError:
+            return None
+        except CorruptCheckpointError as exc:
+            warn(f"ignoring {exc}")
             return None
 
     def _run_info(self, run_name: str | None) -> str:

@@ -10,31 +10,43 @@ import torch
 
 from ckptkit import run as runmod
 from ckptkit.errors import CheckpointNotFoundError, CorruptCheckpointError
-from ckptkit.formats import native
 from ckptkit.formats.base import Loaded
 from ckptkit.manifest import MANIFEST, parse_name
-from ckptkit.storage.base import Storage
-from ckptkit.storage.registry import open_storage
+from ckptkit.storage.base import Storage, join_key
+from ckptkit.storage.registry import open_storage, scheme_of
 
 
-def _native_dir(storage: Storage, verify: bool) -> Loaded:
-    manifest = runmod.read_manifest(storage, "")
+def _as_run_member(url: str) -> tuple[Storage, str] | None:
+    """``(storage of the run, name)`` when ``url`` names a ``step-*`` checkpoint of a run:
+    it is then read as a member of that run, so that the checkpoint directory itself is
+    opened without following a link (only the run root may be one)."""
+    base, _, query = url.partition("?")
+    head, _, name = base.rstrip("/").rpartition("/")
+    if parse_name(name) is None:
+        return None
+    if not head and not scheme_of(url):
+        head = "."
+    if not head or head.endswith(":") or head.endswith(":/"):
+        return None
+    parent = open_storage(head + (f"?{query}" if query else ""))
+    if not parent.exists(join_key(name, MANIFEST)):
+        return None
+    return parent, name
 
-    def read(fname: str) -> bytes:
-        try:
-            return storage.read_bytes(fname)
-        except FileNotFoundError:
-            raise CorruptCheckpointError(f"{storage.url}: {fname} is missing") from None
 
-    state = native.decode(manifest, read, storage.url, verify=verify)
-    return runmod.as_loaded(state, storage.url, manifest)
+def _native_dir(storage: Storage, name: str, verify: bool) -> Loaded:
+    info = runmod.CheckpointInfo(name, storage.url_of(name), runmod.read_manifest(storage, name))
+    return runmod.read(storage, info, verify=verify)
 
 
 def read_checkpoint(url: str, *, verify: bool = True, trust: bool = False) -> Loaded:
     """Read the checkpoint at ``url`` (see module docstring) into memory."""
+    member = _as_run_member(url)
+    if member is not None:
+        return _native_dir(*member, verify)
     storage = open_storage(url)
     if storage.exists(MANIFEST):
-        return _native_dir(storage, verify)
+        return _native_dir(storage, "", verify)
     for info in reversed(runmod.list_checkpoints(storage)):
         try:
             return runmod.read(storage, info, verify=verify)
@@ -153,7 +165,7 @@ def inspect(url: str, *, verify: bool = True, trust: bool = False) -> dict[str, 
 def inspect_damaged(url: str, problem: str) -> dict[str, Any]:
     """``inspect``'s answer for a checkpoint that failed verification: what its manifest
     still says, with ``complete: false`` and the problem."""
-    storage = open_storage(url)
+    storage, name = _as_run_member(url) or (open_storage(url), "")
     out: dict[str, Any] = {
         "source": url,
         "path": url,
@@ -163,7 +175,7 @@ def inspect_damaged(url: str, problem: str) -> dict[str, Any]:
         "problem": problem,
     }
     try:
-        manifest = runmod.read_manifest(storage, "")
+        manifest = runmod.read_manifest(storage, name)
     except CorruptCheckpointError:
         return out
     return {

@@ -14,8 +14,10 @@ from typing import Any
 from ckptkit.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckptkit.formats import native
 from ckptkit.formats.base import Loaded
-from ckptkit.manifest import MANIFEST, Manifest, check_manifest_size, parse_name
+from ckptkit.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest, check_manifest_size, parse_name
+from ckptkit.storage import confined
 from ckptkit.storage.base import Storage, join_key
+from ckptkit.storage.names import UnsafeNameError, check_member_name
 
 log = logging.getLogger("ckptkit")
 # A library logs only where the application configured logging; the warning below is
@@ -87,7 +89,7 @@ def _manifest_of(storage: Storage, name: str) -> Manifest | None:
     key = join_key(name, MANIFEST)
     try:
         check_manifest_size(storage.size(key), url)  # before reading: a hostile one is huge
-        data = storage.read_bytes(key)
+        data = confined.read_member(storage, key, max_size=MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         return None
     dirname = name or url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
@@ -105,27 +107,38 @@ def read_manifest(storage: Storage, name: str) -> Manifest:
     return manifest
 
 
+def open_file(storage: Storage, info: CheckpointInfo, fname: str) -> confined.Member:
+    """Open one file of a checkpoint: listed in its manifest, a regular file inside it of
+    the recorded size (see ``ckptkit.storage.confined``), else CorruptCheckpointError."""
+    entry = info.manifest.files.get(fname)
+    if entry is None:
+        raise CorruptCheckpointError(f"{info.url}: {fname} is not listed in the manifest")
+    try:  # the native layout has no sub-folders
+        check_member_name(fname)
+    except UnsafeNameError as exc:
+        raise CorruptCheckpointError(f"{info.url}: {exc} in the manifest") from None
+    try:
+        return confined.open_member(storage, join_key(info.name, fname), size=entry.size)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{info.url}: {fname} is missing") from None
+
+
+def read_file(storage: Storage, info: CheckpointInfo, fname: str) -> bytes:
+    """The bytes of one file of a checkpoint, never more than the manifest records."""
+    with open_file(storage, info, fname) as member:
+        return member.read()
+
+
 def check_sizes(storage: Storage, info: CheckpointInfo) -> None:
-    """The cheap check: every listed file exists with the recorded size."""
-    for fname, entry in info.manifest.files.items():
-        key = join_key(info.name, fname)
-        try:
-            size = storage.size(key)
-        except FileNotFoundError:
-            raise CorruptCheckpointError(f"{info.url}: {fname} is missing") from None
-        if size != entry.size:
-            raise CorruptCheckpointError(
-                f"{info.url}/{fname}: size {size} != {entry.size} in the manifest"
-            )
+    """The cheap check: every listed file is a regular file of the recorded size."""
+    for fname in info.manifest.files:
+        open_file(storage, info, fname).close()
 
 
 def verify(storage: Storage, info: CheckpointInfo) -> None:
     """The full check: sizes and sha256 of every file (reads everything)."""
-    check_sizes(storage, info)
     for fname in info.manifest.files:
-        native.check_file(
-            info.manifest, fname, storage.read_bytes(join_key(info.name, fname)), info.url
-        )
+        native.check_file(info.manifest, fname, read_file(storage, info, fname), info.url)
 
 
 @dataclass(frozen=True)
@@ -172,13 +185,9 @@ def read_state(
 ) -> dict[str, Any]:
     """Decode a checkpoint's state (verifying sizes and hashes unless ``verify=False``)."""
 
-    def read(fname: str) -> bytes:
-        try:
-            return storage.read_bytes(join_key(info.name, fname))
-        except FileNotFoundError:
-            raise CorruptCheckpointError(f"{info.url}: {fname} is missing") from None
-
-    return native.decode(info.manifest, read, info.url, verify=verify, keys=keys)
+    return native.decode(
+        info.manifest, lambda f: read_file(storage, info, f), info.url, verify=verify, keys=keys
+    )
 
 
 def find(

@@ -28,7 +28,9 @@ from ckptkit.formats.legacy import (
     read_safetensors,
     read_torch,
 )
+from ckptkit.storage import confined
 from ckptkit.storage.base import Storage, join_key
+from ckptkit.storage.names import UnsafeNameError, check_member_name
 
 TRAINER_STATE = "trainer_state.json"
 # Weight files, most preferred first: (file, sharded index?, safetensors?).
@@ -122,26 +124,33 @@ def _read_shards(
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CorruptCheckpointError(f"{storage.url_of(index_key)}: no weight_map in the index")
+    shards: set[str] = set()
+    for shard in weight_map.values():
+        try:  # shards lie next to the index: plain names, no sub-folders
+            shards.add(check_member_name(shard))
+        except UnsafeNameError as exc:
+            raise CorruptCheckpointError(
+                f"{storage.url_of(index_key)}: bad shard name in the weight_map ({exc})"
+            ) from None
     merged: dict[str, Any] = {}
-    for shard in sorted(set(weight_map.values())):
-        if not isinstance(shard, str) or "/" in shard or shard.startswith("."):
-            raise CorruptCheckpointError(f"{storage.url_of(index_key)}: bad shard name {shard!r}")
+    for shard in sorted(shards):
         shard_key = join_key(key, shard)
-        if not storage.exists(shard_key):
+        try:
+            merged.update(
+                read_safetensors(storage, shard_key)
+                if is_st
+                else read_torch(storage, shard_key, trust=trust)
+            )
+        except CheckpointNotFoundError:
             raise CorruptCheckpointError(
                 f"{storage.url_of(shard_key)}: shard listed in the index is missing"
-            )
-        merged.update(
-            read_safetensors(storage, shard_key)
-            if is_st
-            else read_torch(storage, shard_key, trust=trust)
-        )
+            ) from None
     return merged
 
 
 def _json(storage: Storage, key: str) -> Any:
     try:
-        return json.loads(storage.read_bytes(key))
+        return json.loads(confined.read_member(storage, key, max_size=confined.MAX_JSON))
     except FileNotFoundError as exc:
         raise CheckpointNotFoundError(f"{storage.url_of(key)}: no such file") from exc
     except (ValueError, UnicodeDecodeError) as exc:

@@ -23,6 +23,7 @@ from ckptkit.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckptkit.formats.base import Loaded
 from ckptkit.formats.safe import safe_safetensors_load, safe_torch_load
 from ckptkit.run import warn
+from ckptkit.storage import confined
 from ckptkit.storage.base import Storage, join_key
 
 # Top-level names in the wild, most specific first; only the first one present is mapped.
@@ -138,43 +139,37 @@ def _read_file(storage: Storage, key: str, trust: bool) -> Loaded | None:
     name = key.rsplit("/", 1)[-1] if key else source.rstrip("/").rsplit("/", 1)[-1]
     if name.endswith(".safetensors"):
         return state_dict_checkpoint(read_safetensors(storage, key), source)
-    data = _local_or_bytes(storage, key)
-    head = _head(data)
-    if not head:
-        raise CorruptCheckpointError(f"{source}: empty file (a save was interrupted?)")
-    looks_torch = head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTO)
-    if not looks_torch and not (name == "checkpoint" or name.endswith(_TORCH_SUFFIXES)):
-        return None  # not a torch file, and not named like one: not ours
-    return from_object(safe_torch_load(data, source=source, trust=trust), source)
+    with _open(storage, key) as member:
+        head = member.head(4)
+        if not head:
+            raise CorruptCheckpointError(f"{source}: empty file (a save was interrupted?)")
+        looks_torch = head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTO)
+        if not looks_torch and not (name == "checkpoint" or name.endswith(_TORCH_SUFFIXES)):
+            return None  # not a torch file, and not named like one: not ours
+        obj = safe_torch_load(member.source(), source=source, trust=trust)
+    return from_object(obj, source)
 
 
-def _local_or_bytes(storage: Storage, key: str) -> bytes | str:
-    """A local path when the backend has one (torch can then mmap multi-GB files), else
-    the bytes."""
-    path = storage.local_path(key)
-    if path is not None:
-        return path
+def _open(storage: Storage, key: str) -> confined.Member:
+    """A foreign file, opened confined: a regular file inside the storage (the path the
+    user named may itself be a link to one), read up to the size ``fstat`` reports."""
     try:
-        return storage.read_bytes(key)
+        return confined.open_member(storage, key)
     except FileNotFoundError as exc:
         raise CheckpointNotFoundError(f"{storage.url_of(key)}: no such file") from exc
 
 
-def _head(data: bytes | str) -> bytes:
-    if isinstance(data, str):
-        with open(data, "rb") as f:
-            return f.read(4)
-    return bytes(data[:4])
-
-
 def read_torch(storage: Storage, key: str, *, trust: bool = False) -> Any:
-    """``safe_torch_load`` of one file in ``storage``."""
-    return safe_torch_load(_local_or_bytes(storage, key), source=storage.url_of(key), trust=trust)
+    """``safe_torch_load`` of one file in ``storage``, opened confined (memory-mapped
+    from the checked descriptor where the platform allows)."""
+    with _open(storage, key) as member:
+        return safe_torch_load(member.source(), source=storage.url_of(key), trust=trust)
 
 
 def read_safetensors(storage: Storage, key: str) -> dict[str, torch.Tensor]:
-    """``safe_safetensors_load`` of one file in ``storage``."""
-    return safe_safetensors_load(_local_or_bytes(storage, key), source=storage.url_of(key))
+    """``safe_safetensors_load`` of one file in ``storage``, opened confined."""
+    with _open(storage, key) as member:
+        return safe_safetensors_load(member.source(), source=storage.url_of(key))
 
 
 def is_state_dict(obj: Any) -> bool:

@@ -79,7 +79,8 @@ def check_file(manifest: Manifest, name: str, data: bytes, source: str) -> None:
         raise CorruptCheckpointError(f"{source}: {name} is not listed in the manifest")
     if len(data) != entry.size:
         raise CorruptCheckpointError(
-            f"{source}/{name}: size {len(data)} != {entry.size} in the manifest (truncated or damaged)"
+            f"{source}/{name}: its size differs from the {entry.size} bytes the manifest "
+            "records (truncated or damaged)"
         )
     if sha256_bytes(data) != entry.sha256:
         raise CorruptCheckpointError(
@@ -90,7 +91,9 @@ def check_file(manifest: Manifest, name: str, data: bytes, source: str) -> None:
 def decode(
     manifest: Manifest, read: Any, source: str, *, verify: bool = True, keys: set[str] | None = None
 ) -> dict[str, Any]:
-    """Read the state back. ``read(name) -> bytes``; ``keys`` limits what is decoded."""
+    """Read the state back. ``read(name) -> bytes`` must be a confined read of a listed
+    file (``run.read_file``: never more than the recorded size); ``keys`` limits what is
+    decoded."""
     wanted = {k: f for k, f in manifest.entries.items() if keys is None or k in keys}
     out: dict[str, Any] = {}
     for name in sorted(set(wanted.values())):

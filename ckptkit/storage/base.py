@@ -7,7 +7,10 @@ strings end to end (``pathlib.Path("gs://b")`` would collapse the ``//``).
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from ckptkit.storage.confined import Member
 
 
 @runtime_checkable
@@ -29,7 +32,17 @@ class Storage(Protocol):
     def url_of(self, key: str) -> str:
         """The full URL of ``key``, for messages."""
 
-    def read_bytes(self, key: str) -> bytes: ...
+    def open_member(
+        self, key: str, *, size: int | None = None, max_size: int | None = None
+    ) -> Member:
+        """Open ``key`` as a checkpoint file: a regular file inside the storage (no link
+        followed below the root), of ``size`` bytes when given, at most ``max_size``;
+        reads never return more. The one way checkpoint files are read (see
+        :mod:`ckptkit.storage.confined`). FileNotFoundError when missing,
+        CorruptCheckpointError when not a regular file of that size."""
+
+    def read_bytes(self, key: str) -> bytes:
+        """The whole object, read through :meth:`open_member`'s checks."""
 
     def write_bytes(self, key: str, data: bytes) -> None:
         """Write the whole object; on local filesystems the data is fsynced."""

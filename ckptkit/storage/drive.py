@@ -51,9 +51,11 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ckptkit.errors import StorageError
+from ckptkit.storage import confined
 from ckptkit.storage.base import Storage, join_key
+from ckptkit.storage.confined import Member
 from ckptkit.storage.fsspec_backend import retry_call
-from ckptkit.storage.local import LocalStorage
+from ckptkit.storage.local import LocalStorage, storage_error
 
 T = TypeVar("T")
 
@@ -541,15 +543,36 @@ class DriveStorage:
         except FileNotFoundError:
             raise self._missing(key) from None
 
-    def read_bytes(self, key: str) -> bytes:
-        def read(path: str) -> bytes:
-            with open(path, "rb") as f:
-                return f.read()
+    def open_member(
+        self, key: str, *, size: int | None = None, max_size: int | None = None
+    ) -> Member:
+        """Open ``key`` confined (see :mod:`ckptkit.storage.confined`): its staged copy
+        while queued, else the file on the mount, no link followed below the run."""
+        url = self.url_of(key)
+        confined.key_parts(key, url)
 
-        return self._local(key, read, self._up.drive.read_bytes)
+        def staged(path: str) -> Member:
+            return confined.open_local(path, "", url=url, size=size, max_size=max_size)
+
+        def on_drive(full: str) -> Member:
+            try:
+                return confined.open_local(
+                    self._up.drive.root, full, url=url, size=size, max_size=max_size
+                )
+            except FileNotFoundError:
+                raise
+            except OSError as exc:  # the mount failed (EIO...): one line, not a traceback
+                raise storage_error(url, exc) from exc
+
+        return self._local(key, staged, on_drive)
+
+    def read_bytes(self, key: str) -> bytes:
+        with self.open_member(key) as member:
+            return member.read()
 
     def size(self, key: str) -> int:
-        return self._local(key, os.path.getsize, self._up.drive.size)
+        with self.open_member(key) as member:
+            return member.size
 
     def mtime(self, key: str) -> float | None:
         try:

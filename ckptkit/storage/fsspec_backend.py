@@ -30,13 +30,16 @@ import json
 import os
 import random
 import re
+import stat
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 from ckptkit.errors import CkptError, MissingDependencyError, StorageError, install_hint
+from ckptkit.storage import confined
 from ckptkit.storage.base import Storage, join_key
+from ckptkit.storage.confined import Member
 from ckptkit.storage.registry import scheme_of
 
 T = TypeVar("T")
@@ -304,6 +307,30 @@ class FsspecStorage:
             return None
 
     # -- reads ------------------------------------------------------------------
+    def open_member(
+        self, key: str, *, size: int | None = None, max_size: int | None = None
+    ) -> Member:
+        """Check the object's size now (one metadata request); reading fetches at most
+        that size + 1 bytes (object stores have no links to refuse)."""
+        url = self.url_of(key)
+        confined.key_parts(key, url)
+        info = self._info(key)
+        if info is None:
+            raise self._not_found(key)
+        if info.get("type") == "directory":
+            raise confined.not_confined(url, stat.S_IFDIR)
+        actual = int(info.get("size") or 0)
+        confined.check_size(url, actual, size, max_size)
+        path = self._p(key)
+
+        def fetch(limit: int) -> bytes:
+            try:
+                return self._call(key, lambda: self._fs.cat_file(path, start=0, end=limit))
+            except FileNotFoundError:
+                raise self._not_found(key) from None
+
+        return Member(url, actual, fetch=fetch)
+
     def read_bytes(self, key: str) -> bytes:
         path = self._p(key)
         try:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import os
 import shutil
+import stat
 
-from ckptkit.errors import StorageError
+from ckptkit.errors import CorruptCheckpointError, StorageError
+from ckptkit.storage import confined
 from ckptkit.storage.base import Storage, join_key
 
 
@@ -27,7 +30,13 @@ def storage_error(url: str, exc: OSError) -> StorageError:
 
 
 class LocalStorage:
-    """A directory on a local (POSIX) filesystem."""
+    """A directory on a local (POSIX) filesystem.
+
+    The root is resolved once, here (it may be a symlink: a run kept on a bigger disk);
+    below it nothing is followed. Reads go through :mod:`ckptkit.storage.confined`;
+    writes, renames and deletes open each component with ``O_NOFOLLOW`` as well, so a
+    symlink inside the run is replaced or removed, never written or deleted through.
+    """
 
     commit = "rename"
 
@@ -35,15 +44,27 @@ class LocalStorage:
         path = url[len("file://") :] if url.startswith("file://") else url
         if not path:
             raise StorageError("empty path: give a directory such as runs/exp1")
-        self.root = os.path.abspath(os.path.expanduser(path))
+        self.root = os.path.realpath(os.path.abspath(os.path.expanduser(path)))
         self.url = url
+        self._prefix = ""  # a child's keys are below this key of the resolved root
 
     # -- keys ---------------------------------------------------------------
+    def _key(self, key: str) -> str:
+        return join_key(self._prefix, key)
+
+    def _checked(self, key: str) -> str:
+        """``_key(key)`` once ``key`` itself passed the name rule (join_key would quietly
+        turn ``/abs`` into ``abs``)."""
+        confined.key_parts(key, self.url_of(key))
+        return self._key(key)
+
     def _p(self, key: str) -> str:
-        return os.path.join(self.root, *[k for k in key.split("/") if k]) if key else self.root
+        key = self._key(key)
+        return os.path.join(self.root, *key.split("/")) if key else self.root
 
     def child(self, key: str) -> LocalStorage:
-        sub = LocalStorage(self._p(key))
+        sub = copy.copy(self)
+        sub._prefix = self._key(key)
         sub.url = self.url_of(key)
         return sub
 
@@ -53,15 +74,65 @@ class LocalStorage:
     def local_path(self, key: str) -> str | None:
         return self._p(key)
 
-    # -- reads --------------------------------------------------------------
-    def read_bytes(self, key: str) -> bytes:
+    # -- confined traversal ---------------------------------------------------
+    def _parent(self, key: str, *, create: bool = False) -> tuple[int, str] | None:
+        """``(fd of the parent folder, last component)`` of ``key``, every folder opened
+        without following links (created when ``create``); None when the parent is not
+        a folder inside the storage (missing, or a link: nothing of ours is there)."""
+        url = self.url_of(key)
         try:
-            with open(self._p(key), "rb") as f:
-                return f.read()
+            parts = confined.key_parts(self._checked(key), url)
+        except CorruptCheckpointError as exc:  # "..", absolute...: never written or deleted
+            raise StorageError(str(exc)) from None
+        if not parts:
+            raise StorageError(f"{url}: the storage root itself cannot be used here")
+        if create:
+            self._makedirs(parts[:-1], url)
+        try:
+            return confined.open_dir(self.root, parts[:-1], url), parts[-1]
         except FileNotFoundError:
+            if create:
+                raise
+            return None
+        except CorruptCheckpointError:
+            if create:
+                raise StorageError(
+                    f"{url}: a folder on the way is a symbolic link (or not a folder): "
+                    "ckptkit never writes through links inside a run; remove it"
+                ) from None
+            return None
+
+    def _makedirs(self, parts: list[str], url: str) -> None:
+        os.makedirs(self.root, exist_ok=True)
+        for i in range(len(parts)):
+            try:
+                fd = confined.open_dir(self.root, parts[:i], url)
+            except CorruptCheckpointError:
+                return  # reported by the caller's open_dir
+            try:
+                os.mkdir(parts[i], 0o777, dir_fd=fd)
+            except FileExistsError:
+                pass
+            finally:
+                os.close(fd)
+
+    # -- reads --------------------------------------------------------------
+    def open_member(
+        self, key: str, *, size: int | None = None, max_size: int | None = None
+    ) -> confined.Member:
+        """Open ``key`` confined (see :mod:`ckptkit.storage.confined`)."""
+        try:
+            return confined.open_local(
+                self.root, self._checked(key), url=self.url_of(key), size=size, max_size=max_size
+            )
+        except (FileNotFoundError, CorruptCheckpointError):
             raise
         except OSError as exc:
             raise storage_error(self.url_of(key), exc) from exc
+
+    def read_bytes(self, key: str) -> bytes:
+        with self.open_member(key) as member:
+            return member.read()
 
     def exists(self, key: str) -> bool:
         return os.path.exists(self._p(key))
@@ -70,12 +141,8 @@ class LocalStorage:
         return os.path.isdir(self._p(key))
 
     def size(self, key: str) -> int:
-        try:
-            return os.path.getsize(self._p(key))
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            raise storage_error(self.url_of(key), exc) from exc
+        with self.open_member(key) as member:
+            return member.size
 
     def mtime(self, key: str) -> float | None:
         try:
@@ -97,30 +164,75 @@ class LocalStorage:
     # -- writes -------------------------------------------------------------
     def mkdir(self, key: str) -> None:
         try:
-            os.makedirs(self._p(key), exist_ok=True)
+            if not self._key(key):
+                os.makedirs(self.root, exist_ok=True)
+                return
+            parent = self._parent(key, create=True)
+            assert parent is not None
+            fd, name = parent
+            try:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o777, dir_fd=fd)
+                os.close(os.open(name, confined.DIR_FLAGS, dir_fd=fd))  # not a link
+            finally:
+                os.close(fd)
         except OSError as exc:
+            if isinstance(exc, StorageError):
+                raise
             raise storage_error(self.url_of(key), exc) from exc
 
-    def write_bytes(self, key: str, data: bytes) -> None:
-        path = self._p(key)
+    def _create(self, key: str, *, exclusive: bool) -> int | None:
+        """A descriptor of a fresh regular file at ``key``; None when ``exclusive`` and
+        something is there. A link (or FIFO...) at ``key`` is removed, never written
+        through."""
+        parent = self._parent(key, create=True)
+        assert parent is not None
+        dir_fd, name = parent
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | confined._CLOEXEC
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as f:
+            for _ in range(3):
+                try:
+                    fd = os.open(
+                        name, flags | (os.O_EXCL if exclusive else os.O_TRUNC), 0o644, dir_fd=dir_fd
+                    )
+                except FileExistsError:
+                    return None
+                except OSError as exc:
+                    # ELOOP: a symlink; ENXIO: a FIFO nobody reads. Replace, don't follow.
+                    if exc.errno not in (errno.ELOOP, errno.ENXIO):
+                        raise
+                    os.unlink(name, dir_fd=dir_fd)
+                    continue
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    return fd
+                os.close(fd)  # a FIFO or device someone planted: replace it
+                os.unlink(name, dir_fd=dir_fd)
+            raise StorageError(f"{self.url_of(key)}: keeps being replaced while written")
+        finally:
+            os.close(dir_fd)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        try:
+            fd = self._create(key, exclusive=False)
+            assert fd is not None
+            with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as exc:
+            if isinstance(exc, StorageError):
+                raise
             raise storage_error(self.url_of(key), exc) from exc
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
-        path = self._p(key)
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
+            fd = self._create(key, exclusive=True)
         except OSError as exc:
+            if isinstance(exc, StorageError):
+                raise
             raise storage_error(self.url_of(key), exc) from exc
+        if fd is None:
+            return False
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -130,35 +242,62 @@ class LocalStorage:
             # The file is ours (O_EXCL): an empty or partial one must not stay behind,
             # where it would read as a lock of a crashed writer (a full disk does this).
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                self.delete(key)
             raise storage_error(self.url_of(key), exc) from exc
         return True
 
     def delete(self, key: str, recursive: bool = False) -> None:
-        path = self._p(key)
+        """Remove ``key``: a link is unlinked (its target is never touched), a folder is
+        removed without following links inside it; keys behind a link are not ours."""
         try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                if recursive:
-                    shutil.rmtree(path)
+            if not self._key(key):  # the (resolved) root itself
+                shutil.rmtree(self.root) if recursive else os.rmdir(self.root)
+                return
+            parent = self._parent(key)
+            if parent is None:
+                return
+            fd, name = parent
+            try:
+                mode = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
+                if not stat.S_ISDIR(mode):
+                    os.unlink(name, dir_fd=fd)
+                elif recursive:
+                    _remove_tree(fd, name)
                 else:
-                    os.rmdir(path)
-            else:
-                os.unlink(path)
+                    os.rmdir(name, dir_fd=fd)
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             pass
         except OSError as exc:
+            if isinstance(exc, StorageError):
+                raise
             raise storage_error(self.url_of(key), exc) from exc
 
     def rename(self, src: str, dst: str) -> None:
         try:
-            os.rename(self._p(src), self._p(dst))
+            a = self._parent(src)
+            if a is None:
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), self.url_of(src))
+            try:
+                b = self._parent(dst, create=True)
+                assert b is not None
+                try:
+                    os.rename(a[1], b[1], src_dir_fd=a[0], dst_dir_fd=b[0])
+                finally:
+                    os.close(b[0])
+            finally:
+                os.close(a[0])
         except OSError as exc:
+            if isinstance(exc, StorageError):
+                raise
             raise storage_error(self.url_of(dst), exc) from exc
 
     def sync_dir(self, key: str) -> None:
         try:
-            fd = os.open(self._p(key), os.O_RDONLY)
-        except OSError:
+            full = self._key(key)
+            fd = confined.open_dir(self.root, full.split("/") if full else [], self.url_of(key))
+        except (OSError, CorruptCheckpointError):
             return
         try:
             os.fsync(fd)
@@ -175,6 +314,31 @@ class LocalStorage:
 
     def close(self) -> None:
         pass
+
+
+def _remove_tree(parent_fd: int, name: str) -> None:
+    """Remove the folder ``name`` of ``parent_fd`` and everything in it, descending only
+    into real folders (opened ``O_NOFOLLOW``): a link inside is unlinked, never followed
+    (shutil.rmtree takes ``dir_fd`` only from Python 3.11)."""
+    try:
+        fd = os.open(name, confined.DIR_FLAGS, dir_fd=parent_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
+        os.unlink(name, dir_fd=parent_fd)  # swapped for a link meanwhile: remove the link
+        return
+    try:
+        with os.scandir(fd) as it:
+            entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+        for entry, is_dir in entries:
+            with contextlib.suppress(FileNotFoundError):
+                if is_dir:
+                    _remove_tree(fd, entry)
+                else:
+                    os.unlink(entry, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent_fd)
 
 
 _: type[Storage] = LocalStorage  # structural check

@@ -31,6 +31,22 @@ their journal order. A lost staged file poisons the later writes into the same
 folder, so a leftover manifest is never uploaded without all the files before it.
 Staged files are not fsynced: a kernel crash keeps the page cache, and a lost VM
 loses the local disk anyway.
+
+**A vanished mount is an error.** An unmount (Colab's, or a dropped FUSE connection)
+leaves the root missing or an empty folder in its place; writing there would put the
+run on local disk while the real Drive stays at an older step. So the root itself is
+never created (only folders below it), and it counts as the live mount only while it
+holds the marker file ``.ckptkit-drive-root`` with the token this run's staging
+recorded when the root was first seen (and, under ``/content/drive`` or another
+mount point, while that is still a mount point). Every Drive write checks it before
+and after, a staged copy is removed only once verified on the live mount, and
+``save()``/``flush()``/``close()`` raise :class:`~ckptkit.errors.StorageError` while it
+is gone. The next writer after a remount replays the staged uploads.
+
+**Reading never replays.** The queue (and with it the adoption of dead sessions) is
+started by the first write only: ``ls``, ``inspect``, ``load`` and ``readonly=True``
+managers read Drive (and the queue of a writer in the same process), and neither upload
+nor delete anything.
 """
 
 from __future__ import annotations
@@ -40,11 +56,13 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import sys
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,22 +71,25 @@ from typing import Any, TypeVar
 from ckptkit.errors import StorageError
 from ckptkit.storage.base import Storage, join_key
 from ckptkit.storage.fsspec_backend import retry_call
-from ckptkit.storage.local import LocalStorage
+from ckptkit.storage.local import LocalStorage, storage_error
 
 T = TypeVar("T")
 
 DEFAULT_ROOT = "/content/drive/MyDrive"
 ROOT_ENV = "CKPTKIT_DRIVE_ROOT"
 STAGING_ENV = "CKPTKIT_DRIVE_STAGING"
+MARKER = ".ckptkit-drive-root"
+_COLAB_MOUNT = "/content/drive"
 _JOURNAL = "journal.jsonl"
 _LOCK = ".lock"
+_ROOT_RECORD = "drive-root.json"  # in a run's staging: the marker token seen there
 _CHUNK = 4 << 20
 
 
 # -- file helpers (module level so that tests can make Drive fail) -----------------
 def _copy_file(src: str, dst: str) -> str:
     """Copy ``src`` to ``dst`` (fsynced); return the sha256 of the bytes copied."""
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    _mkdirs_on_drive(os.path.dirname(dst))
     h = hashlib.sha256()
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         while block := fin.read(_CHUNK):
@@ -97,6 +118,135 @@ def _covers(parent: str, key: str) -> bool:
 
 class _VerifyError(OSError):
     """The copy on Drive does not match the staged file."""
+
+
+# -- the mount --------------------------------------------------------------------
+class _MountLost(OSError):
+    """The Drive root is not the live mount (unmounted, or a folder left in its place)."""
+
+
+def _mount_point_of(root: str) -> str | None:
+    """The mount point whose loss takes ``root`` with it: Colab's ``/content/drive``,
+    else the nearest enclosing mount point other than ``/`` (None: nothing to check)."""
+    if root == _COLAB_MOUNT or root.startswith(_COLAB_MOUNT + "/"):
+        return _COLAB_MOUNT
+    path = root
+    while True:
+        if os.path.ismount(path):
+            return None if path == os.path.dirname(path) else path
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+
+
+def _mount_problem(root: str, mount: str | None) -> str | None:
+    """Why ``root`` is not a mounted folder (missing, or its mount point ``mount`` is
+    no longer one)."""
+    if mount is not None and not os.path.ismount(mount):
+        return f"{mount} is not a mount point"
+    if not os.path.isdir(root):
+        return "the folder is gone"
+    return None
+
+
+class _Mount:
+    """The Drive root, told apart from a folder an unmount left in its place by the
+    marker file in it: a token recorded in the run's staging when first seen."""
+
+    def __init__(self, root: str, run_staging: str) -> None:
+        self.root = root
+        self.mount_point = _mount_point_of(root)  # while the root is there, as when opened
+        self.marker = os.path.join(root, MARKER)
+        self.record = os.path.join(run_staging, _ROOT_RECORD)
+        self.token: str | None = None
+
+    def _read_marker(self) -> str | None:
+        try:
+            with open(self.marker, "rb") as f:
+                return f.read(200).decode("ascii", "replace").strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def _recorded(self) -> str | None:
+        try:
+            with open(self.record, encoding="utf-8") as f:
+                return str(json.load(f)["marker"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def establish(self) -> None:
+        """Learn the marker's token, creating the marker when neither the root nor this
+        run's staging has seen one (raise :class:`_MountLost` when it is not the root
+        the run's staging knows). Only a writer calls this."""
+        if problem := _mount_problem(self.root, self.mount_point):
+            raise _MountLost(problem)
+        recorded = self._recorded()
+        found = self._read_marker()
+        if found is None and recorded is not None:
+            raise _MountLost(f"{MARKER} is missing: an empty folder left by an unmount?")
+        if found is not None and recorded is not None and found != recorded:
+            raise _MountLost(f"{MARKER} is not the one the staged uploads were made for")
+        if found is None:
+            found = uuid.uuid4().hex
+            try:  # in the existing root only: O_CREAT never creates the folder
+                fd = os.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:  # another process was first: use its token
+                found = self._read_marker() or ""
+            else:
+                with os.fdopen(fd, "w", encoding="ascii") as f:
+                    f.write(found + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+        self.token = found
+        if recorded != found:
+            tmp = f"{self.record}.{os.getpid()}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"root": self.root, "marker": found}, f)
+            os.replace(tmp, self.record)
+
+    def problem(self) -> str | None:
+        """Why the root is not the live mount now, or None."""
+        if problem := _mount_problem(self.root, self.mount_point):
+            return problem
+        found = self._read_marker()
+        if found is None:
+            return f"{MARKER} is missing: an empty folder left by an unmount?"
+        if found != self.token:
+            return f"{MARKER} is not the one the staged uploads were made for"
+        return None
+
+    def check(self) -> None:
+        """Raise :class:`_MountLost` unless the root is the live mount."""
+        if problem := self.problem():
+            raise _MountLost(problem)
+
+
+def _mkdirs_on_drive(folder: str) -> None:
+    """Create ``folder`` and its missing parents, only below an existing folder that is
+    (or lies below) a Drive root holding the marker: a vanished root, or the empty
+    folder an unmount left, is never filled in."""
+    missing: list[str] = []
+    path = folder
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    if not missing:
+        return
+    base = path
+    while not os.path.isfile(os.path.join(base, MARKER)):
+        if os.path.dirname(base) == base:
+            raise _MountLost(f"{path} holds no {MARKER}: not below a mounted Drive root")
+        base = os.path.dirname(base)
+    for path in reversed(missing):
+        try:
+            os.mkdir(path)  # never makedirs: its parent must exist
+        except FileExistsError:
+            if not os.path.isdir(path):
+                raise
 
 
 # -- sessions: one process's staging folder ---------------------------------------
@@ -190,16 +340,86 @@ class _Op:
         return e
 
 
+# -- the run's folder on Drive ----------------------------------------------------
+class _DriveFolder:
+    """The run's folder on the mount, as the uploader changes it: every change checks
+    that the root is the live mount before and after, and creates folders only below
+    the root (never the root itself)."""
+
+    def __init__(self, mount: _Mount, target: str) -> None:
+        self.mount = mount
+        self.files = LocalStorage(target)  # reads, and the path of each key
+
+    def path(self, key: str) -> str:
+        return self.files.local_path(key) or ""
+
+    def _checked(self, fn: Callable[[], T]) -> T:
+        self.mount.check()
+        out = fn()
+        self.mount.check()  # the change landed on the live mount, not on a stand-in
+        return out
+
+    def _write(self, key: str, data: bytes, *, exclusive: bool) -> bool:
+        path = self.path(key)
+        _mkdirs_on_drive(os.path.dirname(path))
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+        try:
+            fd = os.open(path, flags, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def upload(self, staged: str, key: str, size: int) -> None:
+        """Copy a staged file to Drive and read it back (size + sha256)."""
+
+        def copy() -> None:
+            dst = self.path(key)
+            sha = _copy_file(staged, dst)
+            if _digest(dst) != (size, sha):
+                raise _VerifyError(f"{dst}: read back bytes that do not match the staged file")
+
+        self._checked(copy)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self._checked(lambda: self._write(key, data, exclusive=False))
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        return self._checked(lambda: self._write(key, data, exclusive=True))
+
+    def delete(self, key: str, recursive: bool = False) -> None:
+        self._checked(lambda: self.files.delete(key, recursive=recursive))
+
+    def mkdir(self, key: str) -> None:
+        self._checked(lambda: _mkdirs_on_drive(self.path(key)))
+
+    def rename(self, src: str, dst: str) -> None:
+        self._checked(lambda: self.files.rename(src, dst))
+
+
 # -- the queue --------------------------------------------------------------------
 class _Uploader:
-    """The ordered write-behind queue of one run and the thread that drains it."""
+    """The ordered write-behind queue of one run and the thread that drains it. Only a
+    writer starts one: it adopts (and so replays) the staging of dead processes."""
 
     def __init__(
-        self, url: str, target: str, run_staging: str, *, attempts: int, backoff: float
+        self,
+        url: str,
+        root: str,
+        target: str,
+        run_staging: str,
+        *,
+        attempts: int,
+        backoff: float,
     ) -> None:
         self.url = url
-        self.drive = LocalStorage(target)
-        self.attempts = attempts
+        self.run_staging = run_staging
+        self.mount = _Mount(root, run_staging)
+        self.drive = _DriveFolder(self.mount, target)
+        self.attempts = max(1, attempts)
         self.backoff = backoff
         self.direct: set[str] = set()
         self._queue: deque[_Op] = deque()
@@ -210,10 +430,27 @@ class _Uploader:
         self._seq = 0
         self.refs = 0
         os.makedirs(run_staging, exist_ok=True)
+        try:
+            self.mount.establish()  # before adopting: replay only onto the real Drive
+        except _MountLost as exc:
+            raise self.lost(exc) from None
         self._session = _Session.create(run_staging)
         self._adopt(run_staging)
         self._thread = threading.Thread(target=self._run, name="ckptkit-drive-upload", daemon=True)
         self._thread.start()
+
+    def lost(self, why: BaseException | str) -> StorageError:
+        """The one-line error for a root that is not the live mount."""
+        return StorageError(
+            f"{self.url}: Google Drive is not mounted at {self.mount.root} any more ({why}): "
+            f"remount it (in Colab: drive.mount('/content/drive')), then rerun: the staged "
+            f"uploads in {self.run_staging} replay"
+        )
+
+    def check_mount(self) -> None:
+        """Raise the mount error unless the root is the live mount."""
+        if problem := self.mount.problem():
+            raise self.lost(problem)
 
     # -- recovery -----------------------------------------------------------------
     def _adopt(self, run_staging: str) -> None:
@@ -256,6 +493,13 @@ class _Uploader:
         return ops
 
     # -- submitting ---------------------------------------------------------------
+    def _refuse(self) -> None:
+        """Refuse new work when closed or when Drive is not mounted (a save fails now,
+        rather than queueing a checkpoint that cannot reach Drive)."""
+        if self._stopping:
+            raise StorageError(f"{self.url}: the Drive storage is closed")
+        self.check_mount()
+
     def _submit(self, op: _Op) -> None:
         with self._cond:
             if self._stopping:
@@ -272,8 +516,7 @@ class _Uploader:
             return self._seq
 
     def put(self, key: str, data: bytes) -> None:
-        if self._stopping:
-            raise StorageError(f"{self.url}: the Drive storage is closed")
+        self._refuse()
         seq = self._next_seq()
         staged = os.path.join(self._session.files, str(seq))
         try:
@@ -288,9 +531,11 @@ class _Uploader:
         self._submit(_Op("put", key, self._session, seq, staged=staged, size=len(data)))
 
     def delete(self, key: str, recursive: bool) -> None:
+        self._refuse()
         self._submit(_Op("delete", key, self._session, self._next_seq(), recursive=recursive))
 
     def mkdir(self, key: str) -> None:
+        self._refuse()
         self._submit(_Op("mkdir", key, self._session, self._next_seq()))
 
     def pending(self) -> list[_Op]:
@@ -307,20 +552,10 @@ class _Uploader:
                     break
                 op = self._queue[0]
                 self._busy = True
-            try:
-                retry_call(
-                    lambda op=op: self._apply(op),
-                    attempts=self.attempts,
-                    backoff=self.backoff,
-                    transient=lambda exc: isinstance(exc, OSError),
-                )
-            except Exception as exc:
+            failure = self._attempt(op)
+            if failure is not None:
                 with self._cond:
-                    self._error = StorageError(
-                        f"{self.url}/{op.key}: could not {op.kind} on Drive after "
-                        f"{self.attempts} attempts ({type(exc).__name__}: {exc}); the staged "
-                        f"copy is kept in {op.session.path}"
-                    )
+                    self._error = failure
                     self._busy = False
                     self._cond.notify_all()
                 continue
@@ -332,15 +567,35 @@ class _Uploader:
                 self._cond.notify_all()
         self._shutdown()
 
+    def _attempt(self, op: _Op) -> StorageError | None:
+        """Apply ``op`` with up to ``attempts`` tries and a doubling backoff (cut short
+        by ``stop()``); the error to report when every try failed, else None."""
+        exc: Exception | None = None
+        for i in range(self.attempts):
+            try:
+                self._apply(op)
+                return None
+            except OSError as err:  # Drive I/O, a bad copy, or the mount went away
+                exc = err
+            except Exception as err:  # not transient: do not retry
+                exc = err
+                break
+            with self._cond:
+                if self._stopping or i == self.attempts - 1:
+                    break
+                delay = min(30.0, self.backoff * 2**i) * random.uniform(0.5, 1.0)
+                self._cond.wait(delay)
+        if problem := self.mount.problem():
+            return self.lost(problem)
+        return StorageError(
+            f"{self.url}/{op.key}: could not {op.kind} on Drive after {self.attempts} "
+            f"attempts ({type(exc).__name__}: {exc}); the staged copy is kept in "
+            f"{op.session.path}"
+        )
+
     def _apply(self, op: _Op) -> None:
         if op.kind == "put":
-            dst = self.drive.local_path(op.key) or ""
-            sha = _copy_file(op.staged, dst)
-            size, sha_back = _digest(dst)
-            if (size, sha_back) != (op.size, sha):
-                raise _VerifyError(
-                    f"{dst}: read back {size} bytes that do not match the staged file"
-                )
+            self.drive.upload(op.staged, op.key, op.size)
         elif op.kind == "delete":
             self.drive.delete(op.key, recursive=op.recursive)
         elif op.kind == "mkdir":
@@ -367,16 +622,23 @@ class _Uploader:
     # -- waiting ------------------------------------------------------------------
     def wait(self, until: Callable[[], bool] = lambda: False) -> None:
         """Block until the queue is empty (or ``until()`` holds); raise the error of a
-        failed upload round. Waiting also retries an upload that failed before."""
+        failed upload round, or at once the mount error while Drive is not mounted.
+        Waiting also retries an upload that failed before."""
         with self._cond:
             self._error = None
             self._cond.notify_all()
-            while (self._queue or self._busy) and not until() and self._error is None:
+        while True:
+            with self._cond:
+                if not (self._queue or self._busy) or until():
+                    return
+                if self._error is not None:
+                    raise self._error
                 if not self._thread.is_alive():
                     raise StorageError(f"{self.url}: the Drive upload thread has stopped")
-                self._cond.wait(0.5)
-            if self._error is not None and not until():
-                raise self._error
+            self.check_mount()  # outside the lock: a slow mount must not stall the worker
+            with self._cond:
+                if (self._queue or self._busy) and self._error is None and not until():
+                    self._cond.wait(0.5)
 
     def touches(self, key: str) -> bool:
         """Whether a queued operation writes, removes or lies under ``key``."""
@@ -387,11 +649,17 @@ class _Uploader:
         """Flush, then stop the thread (also when the flush fails; staging is kept)."""
         try:
             self.wait()
+        except StorageError as exc:
+            with self._cond:
+                self._error = self._error or exc  # the worker stops after its current try
+            raise
         finally:
             with self._cond:
                 self._stopping = True
                 self._cond.notify_all()
-            self._thread.join()
+            # A worker stuck in a system call on a dead mount is left behind (a daemon
+            # thread); its staged files stay for the next writer.
+            self._thread.join(timeout=None if self._error is None else 60)
 
 
 # -- one uploader per run and process ---------------------------------------------
@@ -399,15 +667,27 @@ _UPLOADERS: dict[tuple[str, str], _Uploader] = {}
 _REGISTRY_LOCK = threading.Lock()
 
 
-def _acquire(url: str, target: str, run_staging: str, attempts: int, backoff: float) -> _Uploader:
-    key = (os.path.realpath(target), os.path.realpath(run_staging))
+def _registry_key(target: str, run_staging: str) -> tuple[str, str]:
+    return (os.path.realpath(target), os.path.realpath(run_staging))
+
+
+def _acquire(
+    url: str, root: str, target: str, run_staging: str, attempts: int, backoff: float
+) -> _Uploader:
+    key = _registry_key(target, run_staging)
     with _REGISTRY_LOCK:
         up = _UPLOADERS.get(key)
         if up is None:
-            up = _Uploader(url, target, run_staging, attempts=attempts, backoff=backoff)
+            up = _Uploader(url, root, target, run_staging, attempts=attempts, backoff=backoff)
             _UPLOADERS[key] = up
         up.refs += 1
         return up
+
+
+def _running(target: str, run_staging: str) -> _Uploader | None:
+    """This process's queue for the run, when a writer started one."""
+    with _REGISTRY_LOCK:
+        return _UPLOADERS.get(_registry_key(target, run_staging))
 
 
 def _release(up: _Uploader) -> None:
@@ -442,13 +722,68 @@ def default_staging() -> str:
     return os.path.join(cache, "ckptkit", "drive-staging")
 
 
+class _Run:
+    """What a DriveStorage and its children share: where the run is, and its queue once
+    the first write started it (reads alone never start one)."""
+
+    def __init__(
+        self, url: str, root: str, target: str, run_staging: str, attempts: int, backoff: float
+    ) -> None:
+        self.url = url
+        self.root = root
+        self.target = target
+        self.run_staging = run_staging
+        self.attempts = attempts
+        self.backoff = backoff
+        self.files = LocalStorage(target)  # reads from Drive
+        self.up: _Uploader | None = None  # this storage's reference to the queue
+        self.closed = False
+        self._mutex = threading.Lock()
+
+    def writer(self) -> _Uploader:
+        """The run's queue, started (and dead sessions adopted) on the first write."""
+        with self._mutex:
+            if self.closed:
+                raise StorageError(f"{self.url}: the Drive storage is closed")
+            if self.up is None:
+                try:
+                    self.up = _acquire(
+                        self.url, self.root, self.target, self.run_staging,
+                        self.attempts, self.backoff,
+                    )  # fmt: skip
+                except StorageError:
+                    raise
+                except OSError as exc:
+                    raise StorageError(
+                        f"{self.url}: cannot set up Drive staging in {self.run_staging}: {exc}"
+                    ) from exc
+            return self.up
+
+    def view(self) -> _Uploader | None:
+        """The queue whose pending writes reads must see: ours, or a writer's in this
+        process; None when nothing of this run is queued here."""
+        return self.up or _running(self.target, self.run_staging)
+
+    def pending(self) -> list[_Op]:
+        up = self.view()
+        return up.pending() if up is not None else []
+
+    def release(self) -> None:
+        with self._mutex:
+            up, self.up = self.up, None
+            self.closed = True
+        if up is not None:
+            _release(up)
+
+
 class DriveStorage:
     """A folder on a mounted Google Drive, written through an ordered upload queue.
 
     ``drive://T-L/runs/etth1`` is ``$CKPTKIT_DRIVE_ROOT/T-L/runs/etth1`` (default root
     ``/content/drive/MyDrive``). Storages opened on the same URL in one process share
-    one queue; the last one closed stops it. ``staging``, ``attempts`` (tries per
-    round) and ``backoff`` (seconds, doubling) apply when the queue is created.
+    one queue, started by the first write; the last one closed stops it. ``staging``,
+    ``attempts`` (tries per round) and ``backoff`` (seconds, doubling) apply when the
+    queue is created.
     """
 
     commit = "marker"
@@ -469,8 +804,8 @@ class DriveStorage:
             raise StorageError(
                 f"{url}: give a folder inside your Drive, e.g. drive://Folder/runs/exp1"
             )
-        root = os.environ.get(ROOT_ENV) or DEFAULT_ROOT
-        if not os.path.isdir(root):
+        root = os.path.abspath(os.environ.get(ROOT_ENV) or DEFAULT_ROOT)
+        if _mount_problem(root, _mount_point_of(root)) is not None:
             raise StorageError(
                 f"Google Drive is not mounted at {root}: in Colab run `from google.colab import "
                 f"drive; drive.mount('/content/drive')` (or set {ROOT_ENV})"
@@ -478,13 +813,8 @@ class DriveStorage:
         target = os.path.join(root, *rel.split("/"))
         staging_root = staging or os.environ.get(STAGING_ENV) or default_staging()
         run_staging = os.path.join(staging_root, _slug(rel, target))
-        try:
-            self._up = _acquire(url.rstrip("/"), target, run_staging, attempts, backoff)
-        except OSError as exc:
-            raise StorageError(
-                f"{url}: cannot set up Drive staging in {run_staging}: {exc}"
-            ) from exc
         self.url = url.rstrip("/")
+        self._run = _Run(self.url, root, target, run_staging, attempts, backoff)
         self._prefix = ""
         self._owner = True
         self._closed = False
@@ -495,7 +825,7 @@ class DriveStorage:
 
     def child(self, key: str) -> DriveStorage:
         sub = object.__new__(DriveStorage)
-        sub._up = self._up
+        sub._run = self._run
         sub.url = self.url_of(key)
         sub._prefix = self._k(key)
         sub._owner = False
@@ -517,7 +847,7 @@ class DriveStorage:
         """Staged path of the newest queued write of ``key``; False when a queued
         delete removes it; None when the queue does not know it (ask Drive)."""
         state: str | None | bool = None
-        for op in self._up.pending():
+        for op in self._run.pending():
             if op.kind == "put" and op.key == key:
                 state = op.staged
             elif op.kind == "delete" and _covers(op.key, key):
@@ -546,14 +876,14 @@ class DriveStorage:
             with open(path, "rb") as f:
                 return f.read()
 
-        return self._local(key, read, self._up.drive.read_bytes)
+        return self._local(key, read, self._run.files.read_bytes)
 
     def size(self, key: str) -> int:
-        return self._local(key, os.path.getsize, self._up.drive.size)
+        return self._local(key, os.path.getsize, self._run.files.size)
 
     def mtime(self, key: str) -> float | None:
         try:
-            return self._local(key, os.path.getmtime, self._up.drive.mtime)
+            return self._local(key, os.path.getmtime, self._run.files.mtime)
         except FileNotFoundError:
             return None
 
@@ -562,7 +892,7 @@ class DriveStorage:
 
     def _queued_presence(self, full: str, *, dirs_only: bool) -> bool | None:
         state: bool | None = None
-        for op in self._up.pending():
+        for op in self._run.pending():
             if op.kind == "delete" and _covers(op.key, full):
                 state = False
             elif op.kind in ("put", "mkdir") and _covers(full, op.key):
@@ -573,18 +903,18 @@ class DriveStorage:
     def exists(self, key: str) -> bool:
         full = self._k(key)
         state = self._queued_presence(full, dirs_only=False)
-        return self._up.drive.exists(full) if state is None else state
+        return self._run.files.exists(full) if state is None else state
 
     def isdir(self, key: str) -> bool:
         full = self._k(key)
         state = self._queued_presence(full, dirs_only=True)
-        return self._up.drive.isdir(full) if state is None else state
+        return self._run.files.isdir(full) if state is None else state
 
     def listdir(self, key: str = "") -> list[str]:
         full = self._k(key)
-        names = set(self._up.drive.listdir(full))
+        names = set(self._run.files.listdir(full))
         prefix = full + "/" if full else ""
-        for op in self._up.pending():
+        for op in self._run.pending():
             if op.kind == "delete" and _covers(op.key, full):
                 names.clear()
             elif op.key.startswith(prefix) and op.key != full:
@@ -597,48 +927,59 @@ class DriveStorage:
         return sorted(names)
 
     # -- writes -------------------------------------------------------------------
-    def _direct(self, full: str, fn: Callable[[], T]) -> T:
+    def _direct(self, full: str, fn: Callable[[_DriveFolder], T]) -> T:
         """Run ``fn`` on Drive now, once no queued operation touches ``full``."""
-        self._up.wait(until=lambda: not self._up.touches(full))
-        return retry_call(
-            fn,
-            attempts=self._up.attempts,
-            backoff=self._up.backoff,
-            transient=lambda exc: isinstance(exc, OSError),
-        )
+        up = self._run.writer()
+        up.wait(until=lambda: not up.touches(full))
+        try:
+            return retry_call(
+                lambda: fn(up.drive),
+                attempts=up.attempts,
+                backoff=up.backoff,
+                transient=lambda exc: isinstance(exc, OSError),
+            )
+        except _MountLost as exc:
+            raise up.lost(exc) from None
+        except StorageError:
+            raise
+        except OSError as exc:
+            raise storage_error(self.url_of(full[len(self._prefix) :]), exc) from exc
 
     def write_bytes(self, key: str, data: bytes) -> None:
         """Stage ``data`` and queue its upload; returns before Drive has it."""
         full = self._k(key)
-        if full in self._up.direct:
-            self._direct(full, lambda: self._up.drive.write_bytes(full, data))
+        up = self._run.writer()
+        if full in up.direct:
+            self._direct(full, lambda drive: drive.write_bytes(full, data))
         else:
-            self._up.put(full, data)
+            up.put(full, data)
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
         """Create ``key`` on Drive now (O_EXCL on the mount: best effort); this key's
         later writes and deletes go to Drive directly as well."""
         full = self._k(key)
-        self._up.direct.add(full)
-        return self._direct(full, lambda: self._up.drive.create_exclusive(full, data))
+        self._run.writer().direct.add(full)
+        return self._direct(full, lambda drive: drive.create_exclusive(full, data))
 
     def delete(self, key: str, recursive: bool = False) -> None:
         """Queue the removal behind every write before it (missing keys are ignored)."""
         full = self._k(key)
-        if full in self._up.direct:
-            self._direct(full, lambda: self._up.drive.delete(full, recursive=recursive))
+        up = self._run.writer()
+        if full in up.direct:
+            self._direct(full, lambda drive: drive.delete(full, recursive=recursive))
             return
         if not recursive and self.isdir(key) and self.listdir(key):
             raise StorageError(f"{self.url_of(key)}: directory not empty")
-        self._up.delete(full, recursive)
+        up.delete(full, recursive)
 
     def mkdir(self, key: str) -> None:
-        self._up.mkdir(self._k(key))
+        self._run.writer().mkdir(self._k(key))
 
     def rename(self, src: str, dst: str) -> None:
         """Flush, then rename on Drive (not reliably atomic there: hence ``marker``)."""
+        self._run.writer()
         self.flush()
-        self._up.drive.rename(self._k(src), self._k(dst))
+        self._direct(self._k(dst), lambda drive: drive.rename(self._k(src), self._k(dst)))
 
     def sync_dir(self, key: str) -> None:
         pass  # ordering and verification are the queue's job
@@ -648,8 +989,11 @@ class DriveStorage:
 
     def flush(self) -> None:
         """Block until every queued write is verified on Drive; raise StorageError when
-        one still fails after the retries (its staged copy is kept)."""
-        self._up.wait()
+        one still fails after the retries, or Drive is not mounted (its staged copy is
+        kept). Without a queue in this process there is nothing to wait for."""
+        up = self._run.view()
+        if up is not None:
+            up.wait()
 
     def close(self) -> None:
         """Flush; the last storage closed on this run stops the upload thread."""
@@ -657,14 +1001,14 @@ class DriveStorage:
             return
         self._closed = True
         if self._owner:
-            _release(self._up)
+            self._run.release()
         else:
             self.flush()
 
     def pending(self) -> list[str]:
         """Keys still queued for Drive, oldest first (for progress messages)."""
-        return [op.key for op in self._up.pending()]
+        return [op.key for op in self._run.pending()]
 
 
 _: type[Storage] = DriveStorage  # structural check
-__all__ = ["DEFAULT_ROOT", "ROOT_ENV", "STAGING_ENV", "DriveStorage", "default_staging"]
+__all__ = ["DEFAULT_ROOT", "MARKER", "ROOT_ENV", "STAGING_ENV", "DriveStorage", "default_staging"]

@@ -160,6 +160,10 @@ class _Mount:
         self.marker = os.path.join(root, MARKER)
         self.record = os.path.join(run_staging, _ROOT_RECORD)
         self.token: str | None = None
+        # The root's filesystem while this process writes: a folder put in its place
+        # on local disk has another one. (Not kept across processes: a remount may
+        # change it; and not the inode, which a FUSE daemon may renumber.)
+        self.device: int | None = None
 
     def _read_marker(self) -> str | None:
         try:
@@ -199,6 +203,7 @@ class _Mount:
                     f.flush()
                     os.fsync(f.fileno())
         self.token = found
+        self.device = os.stat(self.root).st_dev
         if recorded != found:
             tmp = f"{self.record}.{os.getpid()}.tmp"
             with open(tmp, "w", encoding="utf-8") as f:
@@ -209,6 +214,9 @@ class _Mount:
         """Why the root is not the live mount now, or None."""
         if problem := _mount_problem(self.root, self.mount_point):
             return problem
+        with contextlib.suppress(OSError):
+            if self.device is not None and os.stat(self.root).st_dev != self.device:
+                return "the folder is on another filesystem now"
         found = self._read_marker()
         if found is None:
             return f"{MARKER} is missing: an empty folder left by an unmount?"

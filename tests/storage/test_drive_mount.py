@@ -231,7 +231,6 @@ def test_another_drive_in_its_place_is_refused(
     assert _staged(staging)
 
 
-@pytest.mark.xfail(strict=True, reason="a copy of the root, marker and all, is taken for Drive")
 def test_a_copy_on_another_filesystem_is_not_the_mount(
     drive_root: Path, staging: Path, tmp_path: Path
 ) -> None:

@@ -96,11 +96,13 @@ class _Vanish:
     def __call__(self, src: str, dst: str) -> str:
         if not self.armed:
             return self.real(src, dst)
-        self.entered.set()
         if self.mode == "after-copy":
             sha = self.real(src, dst)
+            self.entered.set()
+            assert self.go.wait(30)  # until save() returned
             self._vanish()
             return sha
+        self.entered.set()
         assert self.go.wait(30)
         return self.real(src, dst)
 
@@ -119,7 +121,7 @@ class _Vanish:
         assert self.entered.wait(30), "no upload started"
         if self.mode != "after-copy":
             self._vanish()
-            self.go.set()
+        self.go.set()
         assert self.gone.wait(30)
 
     def nothing_at_root(self) -> bool:

@@ -26,6 +26,7 @@ from ckptkit.errors import MissingDependencyError, StorageError
 from ckptkit.storage import drive as drive_mod
 from ckptkit.storage.base import Storage
 from ckptkit.storage.drive import DriveStorage
+from ckptkit.storage.drive._uploader import Uploader
 from ckptkit.storage.fsspec_backend import FsspecStorage, is_transient, retry_call
 from ckptkit.storage.registry import open_storage
 from tests.gcs_emulator import Emulator, emulator_installed
@@ -591,7 +592,7 @@ def test_drive_live_session_is_not_adopted(
     up = drive._run.up
     assert up is not None
     run_staging = os.path.dirname(up._session.path)
-    other = drive_mod._Uploader(
+    other = Uploader(
         "drive://x", up.mount.root, drive._run.target, run_staging, attempts=1, backoff=0
     )
     try:

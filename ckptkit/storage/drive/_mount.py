@@ -33,7 +33,7 @@ def mount_point_of(root: str) -> str | None:
     else the nearest enclosing mount point other than ``/`` (None: nothing to check)."""
     if root == COLAB_MOUNT or root.startswith(COLAB_MOUNT + "/"):
         return COLAB_MOUNT
-    path = root
+    path = os.path.realpath(root)  # a root that links to a mount is on that mount
     while True:
         if os.path.ismount(path):
             return None if path == os.path.dirname(path) else path

@@ -287,6 +287,28 @@ def test_a_new_process_refuses_the_empty_folder_left_by_an_unmount(
     assert _tree(drive_root) == {}
 
 
+@pytest.mark.xfail(strict=True, reason="readers take the folder an unmount left for Drive")
+def test_readers_of_a_run_say_the_mount_is_gone(drive_root: Path, staging: Path) -> None:
+    """Where this machine's staging knows the run, reading the empty folder an unmount
+    left says so, instead of showing an empty run."""
+    from ckptkit.cli import _register_commands, cli
+
+    with CheckpointManager(URL) as mgr:
+        mgr.save(1, _state(1.0))
+    drive_root.rename(drive_root.with_name("MyDrive-unmounted"))
+    drive_root.mkdir()
+    staged_before = _tree(staging)
+    with pytest.raises(StorageError, match=r"not mounted at .*MyDrive.*remount"):
+        ckptkit.load(URL)
+    with pytest.raises(StorageError, match=r"not mounted at .*MyDrive.*remount"):
+        CheckpointManager(URL, readonly=True)
+    _register_commands()
+    result = CliRunner().invoke(cli, ["ls", URL])
+    assert result.exit_code == 7 and "not mounted" in result.stderr, result.output
+    assert _tree(staging) == staged_before
+    assert list(drive_root.iterdir()) == []
+
+
 def test_readonly_opens_neither_replay_nor_delete(
     drive_root: Path, staging: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

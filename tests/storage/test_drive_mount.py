@@ -287,7 +287,6 @@ def test_a_new_process_refuses_the_empty_folder_left_by_an_unmount(
     assert _tree(drive_root) == {}
 
 
-@pytest.mark.xfail(strict=True, reason="readers take the folder an unmount left for Drive")
 def test_readers_of_a_run_say_the_mount_is_gone(drive_root: Path, staging: Path) -> None:
     """Where this machine's staging knows the run, reading the empty folder an unmount
     left says so, instead of showing an empty run."""

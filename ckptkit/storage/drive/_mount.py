@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable
 from typing import TypeVar
 
+from ckptkit.errors import StorageError
 from ckptkit.storage import drive as _package  # the seams: _copy_file, _digest
 from ckptkit.storage.local import LocalStorage
 
@@ -61,6 +62,7 @@ class Mount:
         self.root = root
         self.mount_point = mount_point_of(root)  # while the root is there, as when opened
         self.marker = os.path.join(root, MARKER)
+        self.run_staging = run_staging
         self.record = os.path.join(run_staging, ROOT_RECORD)
         self.token: str | None = None
         # The root's filesystem while this process writes: a folder put in its place
@@ -82,18 +84,29 @@ class Mount:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
+    def known_problem(self) -> str | None:
+        """Why the root is not the one this run's staging recorded (a read: readers ask
+        too), or None; also None when the staging has no record yet."""
+        if problem := mount_problem(self.root, self.mount_point):
+            return problem
+        recorded = self._recorded()
+        found = self._read_marker()
+        if recorded is None:
+            return None
+        if found is None:
+            return f"{MARKER} is missing: an empty folder left by an unmount?"
+        if found != recorded:
+            return f"{MARKER} is not the one the staged uploads were made for"
+        return None
+
     def establish(self) -> None:
         """Learn the marker's token, creating the marker when neither the root nor this
         run's staging has seen one (raise :class:`MountLost` when it is not the root
         the run's staging knows). Only a writer calls this."""
-        if problem := mount_problem(self.root, self.mount_point):
+        if problem := self.known_problem():
             raise MountLost(problem)
         recorded = self._recorded()
         found = self._read_marker()
-        if found is None and recorded is not None:
-            raise MountLost(f"{MARKER} is missing: an empty folder left by an unmount?")
-        if found is not None and recorded is not None and found != recorded:
-            raise MountLost(f"{MARKER} is not the one the staged uploads were made for")
         if found is None:
             found = uuid.uuid4().hex
             try:  # in the existing root only: O_CREAT never creates the folder
@@ -114,7 +127,7 @@ class Mount:
             os.replace(tmp, self.record)
 
     def problem(self) -> str | None:
-        """Why the root is not the live mount now, or None."""
+        """Why the root is not the live mount now (after :meth:`establish`), or None."""
         if problem := mount_problem(self.root, self.mount_point):
             return problem
         with contextlib.suppress(OSError):
@@ -126,6 +139,14 @@ class Mount:
         if found != self.token:
             return f"{MARKER} is not the one the staged uploads were made for"
         return None
+
+    def lost(self, url: str, why: BaseException | str) -> StorageError:
+        """The one-line error for a root that is not the live mount."""
+        return StorageError(
+            f"{url}: Google Drive is not mounted at {self.root} any more ({why}): remount "
+            f"it (in Colab: drive.mount('/content/drive')), then rerun: the staged uploads "
+            f"in {self.run_staging} replay"
+        )
 
     def check(self) -> None:
         """Raise :class:`MountLost` unless the root is the live mount."""

@@ -63,11 +63,7 @@ class Uploader:
 
     def lost(self, why: BaseException | str) -> StorageError:
         """The one-line error for a root that is not the live mount."""
-        return StorageError(
-            f"{self.url}: Google Drive is not mounted at {self.mount.root} any more ({why}): "
-            f"remount it (in Colab: drive.mount('/content/drive')), then rerun: the staged "
-            f"uploads in {self.run_staging} replay"
-        )
+        return self.mount.lost(self.url, why)
 
     def check_mount(self) -> None:
         """Raise the mount error unless the root is the live mount."""

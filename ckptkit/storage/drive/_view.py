@@ -14,7 +14,13 @@ from ckptkit.errors import StorageError
 from ckptkit.storage import drive as _package  # the seam: DEFAULT_ROOT
 from ckptkit.storage.base import Storage, join_key
 from ckptkit.storage.drive._journal import Op
-from ckptkit.storage.drive._mount import DriveFolder, MountLost, mount_point_of, mount_problem
+from ckptkit.storage.drive._mount import (
+    DriveFolder,
+    Mount,
+    MountLost,
+    mount_point_of,
+    mount_problem,
+)
 from ckptkit.storage.drive._uploader import Uploader, acquire, covers, release, running
 from ckptkit.storage.fsspec_backend import retry_call
 from ckptkit.storage.local import LocalStorage, storage_error
@@ -128,6 +134,11 @@ class DriveStorage:
         staging_root = staging or os.environ.get(STAGING_ENV) or default_staging()
         run_staging = os.path.join(staging_root, _slug(rel, target))
         self.url = url.rstrip("/")
+        # An empty folder left by an unmount, where this machine's staging knows the
+        # run: say so (readers too) rather than show an empty run.
+        mount = Mount(root, run_staging)
+        if why := mount.known_problem():
+            raise mount.lost(self.url, why)
         self._run = _Run(self.url, root, target, run_staging, attempts, backoff)
         self._prefix = ""
         self._owner = True

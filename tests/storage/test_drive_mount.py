@@ -308,6 +308,34 @@ def test_readers_of_a_run_say_the_mount_is_gone(drive_root: Path, staging: Path)
     assert list(drive_root.iterdir()) == []
 
 
+@pytest.mark.xfail(strict=True, reason="a reader's close() waits for the writer's uploads")
+@pytest.mark.timeout(120)
+def test_a_reader_in_the_writers_process_does_not_wait_for_its_uploads(
+    drive_root: Path, staging: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It sees the writer's queued checkpoint, and its close() is not held up by (nor
+    made to fail with) the writer's uploads, here stuck."""
+    gate = threading.Event()
+    real = drive_mod._copy_file
+
+    def stuck(src: str, dst: str) -> str:
+        if not gate.wait(5):
+            raise OSError(5, "Input/output error", dst)
+        return real(src, dst)
+
+    with CheckpointManager(URL, keep_last=None) as mgr:
+        mgr.save(1, _state(1.0))
+        mgr.wait()
+        monkeypatch.setattr(drive_mod, "_copy_file", stuck)
+        mgr.save(2, _state(2.0))
+        reader = CheckpointManager(URL, readonly=True)
+        assert [c.step for c in reader.list()] == [1, 2]  # step 2 from the writer's queue
+        reader.close()
+        assert mgr.storage.pending()  # the reader did not wait for the upload
+        gate.set()
+    assert _steps_on_drive() == [1, 2]
+
+
 def test_readonly_opens_neither_replay_nor_delete(
     drive_root: Path, staging: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -308,7 +308,6 @@ def test_readers_of_a_run_say_the_mount_is_gone(drive_root: Path, staging: Path)
     assert list(drive_root.iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="a reader's close() waits for the writer's uploads")
 @pytest.mark.timeout(120)
 def test_a_reader_in_the_writers_process_does_not_wait_for_its_uploads(
     drive_root: Path, staging: Path, monkeypatch: pytest.MonkeyPatch

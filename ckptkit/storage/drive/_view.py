@@ -315,8 +315,9 @@ class DriveStorage:
     def flush(self) -> None:
         """Block until every queued write is verified on Drive; raise StorageError when
         one still fails after the retries, or Drive is not mounted (its staged copy is
-        kept). Without a queue in this process there is nothing to wait for."""
-        up = self._run.view()
+        kept). A storage that only read has written nothing to wait for (a reader's
+        close() must not block on, or fail with, a writer's uploads)."""
+        up = self._run.up
         if up is not None:
             up.wait()
 

@@ -308,7 +308,6 @@ def test_readers_of_a_run_say_the_mount_is_gone(drive_root: Path, staging: Path)
     assert list(drive_root.iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="only the run whose staging saw the marker checks it")
 def test_another_run_on_the_same_root_refuses_the_empty_folder_too(
     drive_root: Path, staging: Path
 ) -> None:

@@ -36,7 +36,7 @@ loses the local disk anyway.
 leaves the root missing or an empty folder in its place; writing there would put the
 run on local disk while the real Drive stays at an older step. So the root itself is
 never created (only folders below it), and it counts as the live mount only while it
-holds the marker file ``.ckptkit-drive-root`` with the token this run's staging
+holds the marker file ``.ckptkit-drive-root`` with the token the staging folder
 recorded when the root was first seen (and, under ``/content/drive`` or another
 mount point, while that is still a mount point). Every Drive write checks it before
 and after, a staged copy is removed only once verified on the live mount, and

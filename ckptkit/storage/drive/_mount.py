@@ -4,6 +4,7 @@ only code that changes Drive (each change checked against the mount before and a
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import uuid
@@ -18,7 +19,6 @@ T = TypeVar("T")
 
 MARKER = ".ckptkit-drive-root"
 COLAB_MOUNT = "/content/drive"
-ROOT_RECORD = "drive-root.json"  # in a run's staging: the marker token seen there
 
 
 class VerifyError(OSError):
@@ -56,14 +56,17 @@ def mount_problem(root: str, mount: str | None) -> str | None:
 
 class Mount:
     """The Drive root, told apart from a folder an unmount left in its place by the
-    marker file in it: a token recorded in the run's staging when first seen."""
+    marker file in it: a token recorded in the staging folder when first seen."""
 
     def __init__(self, root: str, run_staging: str) -> None:
         self.root = root
         self.mount_point = mount_point_of(root)  # while the root is there, as when opened
         self.marker = os.path.join(root, MARKER)
         self.run_staging = run_staging
-        self.record = os.path.join(run_staging, ROOT_RECORD)
+        # The token seen in this root, kept next to the runs' staging folders: one record
+        # per root (the marker belongs to the Drive, not to a run).
+        digest = hashlib.sha1(root.encode()).hexdigest()[:10]
+        self.record = os.path.join(os.path.dirname(run_staging), f"drive-root-{digest}.json")
         self.token: str | None = None
         # The root's filesystem while this process writes: a folder put in its place
         # on local disk has another one. (Not kept across processes: a remount may
@@ -85,8 +88,8 @@ class Mount:
             return None
 
     def known_problem(self) -> str | None:
-        """Why the root is not the one this run's staging recorded (a read: readers ask
-        too), or None; also None when the staging has no record yet."""
+        """Why the root is not the one the staging folder recorded (a read: readers ask
+        too), or None; also None when the staging has no record of this root yet."""
         if problem := mount_problem(self.root, self.mount_point):
             return problem
         recorded = self._recorded()
@@ -101,8 +104,8 @@ class Mount:
 
     def establish(self) -> None:
         """Learn the marker's token, creating the marker when neither the root nor this
-        run's staging has seen one (raise :class:`MountLost` when it is not the root
-        the run's staging knows). Only a writer calls this."""
+        staging folder has seen one (raise :class:`MountLost` when it is not the root
+        the staging knows). Only a writer calls this."""
         if problem := self.known_problem():
             raise MountLost(problem)
         recorded = self._recorded()

@@ -253,7 +253,8 @@ class DriveStorage:
 
     # -- writes -------------------------------------------------------------------
     def _direct(self, full: str, fn: Callable[[DriveFolder], T]) -> T:
-        """Run ``fn`` on Drive now, once no queued operation touches ``full``."""
+        """Run ``fn`` on Drive now, once no queued operation touches ``full``. A lost
+        mount fails at once: the caller (the run lock) is waiting."""
         up = self._run.writer()
         up.wait(until=lambda: not up.touches(full))
         try:
@@ -261,7 +262,7 @@ class DriveStorage:
                 lambda: fn(up.drive),
                 attempts=up.attempts,
                 backoff=up.backoff,
-                transient=lambda exc: isinstance(exc, OSError),
+                transient=lambda exc: isinstance(exc, OSError) and not isinstance(exc, MountLost),
             )
         except MountLost as exc:
             raise up.lost(exc) from None

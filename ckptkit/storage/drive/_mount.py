@@ -205,7 +205,9 @@ class DriveFolder:
     def _write(self, key: str, data: bytes, *, exclusive: bool) -> bool:
         path = self.path(key)
         mkdirs_on_drive(os.path.dirname(path))
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+        # Never through a symlink: the run lock is written here.
+        flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        flags |= os.O_EXCL if exclusive else os.O_TRUNC
         try:
             fd = os.open(path, flags, 0o644)
         except FileExistsError:

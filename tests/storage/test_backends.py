@@ -26,6 +26,7 @@ from ckptkit.errors import MissingDependencyError, StorageError
 from ckptkit.storage import drive as drive_mod
 from ckptkit.storage.base import Storage
 from ckptkit.storage.drive import DriveStorage
+from ckptkit.storage.drive._uploader import Uploader
 from ckptkit.storage.fsspec_backend import FsspecStorage, is_transient, retry_call
 from ckptkit.storage.registry import open_storage
 from tests.gcs_emulator import Emulator, emulator_installed
@@ -539,12 +540,14 @@ def test_drive_flush_raises_when_uploads_keep_failing(
 def test_drive_close_stops_the_thread(drive_root: Path) -> None:
     st = DriveStorage("drive://T-L/runs/etth1")
     again = open_storage("drive://T-L/runs/etth1")  # same run: same queue
-    assert again._up is st._up
     st.write_bytes("a", b"1")
+    again.write_bytes("b", b"2")
+    up = st._run.up
+    assert up is not None and again._run.up is up
     st.close()
-    assert st._up._thread.is_alive()  # still used by `again`
+    assert up._thread.is_alive()  # still used by `again`
     again.close()
-    assert not st._up._thread.is_alive()
+    assert not up._thread.is_alive()
     assert (drive_root / "T-L/runs/etth1/a").read_bytes() == b"1"
     with pytest.raises(StorageError, match="closed"):
         st.write_bytes("b", b"2")
@@ -585,9 +588,11 @@ def test_drive_live_session_is_not_adopted(
     log.gate.clear()
     monkeypatch.setattr(drive_mod, "_copy_file", log)
     drive.write_bytes("a", b"1")
-    run_staging = os.path.dirname(drive._up._session.path)
-    other = drive_mod._Uploader(
-        "drive://x", str(Path(run_staging) / "unused"), run_staging, attempts=1, backoff=0
+    up = drive._run.up
+    assert up is not None
+    run_staging = os.path.dirname(up._session.path)
+    other = Uploader(
+        "drive://x", up.mount.root, drive._run.target, run_staging, attempts=1, backoff=0
     )
     try:
         assert other.pending() == []
@@ -616,7 +621,10 @@ def test_drive_crashed_process_is_recovered(drive_root: Path, tmp_path: Path) ->
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
     assert not (drive_root / "T-L/runs/etth1/ckpt-1").exists()
     st = DriveStorage("drive://T-L/runs/etth1")
-    assert st.read_bytes("ckpt-1/manifest.json") == b"ckpt-1/manifest.json"  # from staging
+    assert not st.exists("ckpt-1")  # reading alone adopts (and replays) nothing
+    assert st.create_exclusive(".lock", b"me")  # the next writer (its run lock first)...
+    assert st.read_bytes("ckpt-1/manifest.json") == b"ckpt-1/manifest.json"  # ...adopts
+    st.delete(".lock")
     st.close()
     run = drive_root / "T-L/runs/etth1/ckpt-1"
     assert sorted(os.listdir(run)) == ["manifest.json", "model.bin"]

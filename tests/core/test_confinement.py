@@ -549,3 +549,28 @@ def test_drive_symlinked_checkpoint_directory_is_corrupt(drive_run, tmp_path):
     with pytest.raises(CorruptCheckpointError):
         ckptkit.load(url + "/step-000000000002")
     assert sorted(os.listdir(outside)) == ["manifest.json", "model.safetensors", "state.pt"]
+
+
+@pytest.mark.xfail(strict=True, reason="the Drive upload opens its target with open(dst, 'wb')")
+def test_drive_upload_never_writes_through_a_planted_link(tmp_path):
+    """The uploader's copy onto the mount replaces a link (or FIFO) planted where a file
+    lands, and never writes through it: the link's target stays untouched."""
+    from ckptkit.storage import drive
+
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"do not overwrite")
+    src = tmp_path / "staged.bin"
+    src.write_bytes(b"checkpoint bytes")
+    on_drive = tmp_path / "MyDrive" / "run" / "step-000000000003"
+    on_drive.mkdir(parents=True)
+    link, fifo = on_drive / "state.pt", on_drive / "model.safetensors"
+    os.symlink(secret, link)
+    os.mkfifo(fifo)
+    for dst in (link, fifo):
+        drive._copy_file(str(src), str(dst))
+        assert not dst.is_symlink() and dst.read_bytes() == b"checkpoint bytes"
+        assert drive._digest(str(dst))[0] == len(b"checkpoint bytes")
+    assert secret.read_bytes() == b"do not overwrite"
+    os.symlink(secret, on_drive / "manifest.json")
+    with pytest.raises(OSError):
+        drive._digest(str(on_drive / "manifest.json"))  # read-back never follows a link

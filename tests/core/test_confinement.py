@@ -551,7 +551,6 @@ def test_drive_symlinked_checkpoint_directory_is_corrupt(drive_run, tmp_path):
     assert sorted(os.listdir(outside)) == ["manifest.json", "model.safetensors", "state.pt"]
 
 
-@pytest.mark.xfail(strict=True, reason="the Drive upload opens its target with open(dst, 'wb')")
 def test_drive_upload_never_writes_through_a_planted_link(tmp_path):
     """The uploader's copy onto the mount replaces a link (or FIFO) planted where a file
     lands, and never writes through it: the link's target stays untouched."""

@@ -57,8 +57,10 @@ live here, where tests (and only tests) replace them.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 
 DEFAULT_ROOT = "/content/drive/MyDrive"
 _CHUNK = 4 << 20
@@ -69,7 +71,7 @@ def _copy_file(src: str, dst: str) -> str:
     """Copy ``src`` to ``dst`` (fsynced); return the sha256 of the bytes copied."""
     mkdirs_on_drive(os.path.dirname(dst))
     h = hashlib.sha256()
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
+    with open(src, "rb") as fin, os.fdopen(_open_no_follow(dst), "wb") as fout:
         while block := fin.read(_CHUNK):
             h.update(block)
             fout.write(block)
@@ -78,11 +80,34 @@ def _copy_file(src: str, dst: str) -> str:
     return h.hexdigest()
 
 
+def _open_no_follow(dst: str) -> int:
+    """A descriptor of a fresh regular file at ``dst``: a link (or FIFO...) someone left
+    there is removed and replaced, never written through (its target stays untouched)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK
+    for _ in range(3):
+        try:
+            fd = os.open(dst, flags, 0o644)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENXIO):
+                raise
+            os.unlink(dst)
+            continue
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+        os.close(fd)
+        os.unlink(dst)
+    raise OSError(errno.EEXIST, f"{dst} keeps being replaced while written")
+
+
 def _digest(path: str) -> tuple[int, str]:
-    """Size and sha256 of ``path``, read back from the filesystem."""
+    """Size and sha256 of ``path``, read back from the filesystem (never through a link)."""
     h = hashlib.sha256()
     size = 0
-    with open(path, "rb") as f:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{path} is not a regular file")
+    with os.fdopen(fd, "rb") as f:
         while block := f.read(_CHUNK):
             size += len(block)
             h.update(block)

@@ -28,7 +28,6 @@ from .helpers import assert_plain
 omegaconf = pytest.importorskip("omegaconf")
 OmegaConf = omegaconf.OmegaConf
 ROOT = Path(__file__).resolve().parents[2]
-XFAIL = pytest.mark.xfail(strict=True, reason="issue 11.5: configs through a restricted reader")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -104,7 +103,6 @@ EXPECTED = {
 }
 
 
-@XFAIL
 @pytest.mark.parametrize("protocol", [2, 4, 5, "legacy"])
 def test_configs_load_as_plain_data(tmp_path, protocol) -> None:
     path = tmp_path / "ckpt.pt"
@@ -121,7 +119,6 @@ def test_configs_load_as_plain_data(tmp_path, protocol) -> None:
     assert_plain(out)
 
 
-@XFAIL
 def test_inspect_and_restore_read_configs_without_trust(tmp_path) -> None:
     path = tmp_path / "ckpt.pt"
     torch.save(research_dict(), path)
@@ -174,7 +171,6 @@ _AUDIT = textwrap.dedent(
 )
 
 
-@XFAIL
 @pytest.mark.parametrize("mode", ["gone", "trapped"])
 def test_audit_nothing_imported_nothing_constructed(tmp_path, mode) -> None:
     path = tmp_path / "ckpt.pt"
@@ -214,7 +210,6 @@ def _hostile(marker: Path) -> dict:
     }
 
 
-@XFAIL
 @pytest.mark.parametrize("protocol", [0, 1, 2, 3, 4, 5])
 def test_inspect_lists_every_unlisted_global_for_every_protocol(tmp_path, protocol) -> None:
     marker = tmp_path / "pwned"
@@ -248,7 +243,6 @@ def test_inspect_lists_every_unlisted_global_for_every_protocol(tmp_path, protoc
     assert not marker.exists()
 
 
-@XFAIL
 def test_plain_pickle_globals_are_found_for_every_protocol() -> None:
     from ckptkit.formats.pickles import scan_globals
 
@@ -258,7 +252,6 @@ def test_plain_pickle_globals_are_found_for_every_protocol() -> None:
         assert f"{__name__}.Custom" in names and f"{os.system.__module__}.system" in names
 
 
-@XFAIL
 def test_trust_loads_and_names_what_it_ran(tmp_path) -> None:
     path = tmp_path / "c.pt"
     torch.save({"c": Custom(), "w": torch.ones(1)}, path)
@@ -267,7 +260,6 @@ def test_trust_loads_and_names_what_it_ran(tmp_path) -> None:
     assert info["unsafe_globals"] == [f"{__name__}.Custom"]
 
 
-@XFAIL
 def test_trust_reads_a_whole_pickled_module(tmp_path) -> None:
     path = tmp_path / "model.pt"
     torch.save(torch.nn.Linear(3, 2), path)
@@ -278,7 +270,6 @@ def test_trust_reads_a_whole_pickled_module(tmp_path) -> None:
     assert out["model"]["weight"].shape == (2, 3)
 
 
-@XFAIL
 def test_trust_on_a_module_whose_class_is_gone_says_so(tmp_path) -> None:
     path = tmp_path / "model.pt"
     script = textwrap.dedent(
@@ -299,9 +290,9 @@ def test_trust_on_a_module_whose_class_is_gone_says_so(tmp_path) -> None:
 
 
 # -- torch.distributed.checkpoint metadata --------------------------------------------
-@XFAIL
 def test_dcp_metadata_parses_without_unpickling(tmp_path) -> None:
     import torch.distributed.checkpoint as dcp
+
     from ckptkit.formats.dcp import read_metadata
 
     state = {"model": {"w": torch.ones(2, 3), "b": torch.zeros(3)}, "step": 5}
@@ -317,7 +308,6 @@ def test_dcp_metadata_parses_without_unpickling(tmp_path) -> None:
     json.dumps(meta)  # plain data only
 
 
-@XFAIL
 @pytest.mark.parametrize("protocol", [2, 4])
 def test_hostile_dcp_metadata_is_refused(tmp_path, protocol) -> None:
     from ckptkit.formats.dcp import read_metadata

@@ -98,7 +98,7 @@ class RunLock:
             raise RunLockedError(
                 f"{self.storage.url} is being written by pid {info.get('pid')} on {info.get('host')} "
                 f"(seen {age:.0f} s ago): stop that run first, or if it is gone pass "
-                f"break_lock=True / --break-lock (or wait {max(0.0, self.stale_after - age):.0f} s)"
+                f"break_lock=True (or wait {max(0.0, self.stale_after - age):.0f} s)"
             )
         else:
             raise RunLockedError(f"{self.storage.url}: could not take the run lock; retry")

@@ -13,10 +13,29 @@ import click
 
 from ckptkit.errors import CkptError
 
+# Library messages name parameters (``force=True``); a command line user needs the flag.
+_FLAGS = {
+    "trust=True": "--trust",
+    "force=True": "--force",
+    "overwrite=True": "--overwrite",
+    "break_lock=True": "--break-lock",
+    "verify=False": "--no-verify",
+    "resume='latest'": "--resume latest",
+    "resume='auto'": "--resume auto",
+    "resume='never'": "--resume never",
+}
+
+
+def as_flags(message: str) -> str:
+    """``message`` with the library's parameter names replaced by this CLI's flags."""
+    for param, flag in _FLAGS.items():
+        message = message.replace(param, flag)
+    return message
+
 
 def _show_warning(message: Warning | str, category: type[Warning], *args: object) -> None:
     # One line per warning ("Warning: skipping ... (damaged)"), not file:line + source.
-    click.secho(f"Warning: {message}", fg="yellow", err=True)
+    click.secho(f"Warning: {as_flags(str(message))}", fg="yellow", err=True)
 
 
 class _Group(click.Group):
@@ -26,7 +45,7 @@ class _Group(click.Group):
             try:
                 return super().invoke(ctx)
             except CkptError as exc:
-                click.secho(f"Error: {exc}", fg="red", err=True)
+                click.secho(f"Error: {as_flags(str(exc))}", fg="red", err=True)
                 ctx.exit(exc.exit_code)
 
 
@@ -55,6 +74,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _register_commands()
     except CkptError as exc:
-        click.secho(f"Error: {exc}", fg="red", err=True)
+        click.secho(f"Error: {as_flags(str(exc))}", fg="red", err=True)
         sys.exit(exc.exit_code)
     cli.main(args=argv, prog_name="ckptkit")

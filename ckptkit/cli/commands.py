@@ -98,6 +98,8 @@ def inspect_cmd(path: str, as_json: bool, no_verify: bool, trust: bool) -> None:
 
 def _show_refused(path: str, exc: UnsafeCheckpointError, as_json: bool) -> None:
     """What ``inspect`` says of a file it refuses: every global outside the allowlist."""
+    from ckptkit.cli import as_flags
+
     names = list(getattr(exc, "globals", []))
     if as_json:
         _echo_json(
@@ -106,7 +108,7 @@ def _show_refused(path: str, exc: UnsafeCheckpointError, as_json: bool) -> None:
                 "path": path,
                 "format": None,
                 "complete": False,
-                "problem": str(exc),
+                "problem": as_flags(str(exc)),
                 "unsafe_globals": names,
             }
         )

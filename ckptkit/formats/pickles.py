@@ -431,8 +431,8 @@ class _Plain:
         if isinstance(obj, dict):
             out: dict[Any, Any] = type(obj)() if type(obj) is not dict else {}
             self.done[key] = out
-            items = {k: self.convert(v) for k, v in obj.items()}
-            unchanged = all(items[k] is v for k, v in obj.items())
+            items = {self._key(k): self.convert(v) for k, v in obj.items()}
+            unchanged = all(k in items and items[k] is v for k, v in obj.items())
             if unchanged and (type(obj) is dict or type(obj).__name__ == "OrderedDict"):
                 self.done[key] = obj
                 return obj
@@ -452,6 +452,17 @@ class _Plain:
             self.done[key] = result
             return result
         return obj
+
+
+    def _key(self, key: Any) -> Any:
+        if not isinstance(key, (_Stub, _TypeName)):
+            return key
+        plain = self.convert(key)  # a config object used as a key: its text if unhashable
+        try:
+            hash(plain)
+        except TypeError:
+            return repr(plain)
+        return plain
 
 
 def _state_dict(stub: _Stub) -> dict[str, Any]:

@@ -14,7 +14,6 @@ import io
 import logging
 import re
 import threading
-import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,9 +36,7 @@ from ckptkit.formats import pickles
 log = logging.getLogger(__name__)
 
 _ZIP_MAGIC = b"PK\x03\x04"
-_UNSAFE_FIX = (
-    "re-save it with plain types, or pass trust=True (--trust) if you trust the file's author"
-)
+_UNSAFE_FIX = "re-save it with plain types, or pass trust=True if you trust the file's author"
 
 # numpy dtypes whose scalars/arrays we admit: fixed-size numbers and bools, whose pickled
 # payload is raw bytes. Object, string, void (structured) and datetime dtypes are left out:
@@ -277,8 +274,9 @@ def _trusted_load(data: bytes | str, source: str, map_location: Any) -> Any:
     seen = _seen.get()
     if seen is not None:
         seen.add(seen.unsafe, names)
-    warnings.warn(msg, UserWarning, stacklevel=3)
-    log.warning(msg)
+    from ckptkit.run import warn  # run imports this module: import at call time
+
+    warn(msg, UserWarning)
     try:
         with _open(data) as (f, mmap):
             obj = torch.load(f, map_location=map_location, weights_only=False, mmap=mmap)

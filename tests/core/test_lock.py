@@ -44,7 +44,7 @@ def test_second_writer_fails_fast_naming_pid_and_host(run_dir):
             CheckpointManager(run_dir)
         message = str(err.value)
         assert f"pid {os.getpid()} on {socket.gethostname()}" in message
-        assert "--break-lock" in message and "\n" not in message
+        assert "break_lock=True" in message and "\n" not in message
 
 
 def test_second_writer_in_another_process_is_refused(run_dir):

@@ -31,7 +31,6 @@ def _state(value: float = 0.0) -> dict:
     return {"model": model, "step": 0}
 
 
-@XFAIL
 def test_restore_result_says_whether_and_from_where(tmp_path) -> None:
     run = str(tmp_path / "run")
     with CheckpointManager(run) as mgr:
@@ -49,7 +48,6 @@ def test_restore_result_says_whether_and_from_where(tmp_path) -> None:
     assert result + 1 == 6 and f"{result}" == "5" and result
 
 
-@XFAIL
 def test_restore_of_a_foreign_file_has_no_checkpoint_info(tmp_path) -> None:
     path = tmp_path / "old.pt"
     torch.save({"model": _state(2.0)["model"].state_dict(), "global_step": 7}, path)
@@ -59,7 +57,6 @@ def test_restore_of_a_foreign_file_has_no_checkpoint_info(tmp_path) -> None:
     assert result.source == str(path)
 
 
-@XFAIL
 def test_warnings_point_at_the_callers_line(tmp_path) -> None:
     path = tmp_path / "old.pt"
     torch.save(_state(2.0)["model"].state_dict(), path)  # a bare state dict: many notes
@@ -83,7 +80,6 @@ class Custom:
     pass
 
 
-@XFAIL
 def test_trust_warning_points_at_the_caller(tmp_path) -> None:
     path = tmp_path / "c.pt"
     torch.save({"c": Custom()}, path)
@@ -92,7 +88,6 @@ def test_trust_warning_points_at_the_caller(tmp_path) -> None:
     assert all(w.filename == __file__ for w in caught if "executing" in str(w.message))
 
 
-@XFAIL
 def test_library_errors_name_parameters_not_flags(tmp_path) -> None:
     run = str(tmp_path / "run")
     with CheckpointManager(run) as mgr:
@@ -116,7 +111,6 @@ def test_library_errors_name_parameters_not_flags(tmp_path) -> None:
     assert "trust=True" in str(exc.value) and "--trust" not in str(exc.value)
 
 
-@XFAIL
 def test_the_cli_maps_parameters_to_flags(tmp_path) -> None:
     _register_commands()
     bad = tmp_path / "bad.pt"

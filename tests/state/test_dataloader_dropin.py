@@ -21,7 +21,6 @@ def dataset(n: int = 20) -> TensorDataset:
     return TensorDataset(torch.arange(n))
 
 
-@XFAIL
 def test_defaults_match_dataloader() -> None:
     ours = inspect.signature(ResumableDataLoader).parameters
     theirs = inspect.signature(DataLoader).parameters
@@ -29,14 +28,12 @@ def test_defaults_match_dataloader() -> None:
         assert ours[name].default == theirs[name].default, name
 
 
-@XFAIL
 def test_a_straight_swap_keeps_the_data_order() -> None:
     data = dataset()
     expected = [b[0].tolist() for b in DataLoader(data, batch_size=3)]
     assert [b[0].tolist() for b in ResumableDataLoader(data, batch_size=3)] == expected
 
 
-@XFAIL
 def test_position_is_public_and_resumes() -> None:
     loader = ResumableDataLoader(dataset(), batch_size=4, shuffle=True, seed=1)
     assert (loader.position.epoch, loader.position.batch) == (0, 0)
@@ -53,7 +50,6 @@ def test_position_is_public_and_resumes() -> None:
     assert "position" in (ResumableDataLoader.__doc__ or "")
 
 
-@XFAIL
 def test_a_run_saved_with_the_old_default_names_shuffle_true(tmp_path) -> None:
     run = str(tmp_path / "run")
     old = ResumableDataLoader(dataset(), batch_size=4, shuffle=True)  # the old default

@@ -317,3 +317,29 @@ def test_hostile_dcp_metadata_is_refused(tmp_path, protocol) -> None:
     with pytest.raises(UnsafeCheckpointError, match="system"):
         read_metadata(data, source="evil/.metadata")
     assert not marker.exists()
+
+
+def _hidden_global(via_call: bool) -> bytes:
+    """A protocol-4 pickle that hides os.system from a naive scan: STACK_GLOBAL's names
+    come back from the memo after being popped, or from the result of a call."""
+
+    def text(value: str) -> bytes:  # SHORT_BINUNICODE
+        return b"\x8c" + bytes([len(value)]) + value.encode()
+
+    if via_call:  # str("os"): the module name exists only once the call has run
+        names = text("builtins") + text("str") + b"\x93" + text("os") + b"\x85R" + text("system")
+    else:  # pushed, memoized, popped, then fetched back from the memo
+        names = text("os") + b"\x94" + text("system") + b"\x94" + b"00" + b"h\x00h\x01"
+    return b"\x80\x04" + names + b"\x93" + text("touch /tmp/pwned") + b"\x85R."
+
+
+@pytest.mark.parametrize("via_call", [False, True], ids=["memo", "computed"])
+def test_hidden_stack_globals_are_found_and_refused(via_call: bool) -> None:
+    from ckptkit.formats.dcp import read_metadata
+    from ckptkit.formats.pickles import scan_globals
+
+    data = _hidden_global(via_call)
+    names = scan_globals(data)
+    assert ("<computed global>" if via_call else "os.system") in names
+    with pytest.raises(UnsafeCheckpointError):
+        read_metadata(data, source="evil/.metadata")

@@ -51,10 +51,14 @@ class CountingDataset(Dataset):
 
 def resumable_first_batch(position: int, num_workers: int) -> tuple[float, int]:
     """Seconds from load_state_dict to the first batch, and items fetched by then."""
-    template = ResumableDataLoader(CountingDataset(DATASET_LEN), BATCH_SIZE, seed=SEED)
+    template = ResumableDataLoader(
+        CountingDataset(DATASET_LEN), BATCH_SIZE, shuffle=True, seed=SEED
+    )
     state = template.state_dict() | {"batches_yielded": position}
     dataset = CountingDataset(DATASET_LEN)
-    loader = ResumableDataLoader(dataset, BATCH_SIZE, seed=SEED, num_workers=num_workers)
+    loader = ResumableDataLoader(
+        dataset, BATCH_SIZE, shuffle=True, seed=SEED, num_workers=num_workers
+    )
     start = time.perf_counter()
     loader.load_state_dict(state)
     next(iter(loader))

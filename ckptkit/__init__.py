@@ -3,7 +3,8 @@
     from ckptkit import CheckpointManager, RNGState
     mgr = CheckpointManager("runs/exp1", keep_last=3, save_every_steps=500)
     state = {"model": model, "optimizer": opt, "rng": RNGState(), "epoch": 0}
-    step = mgr.restore(state) or 0
+    result = mgr.resume(state, "auto")   # result.resumed, .step, .checkpoint
+    step = result.step or 0
     ...
     mgr.maybe_save(step, state, metrics={"val_loss": v})
 
@@ -34,6 +35,8 @@ from ckptkit.hooks.spec import hookimpl
 _LAZY = {
     "EXIT_RESUMABLE": "ckptkit.manager",
     "CheckpointManager": "ckptkit.manager",
+    "ResumeResult": "ckptkit.manager",
+    "LoaderPosition": "ckptkit.state",
     "inspect": "ckptkit.reader",
     "load": "ckptkit.reader",
     "read_checkpoint": "ckptkit.reader",
@@ -46,10 +49,10 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from ckptkit.manager import EXIT_RESUMABLE, CheckpointManager
+    from ckptkit.manager import EXIT_RESUMABLE, CheckpointManager, ResumeResult
     from ckptkit.reader import inspect, load, read_checkpoint
     from ckptkit.run import CheckpointInfo, CheckpointWarning
-    from ckptkit.state import EarlyStopping, ResumableDataLoader, RNGState
+    from ckptkit.state import EarlyStopping, LoaderPosition, ResumableDataLoader, RNGState
     from ckptkit.storage.registry import open_storage
 
 
@@ -77,9 +80,11 @@ __all__ = [
     "CorruptCheckpointError",
     "EarlyStopping",
     "IncompatibleCheckpointError",
+    "LoaderPosition",
     "MissingDependencyError",
     "RNGState",
     "ResumableDataLoader",
+    "ResumeResult",
     "RunLockedError",
     "StorageError",
     "UnsafeCheckpointError",

@@ -61,6 +61,77 @@ EXIT_RESUMABLE = 75
 RUN_INFO = "run.json"
 
 
+class ResumeResult(int):
+    """What ``restore``/``resume`` did: ``resumed`` (False: starting fresh), ``step``
+    (the restored checkpoint's step; None when fresh, or when a foreign file records
+    none), ``checkpoint`` (the ``CheckpointInfo`` of this run's checkpoint it came from;
+    None when fresh or read from a path outside the run) and ``source`` (the URL read).
+
+    It is also the int these methods used to return, so ``start = mgr.resume(state) or 0``,
+    ``range(result, n)``, ``result + 1`` and ``result == 5`` keep working: its value is
+    ``step`` (0 when there is none), it is true when it resumed (also from step 0), and
+    it equals None when it did not resume. ``result is None`` is never true: test
+    ``result.resumed``. Immutable.
+    """
+
+    resumed: bool
+    step: int | None
+    checkpoint: CheckpointInfo | None
+    source: str | None
+
+    def __new__(
+        cls,
+        resumed: bool,
+        step: int | None = None,
+        checkpoint: CheckpointInfo | None = None,
+        source: str | None = None,
+    ) -> ResumeResult:
+        self = super().__new__(cls, step or 0)
+        for name, value in (
+            ("resumed", bool(resumed)),
+            ("step", step),
+            ("checkpoint", checkpoint),
+            ("source", source),
+        ):
+            object.__setattr__(self, name, value)
+        return self
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"ResumeResult is immutable (cannot set {name})")
+
+    def __bool__(self) -> bool:
+        return self.resumed
+
+    def __eq__(self, other: object) -> bool:
+        if other is None:
+            return not self.resumed
+        if isinstance(other, ResumeResult):
+            return (self.resumed, self.step, self.source) == (
+                other.resumed,
+                other.step,
+                other.source,
+            )
+        return int(self) == other
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = int.__hash__
+
+    def __repr__(self) -> str:
+        where = self.checkpoint.name if self.checkpoint is not None else self.source
+        return f"ResumeResult(resumed={self.resumed}, step={self.step}, from={where!r})"
+
+    def __str__(self) -> str:
+        return int.__repr__(self)
+
+    def __format__(self, spec: str) -> str:
+        return int.__format__(int(self), spec)
+
+    def __reduce__(self) -> Any:
+        return (ResumeResult, (self.resumed, self.step, self.checkpoint, self.source))
+
+
 class CheckpointManager:
     """Saves and restores training state under one run URL.
 
@@ -525,19 +596,21 @@ class CheckpointManager:
         verify: bool | None = None,
         force: bool = False,
         trust: bool = False,
-    ) -> int | None:
-        """Load a checkpoint into ``state`` in place and return its step.
+    ) -> ResumeResult:
+        """Load a checkpoint into ``state`` in place; return a ``ResumeResult`` saying
+        whether it resumed, from which checkpoint and step (an int-like: its step).
 
         ``which``: ``"latest"`` (newest valid; corrupt ones are skipped with a warning
         naming them), ``"best"``, a step number, a checkpoint name in this run, or the
-        URL/path of any checkpoint or run we read (native or legacy). Returns None when
-        the run has no checkpoint and ``which`` is ``"latest"``.
+        URL/path of any checkpoint or run we read (native or legacy). When the run has
+        no checkpoint and ``which`` is ``"latest"``, nothing is loaded and the result
+        has ``resumed=False``.
         """
         verify = self.verify if verify is None else verify
         full = self._with_extra_state(state)
         loaded = self._load(which, verify=verify, trust=trust)
         if loaded is None:
-            return None
+            return ResumeResult(False)
         info, data = loaded
         if not force:
             self._check_config(data)
@@ -555,7 +628,7 @@ class CheckpointManager:
         if info is not None:
             self.restored_from = info
             self._pm.hook.ckptkit_after_restore(manager=self, info=info, state=state)
-        return data.step
+        return ResumeResult(True, data.step, info, data.source)
 
     def resume(
         self,
@@ -565,9 +638,9 @@ class CheckpointManager:
         overwrite: bool = False,
         force: bool = False,
         trust: bool = False,
-    ) -> int | None:
-        """The ``--resume`` semantics every training command shares; returns the step
-        restored, or None when starting fresh.
+    ) -> ResumeResult:
+        """The ``--resume`` semantics every training command shares; returns a
+        ``ResumeResult`` (``resumed=False`` when starting fresh).
 
         - ``"latest"``: the newest valid checkpoint of this run; error if there is none.
         - ``"auto"``: ``latest`` if the run has a checkpoint, else start fresh.
@@ -587,11 +660,11 @@ class CheckpointManager:
                     "or pass overwrite=True to delete them and start fresh"
                 )
             self._delete_all(committed)
-            return None
+            return ResumeResult(False)
         if mode in ("latest", "auto"):
-            step = self.restore(state, "latest", force=force)
-            if step is not None:
-                return step
+            result = self.restore(state, "latest", force=force)
+            if result.resumed:
+                return result
             damaged = self._committed_names()
             if damaged:
                 # Starting fresh would bury them under new checkpoints: the user decides.
@@ -607,7 +680,7 @@ class CheckpointManager:
                 raise CheckpointNotFoundError(
                     f"{self.url}: no checkpoint to resume from; use resume='auto' to start fresh"
                 )
-            return None
+            return result
         return self.restore(state, mode, force=force, trust=trust)
 
     def _committed_names(self) -> list[str]:

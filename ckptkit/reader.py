@@ -139,9 +139,16 @@ def resume_gaps(state: dict[str, Any]) -> list[str]:
 def inspect(url: str, *, verify: bool = True, trust: bool = False) -> dict[str, Any]:
     """What a checkpoint holds: ``format`` (ckptkit, state_dict, legacy_dict, hf_trainer),
     ``step``, ``epoch``, ``metrics``, ``complete``, tensor count/bytes/dtypes, a summary of
-    each state entry, versions and config (native), and ``lacks``: what a full resume
-    from it would not restore. A damaged checkpoint raises CorruptCheckpointError."""
-    loaded = read_checkpoint(url, verify=verify, trust=trust)
+    each state entry, versions and config (native), ``lacks``: what a full resume
+    from it would not restore, ``config_globals``: the allowlisted config classes read as
+    plain data, and ``unsafe_globals``: the globals outside the allowlist that
+    ``trust=True`` unpickled (without it such a file raises UnsafeCheckpointError, whose
+    ``globals`` lists them, found without running anything). A damaged checkpoint raises
+    CorruptCheckpointError."""
+    from ckptkit.formats.safe import recording
+
+    with recording() as seen:
+        loaded = read_checkpoint(url, verify=verify, trust=trust)
     tensors = _tensors(loaded.state)
     return {
         "source": loaded.source,
@@ -158,6 +165,8 @@ def inspect(url: str, *, verify: bool = True, trust: bool = False) -> dict[str, 
         "state": {k: _describe(v) for k, v in loaded.state.items()},
         "lacks": resume_gaps(loaded.state),
         "notes": loaded.notes,
+        "config_globals": seen.configs,
+        "unsafe_globals": seen.unsafe,
         **{k: v for k, v in loaded.meta.items() if v is not None},
     }
 

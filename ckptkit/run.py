@@ -7,6 +7,8 @@ else (temporary directories, half-deleted or half-written checkpoints) is ignore
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -29,9 +31,23 @@ class CheckpointWarning(UserWarning):
     """A checkpoint was skipped (incomplete or corrupt) or restored only in part."""
 
 
-def warn(message: str) -> None:
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn(message: str, category: type[Warning] = CheckpointWarning) -> None:
+    """Log ``message`` and warn with it at the user's line: the first frame outside the
+    ckptkit package, however deep inside ckptkit the warning arose (a fixed stacklevel
+    would point into ckptkit whenever the call chain changes)."""
     log.warning(message)
-    warnings.warn(message, CheckpointWarning, stacklevel=3)
+    warnings.warn(message, category, stacklevel=_caller_stacklevel())
+
+
+def _caller_stacklevel() -> int:
+    # Level 1 is warn() itself (the frame calling warnings.warn); count up from there.
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @dataclass(frozen=True)

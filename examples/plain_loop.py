@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     train, (x_val, y_val) = TensorDataset(x[:2048], y[:2048]), (x[2048:], y[2048:])
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Dropout(0.1), nn.Linear(64, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # As with DataLoader, shuffling is asked for (the default is shuffle=False).
     loader = ResumableDataLoader(
         train, batch_size=32, shuffle=True, seed=0, num_workers=args.workers
     )
@@ -73,8 +74,16 @@ def main(argv: list[str] | None = None) -> int:
         "epoch": 0,
     }
     with mgr:  # releases the run lock and the signal handlers, even on an error
-        start = mgr.resume(state, args.resume, overwrite=args.overwrite)
-        print(f"resumed at step {start}" if start is not None else "fresh run", flush=True)
+        result = mgr.resume(state, args.resume, overwrite=args.overwrite)
+        if result.resumed:  # from which checkpoint, at which step and place in the data
+            epoch, batch = loader.position
+            print(
+                f"resumed at step {result.step} from {result.source} "
+                f"(epoch {epoch}, batch {batch})",
+                flush=True,
+            )
+        else:
+            print("fresh run", flush=True)
         stopper = state["early_stopping"]
         while state["epoch"] < args.epochs and not (mgr.should_stop or stopper.should_stop):
             loader.set_epoch(state["epoch"])  # keeps the position in the epoch being resumed

@@ -381,10 +381,10 @@ def _train(
         window: list[float] = state["loss_window"]
         old_log = mgr.read_file("train.log")
         report = _Reporter(echo, total_steps, step, opts.progress if dist.rank == 0 else False)
-        if old_log and restored is not None:  # a fresh start begins a fresh log
+        if old_log and restored.resumed:  # a fresh start begins a fresh log
             report.lines = old_log.decode(errors="replace").splitlines()
         report.line(
-            f"run {mgr.run_name}: {'resumed at step ' + str(restored) if restored is not None else 'fresh start'}"
+            f"run {mgr.run_name}: {'resumed at step ' + str(restored) if restored.resumed else 'fresh start'}"
             f" | {cfg.name} {cfg.data} {cfg.seq_len}->{cfg.pred_len} | {device.type} {cfg.dtype}"
             f" | {steps_per_epoch} steps/epoch, {total_steps} steps | {sum(p.numel() for p in params):,} trainable"
         )

@@ -19,7 +19,7 @@ from ckptkit.storage.local import storage_error
 
 def _show_warning(message: Warning | str, category: type[Warning], *args: object) -> None:
     # One line per warning ("Warning: skipping ... (damaged)"), not file:line + source.
-    click.secho(f"Warning: {message}", fg="yellow", err=True)
+    click.secho(f"Warning: {as_flags(str(message))}", fg="yellow", err=True)
 
 
 # Library messages name parameters (``break_lock=True``); a command shows its flag of
@@ -49,6 +49,12 @@ def cli_message(message: str, command: click.Command | None) -> str:
         shown = flag if all(f in opts for f in wanted) else param
         message = re.sub(pattern, lambda _, shown=shown: shown, message)
     return message
+
+
+def as_flags(message: str) -> str:
+    """``message`` as the command being run shows it: its flags for library parameters."""
+    ctx = click.get_current_context(silent=True)
+    return cli_message(message, ctx.command if ctx is not None else None)
 
 
 class _Group(click.Group):
@@ -93,6 +99,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _register_commands()
     except CkptError as exc:
-        click.secho(f"Error: {exc}", fg="red", err=True)
+        click.secho(f"Error: {as_flags(str(exc))}", fg="red", err=True)
         sys.exit(exc.exit_code)
     cli.main(args=argv, prog_name="ckptkit")

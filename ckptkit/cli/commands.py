@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from ckptkit.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ckptkit.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 
 TRUST_HELP = (
     "Allow arbitrary pickled objects in legacy files. This EXECUTES code from the file: "
@@ -60,6 +60,9 @@ def inspect_cmd(path: str, as_json: bool, no_verify: bool, trust: bool) -> None:
             raise
         _echo_json(reader.inspect_damaged(path, str(exc)))
         raise click.exceptions.Exit(CorruptCheckpointError.exit_code) from None
+    except UnsafeCheckpointError as exc:
+        _show_refused(path, exc, as_json)
+        raise
     if as_json:
         _echo_json(info)
         return
@@ -85,8 +88,34 @@ def inspect_cmd(path: str, as_json: bool, no_verify: bool, trust: bool) -> None:
     )
     for note in info["notes"]:
         click.echo(f"  note: {note}")
+    if info["config_globals"]:
+        click.echo(f"  read as plain data (allowlisted): {', '.join(info['config_globals'])}")
+    if info["unsafe_globals"]:
+        click.echo(f"  unpickled with --trust: {', '.join(info['unsafe_globals'])}")
     for gap in info["lacks"]:
         click.echo(f"  a resume would lack: {gap}")
+
+
+def _show_refused(path: str, exc: UnsafeCheckpointError, as_json: bool) -> None:
+    """What ``inspect`` says of a file it refuses: every global outside the allowlist."""
+    from ckptkit.cli import as_flags
+
+    names = list(getattr(exc, "globals", []))
+    if as_json:
+        _echo_json(
+            {
+                "source": path,
+                "path": path,
+                "format": None,
+                "complete": False,
+                "problem": as_flags(str(exc)),
+                "unsafe_globals": names,
+            }
+        )
+        return
+    click.echo(f"{path}  (refused: not loaded, nothing in it was run)")
+    for name in names:
+        click.echo(f"  references non-allowlisted global: {name}")
 
 
 @click.command("ls")

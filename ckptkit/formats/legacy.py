@@ -183,7 +183,12 @@ def is_state_dict(obj: Any) -> bool:
 
 def from_object(obj: Any, source: str) -> Loaded | None:
     """Classify what a legacy file held: a bare state dict, a dict checkpoint, or (None)
-    something we do not know how to map."""
+    something we do not know how to map. Whole pickled modules (only loaded under
+    ``trust=True``) are taken as their ``state_dict()``."""
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    elif isinstance(obj, Mapping) and any(isinstance(v, torch.nn.Module) for v in obj.values()):
+        obj = {k: v.state_dict() if isinstance(v, torch.nn.Module) else v for k, v in obj.items()}
     if is_state_dict(obj):
         return state_dict_checkpoint(obj, source)
     if isinstance(obj, Mapping) and obj and all(isinstance(k, str) for k in obj):

@@ -10,15 +10,15 @@ Anything else is an ``UnsafeCheckpointError`` naming the global; nothing is exec
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import re
 import threading
-import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,17 +26,17 @@ import torch
 
 from ckptkit.errors import (
     CheckpointNotFoundError,
+    CkptError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     UnsafeCheckpointError,
 )
+from ckptkit.formats import pickles
 
 log = logging.getLogger(__name__)
 
 _ZIP_MAGIC = b"PK\x03\x04"
-_UNSAFE_FIX = (
-    "re-save it with plain types, or pass trust=True (--trust) if you trust the file's author"
-)
+_UNSAFE_FIX = "re-save it with plain types, or pass trust=True if you trust the file's author"
 
 # numpy dtypes whose scalars/arrays we admit: fixed-size numbers and bools, whose pickled
 # payload is raw bytes. Object, string, void (structured) and datetime dtypes are left out:
@@ -150,28 +150,144 @@ def safe_torch_load(
 ) -> Any:
     """Load a ``torch.save`` file (bytes, or a local path) without running pickled code.
 
-    Returns the object with numpy values turned into Python numbers / tensors. Raises
-    ``UnsafeCheckpointError`` when the file needs any other global, ``CorruptCheckpointError``
-    when it cannot be decoded, ``CheckpointNotFoundError`` for a missing path.
-    ``trust=True`` unpickles everything (the file can run any code): only for files whose
-    author you trust.
+    Returns the object with numpy values turned into Python numbers / tensors and
+    allowlisted config objects (``pickles.CONFIG_CLASSES``) turned into plain dicts, lists
+    and strings. Raises ``UnsafeCheckpointError`` naming every global the file needs beyond
+    the allowlist (found from the pickle's opcodes, before anything is loaded),
+    ``CorruptCheckpointError`` when it cannot be decoded, ``CheckpointNotFoundError`` for a
+    missing path. ``trust=True`` unpickles everything (the file can run any code): only for
+    files whose author you trust.
     """
     try:
         if trust:
-            msg = f"executing pickled code from {source} (trust=True): only do this for files you trust"
-            warnings.warn(msg, UserWarning, stacklevel=2)
-            log.warning(msg)
-        guard = contextlib.nullcontext() if trust else _allowlisted()
-        with _open(data) as (f, mmap), guard:
-            obj = torch.load(
-                f, map_location=map_location, weights_only=not trust, mmap=mmap
-            )  # safe unless trusted
+            return _trusted_load(data, source, map_location)
+        with _allowlisted():
+            restricted = _plan(data, source)
+            with _open(data) as (f, mmap):
+                if restricted is None:
+                    obj = torch.load(f, map_location=map_location, weights_only=True, mmap=mmap)
+                else:  # our restricted unpickler decides every global: still no code runs
+                    obj = torch.load(
+                        f,
+                        map_location=map_location,
+                        weights_only=False,
+                        pickle_module=pickles.pickle_module(restricted),
+                        mmap=mmap,
+                    )
+                    obj = pickles.plain(obj)
     except FileNotFoundError as exc:
         raise CheckpointNotFoundError(f"{source}: no such file") from exc
     except MemoryError:
         raise
+    except CkptError:
+        raise
     except Exception as exc:
         raise _load_error(exc, source) from exc
+    return to_plain(obj, source=source)
+
+
+@dataclass
+class Seen:
+    """What the loads inside ``recording()`` found: globals outside the allowlist (only
+    loaded under ``trust=True``; otherwise the load was refused) and allowlisted config
+    classes read as plain data."""
+
+    unsafe: list[str] = field(default_factory=list)
+    configs: list[str] = field(default_factory=list)
+
+    def add(self, bucket: list[str], names: list[str]) -> None:
+        bucket.extend(n for n in names if n not in bucket)
+
+
+_seen: ContextVar[Seen | None] = ContextVar("ckptkit_seen_globals", default=None)
+
+
+@contextmanager
+def recording() -> Iterator[Seen]:
+    """Collect the globals every ``safe_torch_load`` in this block met (for ``inspect``)."""
+    seen = Seen()
+    token = _seen.set(seen)
+    try:
+        yield seen
+    finally:
+        _seen.reset(token)
+
+
+def _globals_of(data: bytes | str) -> tuple[list[str], int] | None:
+    """The globals a torch file names and its pickle protocol, or None when the bytes are
+    not a readable torch pickle (torch.load then says how it is damaged)."""
+    try:
+        pkl, count = pickles.torch_pickle(data)
+        names = pickles.scan_globals(pkl, pickles=count)
+    except (ValueError, OSError):
+        return None
+    return names, pkl[1] if pkl[:1] == b"\x80" and len(pkl) > 1 else 0
+
+
+def _plan(data: bytes | str, source: str) -> dict[str, Any] | None:
+    """Refuse a file naming a global outside the allowlist, before anything is loaded.
+    Returns None when torch's weights-only loader can read it (tensor globals only,
+    protocol 2 or 3), else the allowlist for our restricted unpickler."""
+    scanned = _globals_of(data)
+    if scanned is None:
+        return None
+    names, proto = scanned
+    tensor = pickles.tensor_globals()
+    refused = pickles.unlisted(names, [*tensor, *pickles.CONFIG_GLOBALS])
+    if refused:
+        raise unsafe_error(source, refused)
+    configs = [n for n in names if n in pickles.CONFIG_GLOBALS and n not in tensor]
+    seen = _seen.get()
+    if seen is not None:
+        seen.add(seen.configs, [n for n in configs if n in _CONFIG_NAMES])
+    if not configs and proto in (2, 3):
+        return None
+    return {**pickles.CONFIG_GLOBALS, **tensor}
+
+
+_CONFIG_NAMES = {
+    n
+    for n, v in pickles.CONFIG_GLOBALS.items()
+    if n.split(".")[0] in ("argparse", "types", "pathlib")
+    or n.endswith(("DictConfig", "ListConfig"))
+}
+
+
+def unsafe_error(source: str, names: list[str]) -> UnsafeCheckpointError:
+    """The refusal of a file that names ``names``: every one of them, and why."""
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    err = UnsafeCheckpointError(
+        f"{source}: refusing to unpickle {shown} (not on the allowlist of tensors, numbers "
+        f"and config classes; loading it could run code): {_UNSAFE_FIX}"
+    )
+    err.globals = list(names)  # type: ignore[attr-defined]
+    return err
+
+
+def _trusted_load(data: bytes | str, source: str, map_location: Any) -> Any:
+    scanned = _globals_of(data)
+    names = pickles.unlisted(scanned[0], pickles.tensor_globals()) if scanned else []
+    what = f" ({', '.join(names[:8])})" if names else ""
+    msg = (
+        f"executing pickled code from {source}{what} (trust=True): only do this for files you trust"
+    )
+    seen = _seen.get()
+    if seen is not None:
+        seen.add(seen.unsafe, names)
+    from ckptkit.run import warn  # run imports this module: import at call time
+
+    warn(msg, UserWarning)
+    try:
+        with _open(data) as (f, mmap):
+            obj = torch.load(f, map_location=map_location, weights_only=False, mmap=mmap)
+    except (ImportError, AttributeError) as exc:
+        # A pickled object whose class the loading process cannot import (a whole
+        # torch.save(model) from a script's __main__...): the file is fine, the code is not here.
+        raise IncompatibleCheckpointError(
+            f"{source}: trust=True: the file pickles objects whose code is not importable "
+            f"here ({type(exc).__name__}: {str(exc)[:120]}): load it where that code is "
+            "importable and save model.state_dict() instead"
+        ) from exc
     return to_plain(obj, source=source)
 
 
@@ -199,6 +315,8 @@ def _open(data: bytes | str) -> Iterator[tuple[Any, bool]]:
 
 
 def _load_error(exc: Exception, source: str) -> Exception:
+    if isinstance(exc, pickles.Refused):
+        return unsafe_error(source, [exc.what])
     text = str(exc)
     name = unsafe_global(text)
     if name is not None:

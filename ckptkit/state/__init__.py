@@ -1,7 +1,7 @@
 """Small stateful objects a training loop checkpoints next to its model and optimizer."""
 
-from ckptkit.state.dataloader import ResumableDataLoader
+from ckptkit.state.dataloader import LoaderPosition, ResumableDataLoader
 from ckptkit.state.early_stopping import EarlyStopping
 from ckptkit.state.rng import RNGState
 
-__all__ = ["EarlyStopping", "RNGState", "ResumableDataLoader"]
+__all__ = ["EarlyStopping", "LoaderPosition", "RNGState", "ResumableDataLoader"]

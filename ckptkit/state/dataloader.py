@@ -6,7 +6,7 @@ import math
 import random
 import weakref
 from collections.abc import Iterator, Mapping, Sized
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -20,8 +20,20 @@ _OWNED_KWARGS = ("sampler", "batch_sampler", "generator")
 _CHECKED_KEYS = ("dataset_len", "batch_size", "world_size", "shuffle", "drop_last")
 
 
+class LoaderPosition(NamedTuple):
+    """Where a ``ResumableDataLoader`` is: the epoch in progress (or about to start) and
+    how many of its batches were handed to the loop (the index of the next batch)."""
+
+    epoch: int
+    batch: int
+
+
 class ResumableDataLoader:
     """A map-style DataLoader whose position is part of its state.
+
+    A drop-in for ``torch.utils.data.DataLoader(dataset, batch_size, shuffle, ...)``: the
+    same defaults (``batch_size=1``, no shuffling unless ``shuffle=True``,
+    ``num_workers=0``, ``drop_last=False``) and, without shuffling, the same batches.
 
     Recommended use::
 
@@ -37,7 +49,9 @@ class ResumableDataLoader:
       sharded over `world_size` exactly as `DistributedSampler(seed=seed, drop_last=drop_last)`
       does: padded by repeating indices, or trimmed when `drop_last`, so every rank has the
       same number of batches. The order does not depend on `num_workers` or on the global RNGs.
-    * Position: a batch counts as consumed when it is handed to the loop, not when a worker
+    * Position: `loader.position` is `(epoch, batch)`, the epoch in progress and the index
+      of the next batch (`loader.epoch`, `loader.batch_index`); it is what a checkpoint
+      saves. A batch counts as consumed when it is handed to the loop, not when a worker
       prefetches it. After `load_state_dict`, iteration yields the next batch the
       uninterrupted run would have yielded, and `dataset[i]` is never called for indices of
       the batches already consumed in that epoch. The state is the same on every rank, so
@@ -70,7 +84,7 @@ class ResumableDataLoader:
         self,
         dataset: Dataset[Any],
         batch_size: int = 1,
-        shuffle: bool = True,
+        shuffle: bool | None = None,
         seed: int = 0,
         num_workers: int = 0,
         drop_last: bool = False,
@@ -112,6 +126,16 @@ class ResumableDataLoader:
     def epoch(self) -> int:
         """The epoch in progress (or about to start)."""
         return self._epoch
+
+    @property
+    def batch_index(self) -> int:
+        """Batches of the current epoch handed to the loop so far: the next batch's index."""
+        return self._yielded
+
+    @property
+    def position(self) -> LoaderPosition:
+        """``(epoch, batch)``: the epoch in progress and the index of its next batch."""
+        return LoaderPosition(self._epoch, self._yielded)
 
     @property
     def num_workers(self) -> int:
@@ -167,6 +191,14 @@ class ResumableDataLoader:
             lacks = f"lacks {missing}" if isinstance(state, Mapping) else "is not a dict"
             raise IncompatibleCheckpointError(
                 f"loader state {lacks}; it was not written by ResumableDataLoader.state_dict()"
+            )
+        if state["shuffle"] is True and current["shuffle"] is False:
+            # Runs saved before shuffle defaulted to False (as in DataLoader) shuffled
+            # without asking: never continue them in another order.
+            raise IncompatibleCheckpointError(
+                "loader checkpoint was saved with shuffle=True but this loader does not "
+                "shuffle (the default is shuffle=False, as in DataLoader); pass "
+                "shuffle=True to ResumableDataLoader to resume the same data order"
             )
         for key in _CHECKED_KEYS:
             if state[key] != current[key]:

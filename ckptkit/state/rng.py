@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 
 from ckptkit.errors import IncompatibleCheckpointError
+from ckptkit.run import warn
 
 Generator = np.random.Generator | torch.Generator
 
@@ -143,18 +143,16 @@ def _restore_cuda(saved: list[torch.Tensor]) -> None:
     if not saved:
         return
     if not torch.cuda.is_available():
-        warnings.warn(
+        warn(
             f"checkpoint holds RNG state for {len(saved)} CUDA device(s) but CUDA is not "
-            "available here; CUDA RNG state not restored",
-            stacklevel=3,
+            "available here; CUDA RNG state not restored"
         )
         return
     count = torch.cuda.device_count()
     if count != len(saved):
-        warnings.warn(
+        warn(
             f"checkpoint holds RNG state for {len(saved)} CUDA device(s) but {count} are "
-            f"visible; restoring devices 0..{min(count, len(saved)) - 1} only",
-            stacklevel=3,
+            f"visible; restoring devices 0..{min(count, len(saved)) - 1} only"
         )
     for device, device_state in enumerate(saved[:count]):
         torch.cuda.set_rng_state(device_state, device)

@@ -109,7 +109,7 @@ def test_every_checkpoint_damaged_means_nothing_to_restore(run_dir):
     for step in (1, 2):
         truncate(os.path.join(_ckpt(run_dir, step), "model.safetensors"))
     with pytest.warns(CheckpointWarning):
-        assert _restore(run_dir)[0] is None
+        assert not _restore(run_dir)[0].resumed
 
 
 def test_directory_without_manifest_does_not_exist_for_readers(run_dir):

@@ -287,7 +287,7 @@ def test_hook_ckptkit_before_delete_can_veto(run_dir):
 def test_hook_ckptkit_after_restore_gets_the_loaded_state(run_dir):
     recorder = _register(Recorder())
     with CheckpointManager(run_dir) as mgr:
-        assert mgr.restore(_state(0)) is None  # nothing restored: no event
+        assert not mgr.restore(_state(0)).resumed  # nothing restored: no event
         mgr.save(3, _state(3))
         mgr.restore(_state(0))
     restores = [e for e in recorder.events if e[0] == "after_restore"]

@@ -73,7 +73,7 @@ def test_restore_on_empty_run_returns_none_and_leaves_state(run_dir):
     before = {k: v.clone() for k, v in state["model"].state_dict().items()}
     state["epoch"] = 7
     with CheckpointManager(run_dir) as mgr:
-        assert mgr.restore(state) is None
+        assert not mgr.restore(state).resumed
         assert mgr.latest() is None and mgr.best() is None and mgr.list() == []
     assert state["epoch"] == 7
     assert tensors_equal(before, state["model"].state_dict())
@@ -319,7 +319,7 @@ def test_resume_latest_requires_a_checkpoint(run_dir):
 
 def test_resume_auto_starts_fresh_or_continues(run_dir):
     with CheckpointManager(run_dir) as mgr:
-        assert mgr.resume(_tagged(0), "auto") is None
+        assert not mgr.resume(_tagged(0), "auto").resumed
         mgr.save(3, _tagged(3))
         state = _tagged(0)
         assert mgr.resume(state) == 3 and state["tag"] == 3
@@ -327,13 +327,13 @@ def test_resume_auto_starts_fresh_or_continues(run_dir):
 
 def test_resume_never_refuses_existing_checkpoints_unless_overwrite(run_dir):
     with CheckpointManager(run_dir) as mgr:
-        assert mgr.resume(_tagged(0), "never") is None  # empty run: fine
+        assert not mgr.resume(_tagged(0), "never").resumed  # empty run: fine
         mgr.save(3, _tagged(3))
         with pytest.raises(ConfigError, match="overwrite=True"):
             mgr.resume(_tagged(0), "never")
         assert _steps(mgr) == [3]
         state = _tagged(0)
-        assert mgr.resume(state, "never", overwrite=True) is None
+        assert not mgr.resume(state, "never", overwrite=True).resumed
         assert mgr.list() == [] and state["tag"] == 0
 
 
@@ -449,7 +449,7 @@ def test_signal_saves_at_next_step_then_stops(run_dir):
 def test_a_run_that_never_saved_leaves_no_files(tmp_path):
     run = tmp_path / "run"
     with CheckpointManager(str(run)) as mgr:
-        assert mgr.restore({"x": 0}) is None
+        assert not mgr.restore({"x": 0}).resumed
     assert not run.exists() or sorted(os.listdir(run)) == []
     with CheckpointManager(str(run), run_name="kept") as mgr:
         mgr.save(1, {"x": 1})

@@ -377,7 +377,7 @@ def test_legacy_dict_adamw_into_sgd_is_refused(tmp_path: Path) -> None:
             mgr.restore(target, str(path))
         _assert_unchanged(target, before)
         target["optimizer"] = torch.optim.AdamW(target["model"].parameters())
-        assert mgr.restore(target, str(path)) is None  # no step in the file: fresh counters
+        assert mgr.restore(target, str(path)).step is None  # no step in the file: fresh counters
     assert target["epoch"] == 2
 
 

@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     mark_commits(mgr, mark)
     with mgr:
         restored = mgr.resume(state, args.resume)
-        mark("FRESH" if restored is None else f"RESUMED {restored}")
+        mark(f"RESUMED {restored}" if restored.resumed else "FRESH")
         train(args, mgr, state, mark)
         if not mgr.should_stop:
             final = {

@@ -229,7 +229,7 @@ def test_resume_auto_starts_fresh_then_continues(tmp_path: Path) -> None:
     state = make_state()
     before = snapshot(state)
     with CheckpointManager(run) as mgr:
-        assert mgr.resume(state, "auto") is None
+        assert not mgr.resume(state, "auto").resumed
         assert_unchanged(state, before)
         train(state, "step", [], stop_at=5)
         mgr.save(5, state)
@@ -252,7 +252,7 @@ def test_resume_never_refuses_a_run_with_checkpoints_unless_overwrite(tmp_path: 
         with pytest.raises(ConfigError, match="overwrite"):
             mgr.resume(state, "never")
         assert [c.step for c in mgr.list()] == [3, 6], "a refusal must not delete anything"
-        assert mgr.resume(state, "never", overwrite=True) is None
+        assert not mgr.resume(state, "never", overwrite=True).resumed
         assert mgr.list() == [], "overwrite deletes the old checkpoints"
         assert_unchanged(state, before)
         mgr.save(1, state)
@@ -261,7 +261,7 @@ def test_resume_never_refuses_a_run_with_checkpoints_unless_overwrite(tmp_path: 
 
 def test_resume_never_on_an_empty_run_starts_fresh(tmp_path: Path) -> None:
     with CheckpointManager(str(tmp_path / "run")) as mgr:
-        assert mgr.resume(make_state(), "never") is None
+        assert not mgr.resume(make_state(), "never").resumed
 
 
 @pytest.mark.parametrize("target", ["checkpoint", "run"])

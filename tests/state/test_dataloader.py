@@ -81,7 +81,7 @@ def train(loader: ResumableDataLoader, epochs: int, limit: int | None = None) ->
 
 
 def make(dataset: Dataset, **kwargs: object) -> ResumableDataLoader:
-    options: dict = {"batch_size": 4, "seed": 7} | kwargs
+    options: dict = {"batch_size": 4, "seed": 7, "shuffle": True} | kwargs
     return ResumableDataLoader(dataset, **options)
 
 
@@ -257,12 +257,12 @@ def test_rank_resume_and_shared_state() -> None:
 @pytest.mark.parametrize("position", [10, 100_000])
 def test_resume_at_large_position_fetches_only_the_next_batch(position: int) -> None:
     n, batch_size = 4_000_000, 32
-    saved = ResumableDataLoader(CallLog(n), batch_size=batch_size, seed=3)
+    saved = ResumableDataLoader(CallLog(n), batch_size=batch_size, shuffle=True, seed=3)
     saved.set_epoch(1)
     state = roundtrip(saved.state_dict() | {"batches_yielded": position})
 
     dataset = CallLog(n)
-    loader = ResumableDataLoader(dataset, batch_size=batch_size, seed=3)
+    loader = ResumableDataLoader(dataset, batch_size=batch_size, shuffle=True, seed=3)
     loader.load_state_dict(state)
     batch = next(iter(loader))
 

@@ -166,3 +166,122 @@ def test_compat_domain_prompt_reaches_the_model_and_unknown_data_is_refused() ->
     assert f"Dataset description: {ETT_TXT.read_text()}Task description:" in prompt
     with pytest.raises(ckptkit.ConfigError, match="no prompt-bank text.*prompt_domain=False"):
         build_model(cfg.replace(data="/data/sales.csv"))
+
+
+# -- a real run under compat -----------------------------------------------------------
+
+# ETTh1, one variable, 1 % of the training windows: 79 windows, 2 batches of 32 per epoch.
+RUN_CASE = next(c for c in LR_CASES if (c["train_steps"], c["train_epochs"]) == (2, 5))
+
+
+def run_case(lradj: str) -> dict[str, Any]:
+    return next(c for c in LR_CASES if c["lradj"] == lradj and c["train_steps"] == 2)
+
+
+def compat_config(**overrides: Any) -> Any:
+    from .train_script import tiny_config
+
+    return tiny_config(
+        **{
+            "compat": "upstream",
+            "features": "S",
+            "percent": 1,
+            "batch_size": 32,
+            "max_steps": None,
+            "train_epochs": RUN_CASE["train_epochs"],
+            "learning_rate": RUN_CASE["learning_rate"],
+            "pct_start": RUN_CASE["pct_start"],
+            **overrides,
+        }
+    )
+
+
+def compat_run(run: Path, cfg: Any, **options: Any) -> dict[str, Any]:
+    from timellm.train import train
+
+    from .train_script import quiet, tiny_options
+
+    opts = tiny_options(run, **{"log_every": 1, "eval_batches": 1, "save_steps": 3, **options})
+    return train(cfg, opts, echo=quiet)
+
+
+def step_lrs(run: Path) -> list[float]:
+    from .train_script import records
+
+    return [r["lr"] for r in records(run) if "train_loss" in r]
+
+
+@pytest.mark.xfail(strict=True, reason="no --compat upstream in the trainer yet")
+@pytest.mark.parametrize("lradj", ["type1", "type2", "type3", "PEMS", "constant", "COS", "TST"])
+def test_compat_run_records_upstreams_lr_at_every_step(tmp_path: Path, lradj: str) -> None:
+    from .train_script import records
+
+    want = run_case(lradj)["lr"]
+    summary = compat_run(tmp_path / "run", compat_config(lradj=lradj))
+    assert summary["exit_code"] == 0 and summary["step"] == len(want) == 10
+    assert step_lrs(tmp_path / "run") == want
+    # Validation once per epoch, upstream's average reported next to ours.
+    vals = [r for r in records(tmp_path / "run") if "val_mse" in r]
+    assert [r["step"] for r in vals] == [2, 4, 6, 8, 10]
+    assert all("val_mse_upstream" in r and "val_mae_upstream" in r for r in vals)
+    assert "test_mse_upstream" in summary
+
+
+@pytest.mark.xfail(strict=True, reason="no --compat upstream in the trainer yet")
+def test_compat_max_steps_truncates_without_rescaling_the_schedule(tmp_path: Path) -> None:
+    from .train_script import records
+
+    want = run_case("TST")["lr"]
+    for max_steps, validated in ((3, [2]), (4, [2, 4])):
+        run = tmp_path / f"max{max_steps}"
+        summary = compat_run(run, compat_config(lradj="TST", max_steps=max_steps))
+        assert summary["step"] == max_steps
+        assert step_lrs(run) == want[:max_steps]
+        # An epoch's last step still validates; a partial epoch does not.
+        assert [r["step"] for r in records(run) if "val_mse" in r] == validated
+
+
+@pytest.mark.xfail(strict=True, reason="no --compat upstream in the trainer yet")
+def test_compat_run_resumes_to_the_same_lrs_and_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import signal
+
+    import timellm.train as train_mod
+
+    from .train_script import records
+
+    cfg = compat_config(lradj="type1")
+    compat_run(tmp_path / "ref", cfg)
+    real, calls = train_mod._train_step, [0]
+
+    def step(*args: Any, **kwargs: Any) -> float:
+        loss = real(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == 5:  # mid-epoch 3, between two checkpoints (every 3 steps)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(train_mod, "_train_step", step)
+    assert compat_run(tmp_path / "run", cfg)["exit_code"] == 75
+    monkeypatch.setattr(train_mod, "_train_step", real)
+    assert compat_run(tmp_path / "run", cfg)["step"] == 10
+    assert records(tmp_path / "run") == records(tmp_path / "ref")
+
+
+@pytest.mark.xfail(strict=True, reason="EarlyStopping has no tie_improves option yet")
+def test_compat_best_checkpoint_follows_the_tie_rule(tmp_path: Path) -> None:
+    from ckptkit import CheckpointManager
+
+    for tie_improves, best_step in ((True, 2), (False, 1)):
+        early = EarlyStopping(patience=3, tie_improves=tie_improves)
+        run = str(tmp_path / f"tie-{tie_improves}")
+        # As the trainer wires it: compat ranks by the EarlyStopping's marks, ours by metric.
+        metric = None if tie_improves else "val_mse"
+        with CheckpointManager(run, keep_last=1, best_metric=metric) as mgr:
+            for step, loss in ((1, 0.5), (2, 0.5), (3, 0.7)):
+                early.step(loss, step)
+                mgr.save(step, {"early": early, "w": torch.zeros(1)}, metrics={"val_mse": loss})
+            assert mgr.best().step == best_step
+            assert sorted(c.step for c in mgr.list()) == [best_step, 3]

@@ -60,13 +60,11 @@ def drive_schedule(case: dict[str, Any], compat: str | None) -> list[float]:
     return used
 
 
-@pytest.mark.xfail(strict=True, reason="no upstream-compatible schedule yet")
 @pytest.mark.parametrize("case", LR_CASES, ids=_case_id)
 def test_compat_schedule_matches_upstream_at_every_step(case: dict[str, Any]) -> None:
     assert drive_schedule(case, "upstream") == case["lr"]
 
 
-@pytest.mark.xfail(strict=True, reason="no upstream-compatible schedule yet")
 def test_compat_lr_is_upstreams_learning_rate_over_25_for_epoch_schedules() -> None:
     # Documented upstream behaviour: OneCycleLR's constructor sets lr to max_lr/25, and
     # run_main.py copies that into args.learning_rate after the first epoch.
@@ -76,7 +74,6 @@ def test_compat_lr_is_upstreams_learning_rate_over_25_for_epoch_schedules() -> N
     )
 
 
-@pytest.mark.xfail(strict=True, reason="type2 takes the largest table value, not the latest")
 def test_default_type2_takes_the_latest_table_entry() -> None:
     case = next(c for c in LR_CASES if c["lradj"] == "type2" and c["train_epochs"] > 20)
     steps = case["train_steps"]
@@ -87,7 +84,6 @@ def test_default_type2_takes_the_latest_table_entry() -> None:
     assert per_epoch[2:] == case["lr"][2 * steps :: steps]
 
 
-@pytest.mark.xfail(strict=True, reason="EarlyStopping has no tie_improves option yet")
 @pytest.mark.parametrize("case", ES_CASES, ids=lambda c: f"p{c['patience']}-d{c['delta']}")
 def test_early_stopping_with_upstreams_tie_rule_matches_upstream(case: dict[str, Any]) -> None:
     stopper = EarlyStopping(patience=case["patience"], delta=case["delta"], tie_improves=True)
@@ -105,7 +101,6 @@ def test_early_stopping_with_upstreams_tie_rule_matches_upstream(case: dict[str,
     assert got == case["calls"]
 
 
-@pytest.mark.xfail(strict=True, reason="EarlyStopping has no tie_improves option yet")
 def test_early_stopping_tie_rule_survives_a_resume_and_keeps_the_default() -> None:
     default = EarlyStopping(patience=2)
     default.step(1.0)
@@ -128,7 +123,6 @@ UPSTREAM_ETT_TXT_SHA256 = "bf608086aa93f5aea199375531c74fbc2d9c890cf2233f57415b1
 ETT_TXT = Path(__file__).parents[2] / "timellm" / "datasets" / "prompt_bank" / "ETT.txt"
 
 
-@pytest.mark.xfail(strict=True, reason="no compat field; prompt_domain defaults on")
 def test_compat_prompt_defaults_to_upstreams_one_sentence() -> None:
     from timellm import dataset_description, get_preset
     from timellm.model.timellm import UPSTREAM_DEFAULT_DESCRIPTION, resolve_description
@@ -140,7 +134,6 @@ def test_compat_prompt_defaults_to_upstreams_one_sentence() -> None:
     assert resolve_description(get_preset("tiny-cpu")) == dataset_description("ETTh1")
 
 
-@pytest.mark.xfail(strict=True, reason="domain prompt strips ETT.txt's trailing blank lines")
 @pytest.mark.parametrize("data", ["ETTh1", "ETTm2", "/somewhere/ETTh2.csv"])
 def test_compat_domain_prompt_is_upstreams_ett_txt_byte_for_byte(data: str) -> None:
     import hashlib
@@ -155,7 +148,6 @@ def test_compat_domain_prompt_is_upstreams_ett_txt_byte_for_byte(data: str) -> N
     assert text.encode() == raw and text.endswith("months.\n\n")
 
 
-@pytest.mark.xfail(strict=True, reason="domain prompt strips ETT.txt's trailing blank lines")
 def test_compat_domain_prompt_reaches_the_model_and_unknown_data_is_refused() -> None:
     import ckptkit
     from timellm import build_model, get_preset
@@ -211,7 +203,6 @@ def step_lrs(run: Path) -> list[float]:
     return [r["lr"] for r in records(run) if "train_loss" in r]
 
 
-@pytest.mark.xfail(strict=True, reason="no --compat upstream in the trainer yet")
 @pytest.mark.parametrize("lradj", ["type1", "type2", "type3", "PEMS", "constant", "COS", "TST"])
 def test_compat_run_records_upstreams_lr_at_every_step(tmp_path: Path, lradj: str) -> None:
     from .train_script import records
@@ -227,7 +218,6 @@ def test_compat_run_records_upstreams_lr_at_every_step(tmp_path: Path, lradj: st
     assert "test_mse_upstream" in summary
 
 
-@pytest.mark.xfail(strict=True, reason="no --compat upstream in the trainer yet")
 def test_compat_max_steps_truncates_without_rescaling_the_schedule(tmp_path: Path) -> None:
     from .train_script import records
 
@@ -241,7 +231,6 @@ def test_compat_max_steps_truncates_without_rescaling_the_schedule(tmp_path: Pat
         assert [r["step"] for r in records(run) if "val_mse" in r] == validated
 
 
-@pytest.mark.xfail(strict=True, reason="no --compat upstream in the trainer yet")
 def test_compat_run_resumes_to_the_same_lrs_and_records(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -270,7 +259,6 @@ def test_compat_run_resumes_to_the_same_lrs_and_records(
     assert records(tmp_path / "run") == records(tmp_path / "ref")
 
 
-@pytest.mark.xfail(strict=True, reason="EarlyStopping has no tie_improves option yet")
 def test_compat_best_checkpoint_follows_the_tie_rule(tmp_path: Path) -> None:
     from ckptkit import CheckpointManager
 

@@ -5,6 +5,7 @@ KimMeen/Time-LLM @ 0045cde), and the defaults that deliberately differ from it."
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,14 @@ from ckptkit import EarlyStopping
 
 GOLDEN = Path(__file__).parent / "golden"
 UPSTREAM_COMMIT = "0045cde1ae0a7e7960b8f2273404eabac0f9c5da"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    from .train_script import one_thread
+
+    with one_thread():
+        yield
 
 
 def golden(name: str) -> dict[str, Any]:
@@ -193,7 +202,7 @@ def compat_run(run: Path, cfg: Any, **options: Any) -> dict[str, Any]:
 
     from .train_script import quiet, tiny_options
 
-    opts = tiny_options(run, **{"log_every": 1, "eval_batches": 1, "save_steps": 3, **options})
+    opts = tiny_options(run, **{"log_every": 1, "eval_batches": 1, "save_steps": None, **options})
     return train(cfg, opts, echo=quiet)
 
 
@@ -253,9 +262,9 @@ def test_compat_run_resumes_to_the_same_lrs_and_records(
         return loss
 
     monkeypatch.setattr(train_mod, "_train_step", step)
-    assert compat_run(tmp_path / "run", cfg)["exit_code"] == 75
+    assert compat_run(tmp_path / "run", cfg, save_steps=3)["exit_code"] == 75
     monkeypatch.setattr(train_mod, "_train_step", real)
-    assert compat_run(tmp_path / "run", cfg)["step"] == 10
+    assert compat_run(tmp_path / "run", cfg, save_steps=3)["step"] == 10
     assert records(tmp_path / "run") == records(tmp_path / "ref")
 
 

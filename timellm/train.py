@@ -290,6 +290,11 @@ def train(
 def _train(
     cfg: TimeLLMConfig, opts: RunOptions, echo: Callable[[str], None], dist: Distributed
 ) -> dict[str, Any]:
+    if cfg.compat == "upstream" and opts.eval_every is not None:
+        raise ckptkit.ConfigError(
+            "eval_every (--eval-every) does not apply with compat='upstream': validation runs "
+            "once per epoch, as upstream's; drop it"
+        )
     device = pick_device(dist.local_rank)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)

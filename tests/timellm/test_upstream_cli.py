@@ -74,7 +74,6 @@ def test_the_script_data_is_upstreams() -> None:
     assert all(len(runs) == 4 for runs in SCRIPTS["scripts"].values())
 
 
-@pytest.mark.xfail(strict=True, reason="ckptkit train knows no upstream options yet")
 @pytest.mark.parametrize(("script", "index", "argv"), RUNS, ids=[f"{s}:{i}" for s, i, _ in RUNS])
 def test_every_option_of_upstreams_ett_scripts_is_mapped_or_ignored_with_a_reason(
     cli: click.Group, script: str, index: int, argv: list[str]
@@ -93,7 +92,6 @@ def test_every_option_of_upstreams_ett_scripts_is_mapped_or_ignored_with_a_reaso
     assert set(ignored) == {f"--{n}" for n in options(argv) if n in IGNORED}
 
 
-@pytest.mark.xfail(strict=True, reason="ckptkit train knows no upstream options yet")
 def test_compat_is_a_config_field_and_clears_preset_speed_defaults(cli: click.Group) -> None:
     ours = printed_config(cli)
     assert ours["config"]["compat"] is None and ours["config"]["max_steps"] == 300
@@ -106,7 +104,6 @@ def test_compat_is_a_config_field_and_clears_preset_speed_defaults(cli: click.Gr
     assert explicit["config"]["max_steps"] == 7 and explicit["run"]["eval_batches"] == 2
 
 
-@pytest.mark.xfail(strict=True, reason="ckptkit train knows no upstream options yet")
 def test_upstream_spellings_and_ours_set_the_same_fields(cli: click.Group) -> None:
     upstream = printed_config(
         cli, "--llm_model", "GPT2", "--llm_dim", "768", "--batch_size", "24",
@@ -129,7 +126,6 @@ def test_upstream_spellings_and_ours_set_the_same_fields(cli: click.Group) -> No
     assert printed_config(cli, "--seq_len", "512", "--seq-len", "64")["config"]["seq_len"] == 64
 
 
-@pytest.mark.xfail(strict=True, reason="ckptkit train knows no upstream options yet")
 @pytest.mark.parametrize(
     ("args", "words"),
     [
@@ -142,7 +138,6 @@ def test_upstream_spellings_and_ours_set_the_same_fields(cli: click.Group) -> No
         (("--compat", "upstream", "--eval-every", "5"), "eval-every"),
     ],
 )
-@pytest.mark.xfail(strict=True, reason="ckptkit train knows no upstream options yet")
 def test_unsupported_upstream_options_are_one_line_errors(
     cli: click.Group, tmp_path: Path, args: tuple[str, ...], words: str
 ) -> None:
@@ -151,20 +146,17 @@ def test_unsupported_upstream_options_are_one_line_errors(
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="ckptkit train knows no upstream options yet")
 def test_upstream_llms_offline_are_a_clear_error(cli: click.Group, tmp_path: Path) -> None:
     for name, repo in (("GPT2", "openai-community/gpt2"), ("LLAMA", "huggyllama/llama-7b")):
         result = invoke(cli, "--llm_model", name, "--output", tmp_path / name, "--no-progress")
         assert_one_line_error(result.exit_code, result.stderr, 2, repo, "offline", "download")
 
 
-@pytest.mark.xfail(strict=True, reason="ckptkit train knows no upstream options yet")
 def test_llm_dim_must_match_the_backbone(cli: click.Group, tmp_path: Path) -> None:
     result = invoke(cli, "--llm_dim", "768", "--output", tmp_path / "r", "--no-progress")
     assert_one_line_error(result.exit_code, result.stderr, 2, "llm_dim", "768", "64")
 
 
-@pytest.mark.xfail(strict=True, reason="ckptkit train knows no upstream options yet")
 def test_help_documents_upstream_spellings(cli: click.Group) -> None:
     text = " ".join(invoke(cli, "--help").output.split())
     for spelling in ("--seq_len", "--learning_rate", "--llm_model", "--llm_dim", "--batch_size",
@@ -173,7 +165,6 @@ def test_help_documents_upstream_spellings(cli: click.Group) -> None:
         assert spelling in text, spelling
 
 
-@pytest.mark.xfail(strict=True, reason="ckptkit train knows no upstream options yet")
 def test_a_pasted_upstream_argument_list_trains(cli: click.Group, tmp_path: Path) -> None:
     """ETTh1's first run, verbatim; appended options make it tiny (later ones win)."""
     argv = SCRIPTS["scripts"]["TimeLLM_ETTh1.sh"][0]

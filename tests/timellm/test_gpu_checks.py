@@ -33,7 +33,6 @@ def rows(table: str) -> dict[str, str]:
     return {c[1].strip(): c[2].strip() for c in cells[1:]}
 
 
-@pytest.mark.xfail(strict=True, reason="no bench/gpu_checks.py yet")
 def test_without_cuda_it_says_so_and_exits_0(tmp_path: Path) -> None:
     results = ROOT / "bench" / "results" / "gpu.md"
     before = results.stat().st_mtime_ns if results.exists() else None
@@ -43,7 +42,6 @@ def test_without_cuda_it_says_so_and_exits_0(tmp_path: Path) -> None:
     assert (results.stat().st_mtime_ns if results.exists() else None) == before
 
 
-@pytest.mark.xfail(strict=True, reason="no bench/gpu_checks.py yet")
 def test_dry_run_of_the_in_process_checks(tmp_path: Path) -> None:
     out = tmp_path / "gpu.md"
     only = "gpt2_bf16_step,gpu_state_roundtrip,llama_4bit_load"
@@ -55,7 +53,6 @@ def test_dry_run_of_the_in_process_checks(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="no bench/gpu_checks.py yet")
 def test_dry_run_of_every_check(tmp_path: Path) -> None:
     out = tmp_path / "gpu.md"
     done = run_script("--dry-run", "--out", out, cwd=tmp_path)

@@ -86,7 +86,9 @@ def upstream_notes(args: list[str]) -> dict[str, str]:
     while i < len(args):
         word = args[i]
         name, eq, inline = word.removeprefix("--").partition("=")
-        spec = UPSTREAM_IGNORED.get(name) if word.startswith("--") else None
+        if not word.startswith("--"):
+            raise ConfigError(f"unexpected argument {word!r} (options start with --)")
+        spec = UPSTREAM_IGNORED.get(name)
         if spec is None:
             raise ConfigError(
                 f"no such option: {word} (ckptkit train --help lists every option, "

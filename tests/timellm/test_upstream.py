@@ -74,6 +74,44 @@ def test_compat_schedule_matches_upstream_at_every_step(case: dict[str, Any]) ->
     assert drive_schedule(case, "upstream") == case["lr"]
 
 
+@pytest.mark.parametrize("stop", [4, 6, 7], ids=["mid-epoch", "epoch-end", "next-epoch"])
+@pytest.mark.parametrize("lradj", ["type1", "type2", "type3", "PEMS", "constant", "COS", "TST"])
+def test_compat_schedule_resumed_from_its_state_continues_upstreams_sequence(
+    lradj: str, stop: int
+) -> None:
+    from timellm import get_preset
+    from timellm.schedule import build_schedule
+
+    case = next(c for c in LR_CASES if c["lradj"] == lradj and c["train_steps"] == 3)
+    cfg = get_preset(
+        "tiny-cpu", compat="upstream", lradj=lradj, learning_rate=case["learning_rate"],
+        pct_start=case["pct_start"], train_epochs=case["train_epochs"], max_steps=None,
+    )  # fmt: skip
+    steps = case["train_steps"]
+
+    def fresh() -> tuple[torch.nn.Parameter, torch.optim.Optimizer, Any]:
+        param = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.Adam([param], lr=cfg.learning_rate)
+        return param, opt, build_schedule(opt, cfg, steps, steps * cfg.train_epochs)
+
+    param, opt, schedule = fresh()
+    used: list[float] = []
+    saved: dict[str, Any] = {}
+    for step in range(steps * cfg.train_epochs):
+        if step == stop:  # a checkpoint here, then a new process
+            saved = {"opt": opt.state_dict(), "schedule": schedule.state_dict()}
+            param, opt, schedule = fresh()
+            opt.load_state_dict(saved["opt"])
+            schedule.load_state_dict(saved["schedule"])
+        param.grad = torch.zeros_like(param)
+        used.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.after_step()
+        if (step + 1) % steps == 0:
+            schedule.after_epoch()
+    assert saved and used == case["lr"]
+
+
 def test_compat_lr_is_upstreams_learning_rate_over_25_for_epoch_schedules() -> None:
     # Documented upstream behaviour: OneCycleLR's constructor sets lr to max_lr/25, and
     # run_main.py copies that into args.learning_rate after the first epoch.

@@ -318,6 +318,15 @@ def _train(
             f"{cfg.data}: fewer training windows than one batch of {cfg.batch_size}; "
             "lower --batch-size or --seq-len"
         )
+    if cfg.compat == "upstream":
+        for split, data in (("validation", val_set), ("test", test_set)):
+            if len(data) < cfg.batch_size:
+                # Upstream's drop_last loader would have no batch: its loss would be NaN.
+                raise ckptkit.ConfigError(
+                    f"{cfg.data}: the {split} split has {len(data)} windows, fewer than one "
+                    f"batch of {cfg.batch_size} (upstream drops partial batches); lower "
+                    "--batch-size or --seq-len"
+                )
     steps_per_epoch = len(loader)
     total_steps = cfg.train_epochs * steps_per_epoch
     if cfg.max_steps is not None:

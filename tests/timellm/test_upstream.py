@@ -322,7 +322,6 @@ def test_compat_best_checkpoint_follows_the_tie_rule(tmp_path: Path) -> None:
             assert sorted(c.step for c in mgr.list()) == [best_step, 3]
 
 
-@pytest.mark.xfail(strict=True, reason="compat trains on, with NaN upstream validation losses")
 def test_compat_refuses_a_split_smaller_than_one_batch(tmp_path: Path) -> None:
     import numpy as np
     import pandas as pd

@@ -26,7 +26,7 @@ def _timellm() -> Any:
 PRESET_HELP = "Named configuration: tiny-cpu (default; offline tiny LLM on CPU), gpt2-etth1, llama3-8b-4bit-etth1."
 
 
-# Each option that sets a TimeLLMConfig field: (click parameter name, config field).
+# The click parameters that are TimeLLMConfig fields of the same name.
 _CONFIG_OPTIONS = (
     "compat", "data", "llm", "llm_layers", "llm_dim", "seq_len", "label_len", "pred_len",
     "features", "target", "freq", "percent", "d_model", "d_ff", "n_heads", "dropout",

@@ -187,3 +187,42 @@ def test_a_pasted_upstream_argument_list_trains(cli: click.Group, tmp_path: Path
         if (c["lradj"], c["train_steps"], c["train_epochs"]) == ("type1", 2, 5)
     )
     assert case["learning_rate"] == 0.01 and lrs == case["lr"]
+
+
+# Options run_main.py declares whose default ckptkit refuses, with the words of the error.
+REFUSED_DEFAULTS = {"model": "--model Autoformer", "output_attention": "--output_attention"}
+
+
+def upstream_argv(option: dict[str, Any]) -> list[str]:
+    """``--name`` (a flag) or ``--name DEFAULT``: the option as run_main.py declares it."""
+    flag = option["action"] == "store_true"
+    return [f"--{option['name']}"] + ([] if flag else [str(option["default"])])
+
+
+@pytest.mark.parametrize("option", SCRIPTS["options"], ids=lambda o: o["name"])
+def test_every_option_run_main_declares_is_accepted_or_refused_by_name(
+    cli: click.Group, tmp_path: Path, option: dict[str, Any]
+) -> None:
+    result = invoke(cli, "--print-config", *upstream_argv(option), "--output", tmp_path / "r")
+    if option["name"] in REFUSED_DEFAULTS:
+        words = REFUSED_DEFAULTS[option["name"]]
+        assert_one_line_error(result.exit_code, result.stderr, 2, words, "not supported")
+        return
+    assert result.exit_code == 0, result.output + result.stderr
+    out = json.loads(result.stdout)
+    # Either a train option (a config value or a run option) or ignored with its reason.
+    declared = {o for p in cli.commands["train"].params for o in p.opts}
+    assert f"--{option['name']}" in declared or len(out["ignored"][f"--{option['name']}"]) > 15
+
+
+def test_run_mains_whole_default_command_line_is_accepted(cli: click.Group) -> None:
+    argv = [
+        word
+        for option in SCRIPTS["options"]
+        if option["name"] not in REFUSED_DEFAULTS
+        for word in upstream_argv(option)
+    ]
+    cfg = printed_config(cli, *argv, "--model", "TimeLLM")["config"]
+    assert (cfg["seq_len"], cfg["pred_len"], cfg["learning_rate"]) == (96, 96, 0.0001)
+    assert (cfg["llm"], cfg["llm_dim"], cfg["llm_layers"]) == ("LLAMA", 4096, 6)
+    assert cfg["prompt_domain"] is False and cfg["data"] == "ETTh1" and cfg["dtype"] == "fp16"

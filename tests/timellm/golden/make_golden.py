@@ -10,7 +10,8 @@ Writes, next to this script:
 - ``upstream_early_stopping.json``: upstream's ``EarlyStopping`` decisions for sequences of
   validation losses (ties included);
 - ``upstream_scripts.json``: the ``run_main.py`` argument list of every invocation in
-  upstream's ETT scripts (shell variables expanded), as facts for the option-mapping test.
+  upstream's ETT scripts (shell variables expanded), and every option ``run_main.py``
+  declares (name, type, default, action), as facts for the option-mapping tests.
 
 Nothing of upstream's code is copied: this script imports upstream's own
 ``utils/tools.py`` from the checkout given and records the numbers it produces. The loop
@@ -23,6 +24,7 @@ improve the validation loss (early stopping never ends these runs).
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import importlib.util
 import json
@@ -159,6 +161,25 @@ def script_arguments(checkout: Path) -> dict[str, list[list[str]]]:
     return out
 
 
+def run_main_options(checkout: Path) -> list[dict[str, Any]]:
+    """Every ``parser.add_argument`` of ``run_main.py``: name, type, default, action."""
+    tree = ast.parse((checkout / "run_main.py").read_text())
+    out = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument"):
+            continue
+        kw = {k.arg: k.value for k in node.keywords}
+        out.append(
+            {
+                "name": ast.literal_eval(node.args[0]).removeprefix("--"),
+                "type": kw["type"].id if isinstance(kw.get("type"), ast.Name) else None,
+                "default": ast.literal_eval(kw["default"]) if "default" in kw else None,
+                "action": ast.literal_eval(kw["action"]) if "action" in kw else None,
+            }
+        )
+    return out
+
+
 def _expand(word: str, variables: dict[str, str]) -> str:
     def value(m: re.Match[str]) -> str:
         return shlex.split(variables[m.group(1)])[0]
@@ -192,7 +213,8 @@ def main() -> None:
     ]
     _write("upstream_lr.json", {**source, "cases": lr_cases})
     _write("upstream_early_stopping.json", {**source, "cases": es_cases})
-    _write("upstream_scripts.json", {**source, "scripts": script_arguments(ns.checkout)})
+    scripts = {"scripts": script_arguments(ns.checkout), "options": run_main_options(ns.checkout)}
+    _write("upstream_scripts.json", {**source, **scripts})
 
 
 def _commit(checkout: Path) -> str:

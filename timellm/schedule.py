@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LRScheduler, OneCycleLR
 
+from ckptkit.errors import IncompatibleCheckpointError
 from timellm.model import TimeLLMConfig
 
 # Upstream's type2 table: from epoch (1-based, as adjust_learning_rate counts) -> lr.
@@ -162,6 +163,17 @@ class UpstreamSchedule(Schedule):
         return {"scheduler": self.sched.state_dict(), "base": self.base, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved, ours = (
+            state["scheduler"].get("total_steps"),
+            getattr(self.sched, "total_steps", None),
+        )
+        if saved != ours:
+            # The one-cycle cannot be stretched: stepping past its end raises mid-run.
+            raise IncompatibleCheckpointError(
+                f"the checkpoint's upstream schedule spans {saved} steps, this run's {ours} "
+                "(train_epochs x steps per epoch): resume with the checkpoint's train_epochs "
+                "and batch_size, or train into a new output"
+            )
         self.sched.load_state_dict(state["scheduler"])
         self.base, self.epoch = float(state["base"]), int(state["epoch"])
 

@@ -194,7 +194,12 @@ class _Eval:
 
 def run_config(cfg: TimeLLMConfig, fingerprint: str) -> dict[str, Any]:
     """What defines the run for resume checks: model/data/training config + backbone."""
-    out = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
+    resumable = RESUMABLE_CHANGES
+    if cfg.compat == "upstream":
+        # Upstream's schedules are sized by train_epochs (OneCycleLR's total steps): more
+        # epochs is another run, not more of this one.
+        resumable = resumable - {"train_epochs"}
+    out = {k: v for k, v in cfg.to_dict().items() if k not in resumable}
     # Resolved, and new fields only when set: runs saved before they existed still resume.
     out["prompt_domain"] = cfg.domain_prompt
     for name in ("compat", "llm_dim"):

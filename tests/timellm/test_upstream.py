@@ -338,7 +338,6 @@ def test_compat_refuses_a_split_smaller_than_one_batch(tmp_path: Path) -> None:
     assert compat_run(tmp_path / "ours", cfg.replace(compat=None))["exit_code"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="train_epochs may change on resume, resizing the cycle")
 def test_compat_resume_refuses_another_train_epochs(tmp_path: Path) -> None:
     import ckptkit
 
@@ -347,6 +346,8 @@ def test_compat_resume_refuses_another_train_epochs(tmp_path: Path) -> None:
     # Upstream's schedule is sized by train_epochs: more epochs is another run, not more of it.
     with pytest.raises(ckptkit.IncompatibleCheckpointError, match="train_epochs: 2 -> 3"):
         compat_run(tmp_path / "run", cfg.replace(train_epochs=3))
+    with pytest.raises(ckptkit.IncompatibleCheckpointError, match="spans 4 steps, this run's 6"):
+        compat_run(tmp_path / "run", cfg.replace(train_epochs=3), force=True)
     # Ours may extend a run (its lr schedule is per epoch, or sized by the run's steps).
     ours = tmp_path / "ours"
     compat_run(ours, cfg.replace(compat=None, lradj="type1"), save_steps=1)

@@ -131,6 +131,24 @@ def test_default_type2_takes_the_latest_table_entry() -> None:
     assert per_epoch[2:] == case["lr"][2 * steps :: steps]
 
 
+@pytest.mark.xfail(strict=True, reason="resuming TST with a larger max_steps crashes in OneCycleLR")
+def test_default_tst_resumed_past_its_cycle_is_refused_not_a_crash(tmp_path: Path) -> None:
+    import ckptkit
+    from timellm.train import train
+
+    from .train_script import quiet, tiny_config, tiny_options
+
+    cfg = tiny_config(lradj="TST", max_steps=4)
+    assert train(cfg, tiny_options(tmp_path / "run"), echo=quiet)["step"] == 4
+    with pytest.raises(ckptkit.IncompatibleCheckpointError, match="spans 4 steps.*max_steps"):
+        train(cfg.replace(max_steps=8), tiny_options(tmp_path / "run"), echo=quiet)
+    # A shorter run is fine: the cycle is cut, not overrun; other schedules may extend.
+    assert train(cfg.replace(max_steps=3), tiny_options(tmp_path / "run"), echo=quiet)["step"] == 4
+    longer = tiny_options(tmp_path / "type1")
+    assert train(cfg.replace(lradj="type1"), longer, echo=quiet)["step"] == 4
+    assert train(cfg.replace(lradj="type1", max_steps=8), longer, echo=quiet)["step"] == 8
+
+
 @pytest.mark.parametrize("case", ES_CASES, ids=lambda c: f"p{c['patience']}-d{c['delta']}")
 def test_early_stopping_with_upstreams_tie_rule_matches_upstream(case: dict[str, Any]) -> None:
     stopper = EarlyStopping(patience=case["patience"], delta=case["delta"], tie_improves=True)

@@ -111,6 +111,13 @@ class OurSchedule(Schedule):
         return self.sched.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.per_step and state.get("total_steps", 0) < self.sched.total_steps:
+            # A one-cycle cannot be stretched: stepping past its end raises mid-run.
+            raise IncompatibleCheckpointError(
+                f"the checkpoint's TST (one-cycle) schedule spans {state['total_steps']} "
+                f"steps, this run would take {self.sched.total_steps}: resume with "
+                "max_steps (--max-steps) no larger, or train into a new output"
+            )
         self.sched.load_state_dict(state)
 
 

@@ -131,7 +131,6 @@ def test_default_type2_takes_the_latest_table_entry() -> None:
     assert per_epoch[2:] == case["lr"][2 * steps :: steps]
 
 
-@pytest.mark.xfail(strict=True, reason="resuming TST with a larger max_steps crashes in OneCycleLR")
 def test_default_tst_resumed_past_its_cycle_is_refused_not_a_crash(tmp_path: Path) -> None:
     import ckptkit
     from timellm.train import train

@@ -1,7 +1,7 @@
 """Run every benchmark; each writes its markdown table under bench/results/.
 
-    python -m bench                 # all
-    python -m bench save step       # those whose module name contains a word
+python -m bench                 # all
+python -m bench save step       # those whose module name contains a word
 """
 
 from __future__ import annotations

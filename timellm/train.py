@@ -14,7 +14,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +26,7 @@ import ckptkit
 from ckptkit import CheckpointManager, EarlyStopping, ResumableDataLoader, RNGState
 from timellm.data import dataset_for
 from timellm.model import TimeLLM, TimeLLMConfig, build_model
+from timellm.schedule import build_schedule
 
 # Config fields that may change between resumes without making it another run.
 RESUMABLE_CHANGES = frozenset(
@@ -151,34 +151,14 @@ def pick_device(local_rank: int = 0) -> torch.device:
     return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
 
 
-def make_scheduler(
-    opt: torch.optim.Optimizer, cfg: TimeLLMConfig, total_steps: int
-) -> tuple[torch.optim.lr_scheduler.LRScheduler, bool]:
-    """Upstream's ``--lradj`` schedules as torch schedulers (so they checkpoint and resume):
-    returns ``(scheduler, stepped_per_batch)``."""
-    if cfg.lradj == "TST":
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=cfg.learning_rate, total_steps=max(total_steps, 2), pct_start=cfg.pct_start
-        )
-        return sched, True
-    if cfg.lradj == "COS":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20, eta_min=1e-8), False
-    lr = cfg.learning_rate
-    table = {2: 5e-5, 4: 1e-5, 6: 5e-6, 8: 1e-6, 10: 5e-7, 15: 1e-7, 20: 5e-8}
-    factors: dict[str, Callable[[int], float]] = {
-        # upstream adjusts after epoch e with epoch+1; LambdaLR counts finished epochs.
-        "type1": lambda e: 0.5 ** max(0, e - 1),
-        "type2": lambda e: max((v for k, v in table.items() if k <= e), default=lr) / lr,
-        "type3": lambda e: 1.0 if e < 3 else 0.9 ** (e - 3),
-        "PEMS": lambda e: 0.95**e,
-        "constant": lambda e: 1.0,
-    }
-    return torch.optim.lr_scheduler.LambdaLR(opt, factors[cfg.lradj]), False
-
-
 class _Eval:
     """Deterministic validation/test: no shuffling, no RNG use, optionally a fixed,
-    evenly spread subset of batches (so every variable is represented)."""
+    evenly spread subset of batches (so every variable is represented).
+
+    ``mse``/``mae`` are the means over every window; ``mse_upstream``/``mae_upstream`` are
+    upstream ``vali()``'s: the mean of per-batch means over full batches only (its loaders
+    drop the last partial batch). Upstream shuffles its validation loader, so which
+    windows its dropped batch holds differs run to run; here it is always the last ones."""
 
     def __init__(self, dataset: Any, batch_size: int, max_batches: int | None) -> None:
         n = len(dataset)
@@ -192,19 +172,40 @@ class _Eval:
         was_training = model.training
         model.eval()
         se = ae = count = 0.0
+        batch_mse: list[float] = []
+        batch_mae: list[float] = []
         for x, y, _, _ in self.loader:
             pred = model(x.float().to(device))
             true = y[:, -pred_len:, :].float().to(device)
             se += float(((pred - true) ** 2).sum())
             ae += float((pred - true).abs().sum())
             count += true.numel()
+            if len(x) == self.loader.batch_size:
+                batch_mse.append(float(torch.nn.functional.mse_loss(pred, true)))
+                batch_mae.append(float(torch.nn.functional.l1_loss(pred, true)))
         model.train(was_training)
-        return {"mse": se / max(count, 1), "mae": ae / max(count, 1)}
+        nan = float("nan")
+        return {
+            "mse": se / max(count, 1),
+            "mae": ae / max(count, 1),
+            "mse_upstream": float(np.average(batch_mse)) if batch_mse else nan,
+            "mae_upstream": float(np.average(batch_mae)) if batch_mae else nan,
+        }
 
 
 def run_config(cfg: TimeLLMConfig, fingerprint: str) -> dict[str, Any]:
     """What defines the run for resume checks: model/data/training config + backbone."""
-    out = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
+    resumable = RESUMABLE_CHANGES
+    if cfg.compat == "upstream":
+        # Upstream's schedules are sized by train_epochs (OneCycleLR's total steps): more
+        # epochs is another run, not more of this one.
+        resumable = resumable - {"train_epochs"}
+    out = {k: v for k, v in cfg.to_dict().items() if k not in resumable}
+    # Resolved, and new fields only when set: runs saved before they existed still resume.
+    out["prompt_domain"] = cfg.domain_prompt
+    for name in ("compat", "llm_dim"):
+        if out[name] is None:
+            del out[name]
     out["backbone"] = fingerprint
     return out
 
@@ -295,6 +296,11 @@ def train(
 def _train(
     cfg: TimeLLMConfig, opts: RunOptions, echo: Callable[[str], None], dist: Distributed
 ) -> dict[str, Any]:
+    if cfg.compat == "upstream" and opts.eval_every is not None:
+        raise ckptkit.ConfigError(
+            "eval_every (--eval-every) does not apply with compat='upstream': validation runs "
+            "once per epoch, as upstream's; drop it"
+        )
     device = pick_device(dist.local_rank)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
@@ -318,6 +324,15 @@ def _train(
             f"{cfg.data}: fewer training windows than one batch of {cfg.batch_size}; "
             "lower --batch-size or --seq-len"
         )
+    if cfg.compat == "upstream":
+        for split, data in (("validation", val_set), ("test", test_set)):
+            if len(data) < cfg.batch_size:
+                # Upstream's drop_last loader would have no batch: its loss would be NaN.
+                raise ckptkit.ConfigError(
+                    f"{cfg.data}: the {split} split has {len(data)} windows, fewer than one "
+                    f"batch of {cfg.batch_size} (upstream drops partial batches); lower "
+                    "--batch-size or --seq-len"
+                )
     steps_per_epoch = len(loader)
     total_steps = cfg.train_epochs * steps_per_epoch
     if cfg.max_steps is not None:
@@ -327,13 +342,16 @@ def _train(
     _to_device(model, device, quantized=cfg.quantize is not None)
     params = model.trainable_parameters()
     opt = torch.optim.Adam(params, lr=cfg.learning_rate, **_fast_optimizer_kwargs(device))
-    sched, per_batch = make_scheduler(opt, cfg, total_steps)
+    sched = build_schedule(opt, cfg, steps_per_epoch, total_steps)
+    compat = cfg.compat == "upstream"
     scaler = torch.amp.GradScaler(
         device.type, enabled=cfg.dtype == "fp16" and device.type == "cuda"
     )
-    early = EarlyStopping(patience=cfg.patience, mode="min")
+    # Upstream counts an equal validation loss as an improvement (and saves it as best).
+    early = EarlyStopping(patience=cfg.patience, mode="min", tie_improves=compat)
     fingerprint = str(model.backbone_fingerprint()["digest"])
-    eval_every = opts.eval_every or opts.save_steps
+    # Upstream validates once per epoch (eval_every None: at epoch ends only).
+    eval_every = None if compat else (opts.eval_every or opts.save_steps)
     validate = _Eval(val_set, cfg.batch_size, opts.eval_batches)
 
     state: dict[str, Any] = {
@@ -356,7 +374,9 @@ def _train(
         opts.output,
         keep_last=opts.keep_last,
         keep_best=1,
-        best_metric="val_mse",
+        # Under compat the best is the newest checkpoint the EarlyStopping marked best, so
+        # a tie makes the newer one best, as upstream's EarlyStopping saves it.
+        best_metric=None if compat else "val_mse",
         mode="min",
         save_every_steps=opts.save_steps,
         save_every_minutes=opts.save_minutes,
@@ -404,9 +424,9 @@ def _train(
         ):
             loader.set_epoch(epoch)
             for x, y, _, _ in loader:
+                lr = opt.param_groups[0]["lr"]  # the lr this step uses
                 loss = _train_step(model, opt, scaler, x, y, cfg.pred_len, device, dist)
-                if per_batch:
-                    sched.step()
+                sched.after_step()
                 step += 1
                 state["step"] = step
                 window.append(loss)
@@ -418,7 +438,7 @@ def _train(
                         "step": step,
                         "epoch": epoch,
                         "train_loss": float(np.mean(window)),
-                        "lr": opt.param_groups[0]["lr"],
+                        "lr": lr,
                         "samples_per_s": len(window) * cfg.batch_size / max(elapsed, 1e-9),
                     }
                     window.clear()
@@ -434,31 +454,29 @@ def _train(
                 if mgr.maybe_save(step, state, metrics=metrics or None, epoch=epoch):
                     persist()
                 stopping = dist.rank0_says(mgr.should_stop)
-                if step >= total_steps or stopping or early.should_stop:
+                # Under compat an epoch's last step still ends the epoch (validation).
+                epoch_ends = compat and step % steps_per_epoch == 0
+                if (step >= total_steps and not epoch_ends) or stopping or early.should_stop:
                     break
             else:
                 # Also reached when resuming from a checkpoint taken at the epoch's last
                 # batch: nothing is left to iterate, and the epoch end happens here.
                 epoch += 1
                 state["epoch"] = epoch
-                if not per_batch:
-                    with warnings.catch_warnings():
-                        # torch's "scheduler before optimizer" check misfires when a resumed
-                        # process starts at an epoch end: its optimizer stepped before the save.
-                        warnings.filterwarnings(
-                            "ignore", "Detected call of `lr_scheduler.step", UserWarning
-                        )
-                        sched.step()
                 if eval_every:
                     metrics = _val_metrics_at(history, step)
                 else:
                     metrics = _validate(validate, model, device, cfg, early, step, report)
                     history.append({"step": step, "epoch": epoch, **metrics})
+                # Upstream adjusts the lr after validating, and not at all once it stops early.
+                if not (compat and early.should_stop):
+                    sched.after_epoch()
                 mgr.maybe_save(step, state, metrics=metrics or None, epoch=epoch, epoch_end=True)
                 persist()
                 stopping = dist.rank0_says(mgr.should_stop)
         if early.should_stop and not stopping:
-            report.line(f"early stopping: no improvement for {early.patience} validations")
+            what = "epochs" if compat else "validations"
+            report.line(f"early stopping: no improvement for {early.patience} {what}")
         summary: dict[str, Any] = {
             "run": opts.output,
             "run_name": mgr.run_name,
@@ -529,11 +547,24 @@ def _validate(
     report: _Reporter,
 ) -> dict[str, float]:
     m = validate(model, device, cfg.pred_len)
-    best = early.step(m["mse"], step)
+    if cfg.compat != "upstream":
+        best = early.step(m["mse"], step)
+        mark = " (best)" if best else ""
+        report.line(f"step {step}: val_mse {m['mse']:.4f} val_mae {m['mae']:.4f}{mark}")
+        return {"val_mse": m["mse"], "val_mae": m["mae"]}
+    # Upstream decides on its own vali loss (per-batch mean); ours is reported next to it.
+    best = early.step(m["mse_upstream"], step)
     report.line(
-        f"step {step}: val_mse {m['mse']:.4f} val_mae {m['mae']:.4f}{' (best)' if best else ''}"
+        f"step {step}: val_mse {m['mse']:.4f} val_mae {m['mae']:.4f} | upstream's average: "
+        f"val_mse {m['mse_upstream']:.4f} val_mae {m['mae_upstream']:.4f}"
+        f"{' (best)' if best else ''} | early stopping {early.counter}/{early.patience}"
     )
-    return {"val_mse": m["mse"], "val_mae": m["mae"]}
+    return {
+        "val_mse": m["mse"],
+        "val_mae": m["mae"],
+        "val_mse_upstream": m["mse_upstream"],
+        "val_mae_upstream": m["mae_upstream"],
+    }
 
 
 def _val_metrics_at(history: list[dict[str, Any]], step: int) -> dict[str, float]:
@@ -541,7 +572,7 @@ def _val_metrics_at(history: list[dict[str, Any]], step: int) -> dict[str, float
     restores), or nothing: a checkpoint is ranked only by metrics measured on its weights."""
     for record in reversed(history):
         if record["step"] == step and "val_mse" in record:
-            return {"val_mse": record["val_mse"], "val_mae": record["val_mae"]}
+            return {k: v for k, v in record.items() if k.startswith("val_")}
     return {}
 
 
@@ -586,17 +617,17 @@ def _final_test(
         mgr.restore({"model": state["model"]}, best.name, force=True)
     m = _Eval(test_set, cfg.batch_size, opts.eval_batches)(model, device, cfg.pred_len)
     where = f"best checkpoint (step {best.step})" if best is not None else "final weights"
-    report.line(f"test on {where}: mse {m['mse']:.4f} mae {m['mae']:.4f}")
+    result = {"test_mse": m["mse"], "test_mae": m["mae"]}
+    line = f"test on {where}: mse {m['mse']:.4f} mae {m['mae']:.4f}"
+    if cfg.compat == "upstream":
+        result.update(test_mse_upstream=m["mse_upstream"], test_mae_upstream=m["mae_upstream"])
+        line += f" | upstream's average: mse {m['mse_upstream']:.4f} mae {m['mae_upstream']:.4f}"
+    report.line(line)
+    test_from = best.step if best else state["step"]
     history.append(
-        {
-            "step": state["step"],
-            "epoch": state["epoch"],
-            "test_mse": m["mse"],
-            "test_mae": m["mae"],
-            "test_from_step": best.step if best else state["step"],
-        }
+        {"step": state["step"], "epoch": state["epoch"], **result, "test_from_step": test_from}
     )
-    return {"test_mse": m["mse"], "test_mae": m["mae"], "best_step": best.step if best else None}
+    return {**result, "best_step": best.step if best else None}
 
 
 def _to_device(model: TimeLLM, device: torch.device, quantized: bool) -> None:

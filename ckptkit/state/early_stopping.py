@@ -19,9 +19,15 @@ class EarlyStopping:
     counter, and `should_stop` becomes True once the counter reaches `patience`. A new best
     resets the counter. Unlike Time-LLM's, the best value is part of the state, so a resumed
     run keeps comparing against it. A NaN value never counts as a new best.
+
+    With `tie_improves=True` a value equal to `best - delta` (`best + delta` for "max") is a
+    new best too: upstream Time-LLM's rule (its `score < best_score + delta` test counts as
+    "no improvement" only a strictly worse score). By default a tie is no progress.
     """
 
-    def __init__(self, patience: int = 7, delta: float = 0.0, mode: str = "min") -> None:
+    def __init__(
+        self, patience: int = 7, delta: float = 0.0, mode: str = "min", tie_improves: bool = False
+    ) -> None:
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ConfigError(f"EarlyStopping patience must be an int >= 1, got {patience!r}")
         if mode not in _MODES:
@@ -32,6 +38,7 @@ class EarlyStopping:
         self.patience = patience
         self.delta = delta
         self.mode = mode
+        self.tie_improves = bool(tie_improves)
         self._best: float | None = None
         self._best_step: int | None = None
         self._counter = 0
@@ -79,14 +86,17 @@ class EarlyStopping:
         if self._best is None:
             return True
         if self.mode == "min":
-            return value < self._best - self.delta
-        return value > self._best + self.delta
+            bound = self._best - self.delta
+            return value <= bound if self.tie_improves else value < bound
+        bound = self._best + self.delta
+        return value >= bound if self.tie_improves else value > bound
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "patience": self.patience,
             "delta": self.delta,
             "mode": self.mode,
+            "tie_improves": self.tie_improves,
             "best": self._best,
             "best_step": self._best_step,
             "counter": self._counter,
@@ -133,12 +143,13 @@ class EarlyStopping:
                 )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore progress. The saved patience and delta are adopted; a different mode
+        """Restore progress. The saved patience, delta and tie rule are adopted; a different mode
         raises IncompatibleCheckpointError, since the saved best would mean the opposite."""
         self.check_state_dict(state)
-        # Legacy files carry no patience/delta: then the constructor's values stand.
+        # Legacy files carry no patience/delta/tie rule: then the constructor's values stand.
         self.patience = int(state.get("patience", self.patience))
         self.delta = float(state.get("delta", self.delta))
+        self.tie_improves = bool(state.get("tie_improves", self.tie_improves))
         self._best = None if state["best"] is None else float(state["best"])
         self._best_step = state["best_step"]
         self._counter = int(state["counter"])

@@ -172,7 +172,7 @@ def test_descriptions_are_dataset_specific():
     assert dataset_description("/data/ETTm1.csv") == texts["ETTm1"]
     assert dataset_description("/data/sales.csv") == GENERIC_DESCRIPTION
     assert dataset_description("Weather").startswith("Weather is recorded every 10 minutes")
-    assert prompt_bank_text("ETT").endswith("The train/val/test is 12/4/4 months.")
+    assert prompt_bank_text("ETT").endswith("The train/val/test is 12/4/4 months.\n\n")
 
 
 def test_loader_shuffles_train_not_test():

@@ -49,11 +49,26 @@ _PROMPT_BANK = ("ECL", "ETT", "Traffic", "Weather", "m4")
 
 
 def prompt_bank_text(name: str) -> str:
-    """The unmodified upstream prompt-bank text ``name`` (trailing whitespace stripped)."""
+    """The upstream prompt-bank text ``name``, byte for byte as upstream's ``load_content``
+    reads it (trailing blank lines included: they are part of upstream's prompts)."""
     if name not in _PROMPT_BANK:
         raise ConfigError(f"no prompt-bank entry {name!r}; known: {', '.join(_PROMPT_BANK)}")
     path = resources.files("timellm") / "datasets" / "prompt_bank" / f"{name}.txt"
-    return path.read_text(encoding="utf-8").rstrip()
+    return path.read_text(encoding="utf-8")  # text mode, as upstream's open(..., "r")
+
+
+def upstream_domain_text(name_or_path: str) -> str:
+    """What upstream's ``--prompt_domain 1`` puts in the prompt for a dataset: ``ETT.txt``
+    for any ETT subset, else the prompt-bank file named like the dataset."""
+    stem = Path(name_or_path).stem if name_or_path.endswith(".csv") else name_or_path
+    if "ETT" in stem:
+        return prompt_bank_text("ETT")
+    if stem in _PROMPT_BANK:
+        return prompt_bank_text(stem)
+    raise ConfigError(
+        f"upstream has no prompt-bank text for {name_or_path!r} (it has {', '.join(_PROMPT_BANK)}); "
+        "pass description=... (--description) or prompt_domain=False"
+    )
 
 
 def dataset_description(name_or_path: str) -> str:

@@ -44,6 +44,7 @@ from typing import Any
 from ckptkit.errors import ConfigError
 
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
+COMPAT = (None, "upstream")
 LRADJ = ("type1", "type2", "type3", "PEMS", "TST", "constant", "COS")
 
 
@@ -61,9 +62,13 @@ class TimeLLMConfig:
     """
 
     name: str = "custom"
+    # None: ckptkit's training semantics; "upstream": upstream run_main.py's, step for step
+    # (learning rates, per-epoch validation and early stopping, prompt defaults).
+    compat: str | None = None
     # backbone
     llm: str = "tiny-gpt2"
     llm_layers: int = 2
+    llm_dim: int | None = None  # upstream's --llm_dim: checked against the backbone's size
     dtype: str = "fp32"  # frozen-LLM weights and autocast compute dtype
     quantize: str | None = None  # None | "4bit" | "8bit" (bitsandbytes, CUDA)
     gradient_checkpointing: bool = False
@@ -88,7 +93,11 @@ class TimeLLMConfig:
     patch_len: int = 16
     stride: int = 8
     num_tokens: int = 1000  # text prototypes produced by mapping_layer
-    prompt_domain: bool = True  # False: upstream's fixed one-sentence ETT description
+    # True: a description of the dataset (ours per ETT subset; under compat upstream's
+    # prompt-bank text, byte for byte); False: upstream's fixed one-sentence ETT
+    # description. None: the mode's default (True; False under compat="upstream", as
+    # upstream's --prompt_domain 0).
+    prompt_domain: bool | None = None
     description: str | None = None  # overrides the dataset's description
     # training (read by the trainer)
     batch_size: int = 32
@@ -126,6 +135,13 @@ class TimeLLMConfig:
         return cls(**data)
 
     @property
+    def domain_prompt(self) -> bool:
+        """Whether prompts describe the dataset (``prompt_domain`` resolved for the mode)."""
+        if self.prompt_domain is None:
+            return self.compat != "upstream"
+        return self.prompt_domain
+
+    @property
     def patch_nums(self) -> int:
         """Patch tokens per series (upstream's formula; the end is padded by ``stride``)."""
         return int((self.seq_len - self.patch_len) / self.stride + 2)
@@ -141,6 +157,12 @@ def _check(c: TimeLLMConfig) -> None:
         raise _bad("label_len", f"must be an int in [0, seq_len={c.seq_len}]", c.label_len)
     if c.seq_len < c.patch_len:
         raise _bad("seq_len", f"must be >= patch_len ({c.patch_len})", c.seq_len)
+    if c.compat not in COMPAT:
+        raise _bad("compat", "must be None or 'upstream'", c.compat)
+    if c.prompt_domain not in (None, True, False):
+        raise _bad("prompt_domain", "must be True, False or None", c.prompt_domain)
+    if c.llm_dim is not None:
+        _positive_int("llm_dim", c.llm_dim)
     if c.dtype not in DTYPE_NAMES:
         raise _bad("dtype", f"must be one of {DTYPE_NAMES}", c.dtype)
     if c.quantize not in (None, "4bit", "8bit"):

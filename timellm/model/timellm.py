@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ckptkit.errors import ConfigError, IncompatibleCheckpointError
-from timellm.data.descriptions import dataset_description
+from timellm.data.descriptions import dataset_description, upstream_domain_text
 from timellm.model.backbone import DTYPES, Backbone, load_backbone
 from timellm.model.layers import FlattenHead, Normalize, PatchEmbedding, ReprogrammingLayer
 from timellm.model.presets import TimeLLMConfig
@@ -53,6 +53,11 @@ class TimeLLM(nn.Module):
             raise ConfigError(
                 f"TimeLLMConfig.d_ff: must be <= the LLM hidden size ({backbone.d_llm}), "
                 f"got {cfg.d_ff}"
+            )
+        if cfg.llm_dim is not None and cfg.llm_dim != backbone.d_llm:
+            raise ConfigError(
+                f"TimeLLMConfig.llm_dim: {cfg.llm_dim} but {backbone.name} has hidden size "
+                f"{backbone.d_llm}; pass llm_dim={backbone.d_llm} or leave it unset"
             )
         if DTYPES[cfg.dtype] != backbone.dtype:
             raise ConfigError(
@@ -269,8 +274,10 @@ def resolve_description(cfg: TimeLLMConfig) -> str:
     """The dataset-description text a config's prompts use."""
     if cfg.description is not None:
         return cfg.description
-    if not cfg.prompt_domain:
+    if not cfg.domain_prompt:
         return UPSTREAM_DEFAULT_DESCRIPTION
+    if cfg.compat == "upstream":
+        return upstream_domain_text(cfg.data)
     return dataset_description(cfg.data)
 
 

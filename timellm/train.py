@@ -388,7 +388,7 @@ def _train(
     )
     report: _Reporter | None = None
     try:
-        if opts.resume in ("latest", "auto") and (latest := mgr.latest()) is not None:
+        if opts.resume in ("latest", "auto") and (latest := mgr.latest(verify=False)) is not None:
             # Before the config check, whose "pass --force" would not help here.
             _check_backbone(latest.manifest.config or {}, cfg, fingerprint, latest.url)
         restored = mgr.resume(state, opts.resume, overwrite=opts.overwrite, force=opts.force)

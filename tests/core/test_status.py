@@ -120,7 +120,7 @@ def test_resume_auto_refuses_when_every_committed_checkpoint_is_damaged(run_dir,
         # Nothing was deleted: the damaged checkpoints are still there to look at.
         assert all(os.path.isdir(os.path.join(run_dir, n)) for n in names)
         # The way out the message names works, and removes the damaged ones too.
-        assert mgr.resume(_state(0), "never", overwrite=True) is None
+        assert not mgr.resume(_state(0), "never", overwrite=True).resumed
         assert not any(os.path.exists(os.path.join(run_dir, n)) for n in names)
         mgr.save(5, _state(5))
     assert _restored(run_dir) == 5
@@ -132,7 +132,7 @@ def test_resume_auto_cleans_up_an_interrupted_first_save_and_starts_fresh(run_di
         f.write(b"partial")
     os.makedirs(os.path.join(run_dir, ".tmp-step-000000000020-abcd"))
     with CheckpointManager(run_dir) as mgr:
-        assert mgr.resume(_state(0), "auto") is None
+        assert not mgr.resume(_state(0), "auto").resumed
     assert [n for n in os.listdir(run_dir) if n != "run.json"] == []
 
 

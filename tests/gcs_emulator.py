@@ -106,10 +106,14 @@ class FaultProxy:
     """Forwards 127.0.0.1:``port`` to ``target_port``. :attr:`sent` counts the bytes
     clients sent through it; after :meth:`go_silent` it forwards nothing more in either
     direction and new connections are accepted and left waiting, as with a hung
-    server. It stops after ``lifetime`` seconds at the latest."""
+    server. With ``rate`` (bytes/s) each direction of each connection is throttled to
+    it: a slow link. It stops after ``lifetime`` seconds at the latest."""
 
-    def __init__(self, target_port: int, lifetime: float = 300.0) -> None:
+    def __init__(
+        self, target_port: int, lifetime: float = 300.0, rate: float | None = None
+    ) -> None:
         self.target_port = target_port
+        self.rate = rate
         self.sent = 0
         self.silent = threading.Event()
         self._stop = threading.Event()
@@ -157,7 +161,7 @@ class FaultProxy:
                 time.sleep(0.2)  # hold the connection, forward nothing
                 continue
             try:
-                data = src.recv(64 << 10)
+                data = src.recv(int(min(64 << 10, self.rate / 20)) if self.rate else 64 << 10)
             except TimeoutError:
                 continue
             except OSError:
@@ -175,6 +179,8 @@ class FaultProxy:
                 with contextlib.suppress(OSError):
                     src.close()
                 return
+            if self.rate:
+                time.sleep(len(data) / self.rate)
 
     def wait_sent(self, nbytes: int, timeout: float = 60.0) -> bool:
         """Block until clients sent ``nbytes`` more than now; False on timeout."""
@@ -191,6 +197,12 @@ class FaultProxy:
         for s in [self._sock, *self._socks]:
             with contextlib.suppress(OSError):
                 s.close()
+
+    def __enter__(self) -> FaultProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def emulator_installed() -> bool:

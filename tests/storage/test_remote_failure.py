@@ -200,6 +200,24 @@ def proxy(emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fault
     p.close()
 
 
+def test_slow_link_is_not_cut_off(emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The limits are no-progress limits: an upload and a read that take several times
+    the limit, but keep moving, complete."""
+    limit = float(FAST)
+    with FaultProxy(emulator.port, rate=256 << 10) as slow:  # 256 KiB/s
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", slow.host)
+        from ckptkit.storage.fsspec_backend import FsspecStorage
+
+        st = FsspecStorage(f"gs://{BUCKET}/slow?timeout={limit}&write_timeout={limit}")
+        data = os.urandom(5 << 19)  # ~10 s each way at that rate
+        start = time.monotonic()
+        st.write_bytes("ckpt/model.bin", data)
+        assert time.monotonic() - start > 2 * limit  # it really was slow
+        start = time.monotonic()
+        assert st.read_bytes("ckpt/model.bin") == data
+        assert time.monotonic() - start > 2 * limit
+
+
 def _state(value: float) -> dict[str, Any]:
     model = torch.nn.Linear(1024, 1024)  # 4 MiB of weights: an upload in many parts
     with torch.no_grad():

@@ -35,12 +35,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from typing import IO
 
 import pytest
 
@@ -216,6 +218,7 @@ class Emulator:
         self.port = port or free_port()
         self.data_dir = data_dir
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
 
     @property
     def host(self) -> str:
@@ -228,11 +231,18 @@ class Emulator:
         cmd += ["start", "--host", "127.0.0.1", "--port", str(self.port), "--quiet"]
         if not self.data_dir:
             cmd.append("--in-memory")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its log goes to a file, not a pipe: nobody reads a pipe while tests run, and
+        # once its buffer is full (a few dozen tracebacks of dropped connections)
+        # the server blocks on the write and every later request hangs.
+        if self._log is not None:  # a restart after kill()
+            self._log.close()
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                self._log.seek(0)
+                err = self._log.read().decode(errors="replace")
                 raise RuntimeError(
                     f"gcp-storage-emulator exited with {self.proc.returncode}: {err}"
                 )
@@ -257,8 +267,9 @@ class Emulator:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.kill()
-        if self.proc is not None and self.proc.stderr:
-            self.proc.stderr.close()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def create_bucket(self, name: str) -> str:
         req = urllib.request.Request(

@@ -267,7 +267,8 @@ def test_permission_error_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*a: object, **k: object) -> None:
         raise OSError("Forbidden: b/some-bucket/o\nsome-account lacks storage.objects.get")
 
-    monkeypatch.setattr(st._fs, "cat_file", forbidden)
+    for method in ("info", "cat_file"):  # a read asks the size first
+        monkeypatch.setattr(st._fs, method, forbidden)
     with pytest.raises(StorageError) as info:
         st.read_bytes("ckpt-1/manifest.json")
     msg = str(info.value)

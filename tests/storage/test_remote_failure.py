@@ -266,6 +266,10 @@ def test_save_interrupted_mid_upload_raises_and_is_never_committed(
     with pytest.raises(StorageError, match=url):
         mgr.close()  # the run lock cannot be released: said, not hidden
     assert time.monotonic() - start < BOUND, "close() blocked"
+    for command in ("ls", "verify"):  # and the CLI says so too, in time
+        result, took = timed(lambda c=command: CliRunner().invoke(cli, [c, url]))
+        assert took < BOUND, f"{command} took {took:.0f} s"
+        assert_one_line_error(result, url, proxy.host, "CKPTKIT_REMOTE_TIMEOUT")
 
     # The endpoint comes back: only step 1 is committed, and it restores.
     proxy.close()

@@ -346,10 +346,10 @@ class FsspecStorage:
         endpoint = self._endpoint()
         at = f" at {endpoint}" if endpoint else ""
         if clock.remaining() <= 0:
-            what = "no part of the upload was acknowledged" if write else "no answer"
+            what = "no part of the upload was acknowledged" if write else "no successful answer"
             what += f"{at} for {clock.limit:g} s"
         else:
-            what = f"no answer{at}: gave up after {attempts} attempts ({_one_line(exc)})"
+            what = f"no successful answer{at}: gave up after {attempts} attempts ({_one_line(exc)})"
         if self.protocol in ("gs", "gcs") and os.environ.get("STORAGE_EMULATOR_HOST"):
             fix = "check STORAGE_EMULATOR_HOST (is the emulator running?), the network"
         elif self.protocol in ("gs", "gcs"):

@@ -173,6 +173,36 @@ def test_storage_calls_fail_fast(dead_endpoint: str) -> None:
         assert "\n" not in str(err.value)
 
 
+def test_endpoint_answering_only_errors_fails_in_time(
+    fast: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """503 to every request: retried (it is transient), but not past the limit."""
+    import http.server
+
+    class Unavailable(http.server.BaseHTTPRequestHandler):
+        def _fail(self) -> None:
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = do_PUT = do_DELETE = _fail
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", host)
+    try:
+        result, took = timed(lambda: CliRunner().invoke(cli, ["ls", "gs://some-bucket/r"]))
+        assert took < BOUND, f"ls took {took:.0f} s"
+        assert_one_line_error(result, "gs://some-bucket/r", host, "CKPTKIT_REMOTE_TIMEOUT")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_manager_open_fails_fast(dead_endpoint: str) -> None:
     start = time.monotonic()
     with pytest.raises(StorageError, match=dead_endpoint):

@@ -13,10 +13,21 @@ Fixtures:
 
 :class:`Emulator` runs one server in a subprocess, so that a test can kill it
 mid-upload and start it again (with ``data_dir`` the objects survive a restart).
+Endpoints that fail, for tests of bounded failure (every port is picked free, so
+several sessions can run side by side):
+
+:func:`refused_port`
+    a port of 127.0.0.1 nobody listens on (connections are refused).
+:class:`SilentServer`
+    accepts connections and never reads or answers; stops by itself.
+:class:`FaultProxy`
+    a TCP proxy in front of an emulator that counts the bytes sent through it and
+    can go silent (keep every connection open, forward nothing) at any moment.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -24,11 +35,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from typing import IO
 
 import pytest
 
@@ -44,6 +58,155 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def refused_port() -> int:
+    """A port on 127.0.0.1 where nobody listens: a connection there is refused."""
+    return free_port()
+
+
+class SilentServer:
+    """A TCP server on 127.0.0.1 that accepts connections and never answers (nor
+    reads what it is sent): a hung endpoint. It stops after ``lifetime`` seconds
+    even if nobody calls :meth:`close`, so a failing test cannot leave it behind."""
+
+    def __init__(self, lifetime: float = 120.0) -> None:
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.2)
+        self.port = int(self._sock.getsockname()[1])
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._until = time.monotonic() + lifetime
+        self._thread = threading.Thread(target=self._serve, name="silent-server", daemon=True)
+        self._thread.start()
+
+    @property
+    def host(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        while not self._stop.is_set() and time.monotonic() < self._until:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:  # timeout: look at the clock again
+                continue
+            self._held.append(conn)  # kept open, never read: the client just waits
+        for conn in self._held:
+            conn.close()
+        self._sock.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def __enter__(self) -> SilentServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class FaultProxy:
+    """Forwards 127.0.0.1:``port`` to ``target_port``. :attr:`sent` counts the bytes
+    clients sent through it; after :meth:`go_silent` it forwards nothing more in either
+    direction and new connections are accepted and left waiting, as with a hung
+    server. With ``rate`` (bytes/s) each direction of each connection is throttled to
+    it: a slow link. It stops after ``lifetime`` seconds at the latest."""
+
+    def __init__(
+        self, target_port: int, lifetime: float = 300.0, rate: float | None = None
+    ) -> None:
+        self.target_port = target_port
+        self.rate = rate
+        self.sent = 0
+        self.silent = threading.Event()
+        self._stop = threading.Event()
+        self._until = time.monotonic() + lifetime
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.2)
+        self.port = int(self._sock.getsockname()[1])
+        threading.Thread(target=self._serve, name="fault-proxy", daemon=True).start()
+
+    @property
+    def host(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def go_silent(self) -> None:
+        self.silent.set()
+
+    def _done(self) -> bool:
+        return self._stop.is_set() or time.monotonic() > self._until
+
+    def _serve(self) -> None:
+        while not self._done():
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                continue
+            self._socks.append(client)
+            if self.silent.is_set():
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()  # the server is down: the client sees a reset
+                continue
+            self._socks.append(upstream)
+            for src, dst, count in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(src, dst, count), daemon=True).start()
+        self.close()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, count: bool) -> None:
+        src.settimeout(0.2)
+        while not self._done():
+            if self.silent.is_set():
+                time.sleep(0.2)  # hold the connection, forward nothing
+                continue
+            try:
+                data = src.recv(int(min(64 << 10, self.rate / 20)) if self.rate else 64 << 10)
+            except TimeoutError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                with contextlib.suppress(OSError):
+                    dst.shutdown(socket.SHUT_WR)
+                return
+            if count:
+                with self._lock:
+                    self.sent += len(data)
+            try:
+                dst.sendall(data)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    src.close()
+                return
+            if self.rate:
+                time.sleep(len(data) / self.rate)
+
+    def wait_sent(self, nbytes: int, timeout: float = 60.0) -> bool:
+        """Block until clients sent ``nbytes`` more than now; False on timeout."""
+        target = self.sent + nbytes
+        deadline = time.monotonic() + timeout
+        while self.sent < target:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def close(self) -> None:
+        self._stop.set()
+        for s in [self._sock, *self._socks]:
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def __enter__(self) -> FaultProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def emulator_installed() -> bool:
     return importlib.util.find_spec("gcp_storage_emulator") is not None
 
@@ -55,6 +218,7 @@ class Emulator:
         self.port = port or free_port()
         self.data_dir = data_dir
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
 
     @property
     def host(self) -> str:
@@ -67,11 +231,18 @@ class Emulator:
         cmd += ["start", "--host", "127.0.0.1", "--port", str(self.port), "--quiet"]
         if not self.data_dir:
             cmd.append("--in-memory")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its log goes to a file, not a pipe: nobody reads a pipe while tests run, and
+        # once its buffer is full (a few dozen tracebacks of dropped connections)
+        # the server blocks on the write and every later request hangs.
+        if self._log is not None:  # a restart after kill()
+            self._log.close()
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                self._log.seek(0)
+                err = self._log.read().decode(errors="replace")
                 raise RuntimeError(
                     f"gcp-storage-emulator exited with {self.proc.returncode}: {err}"
                 )
@@ -96,8 +267,9 @@ class Emulator:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.kill()
-        if self.proc is not None and self.proc.stderr:
-            self.proc.stderr.close()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def create_bucket(self, name: str) -> str:
         req = urllib.request.Request(

@@ -17,8 +17,10 @@ imported. With ``STORAGE_EMULATOR_HOST`` set, ``gs://`` defaults to ``token="ano
 
 Nothing heavy is imported until a storage is opened. Every call is retried, with
 exponential backoff, when it fails transiently (connection errors, timeouts, 408, 429,
-5xx); other failures become a one-line :class:`~ckptkit.errors.StorageError` naming the
-URL. A missing key raises :class:`FileNotFoundError`, like the local backend.
+5xx), but never past its no-progress limit (:mod:`ckptkit.storage.deadlines`:
+``timeout`` for read-type calls, ``write_timeout`` for uploads); other failures become
+a one-line :class:`~ckptkit.errors.StorageError` naming the URL. A missing key raises
+:class:`FileNotFoundError`, like the local backend.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import inspect
 import json
+import logging
 import os
 import random
 import re
@@ -40,6 +44,7 @@ from ckptkit.errors import CkptError, MissingDependencyError, StorageError, inst
 from ckptkit.storage import confined
 from ckptkit.storage.base import Storage, join_key
 from ckptkit.storage.confined import Member
+from ckptkit.storage.deadlines import Clock, Health, Timeouts, next_part
 from ckptkit.storage.registry import scheme_of
 
 T = TypeVar("T")
@@ -68,8 +73,12 @@ _TRANSIENT_NAMES = frozenset(
         "ServerDisconnectedError",
         "ServerTimeoutError",
         "Timeout",
+        "TimeoutError",  # asyncio's, distinct from the builtin before Python 3.11
     }
 )
+# GCS resumable uploads take parts in multiples of 256 KiB; also the first part of a
+# ranged read or upload, before its speed is known.
+MIN_PART = 256 << 10
 
 
 # -- retries ----------------------------------------------------------------------
@@ -137,12 +146,37 @@ def _missing_package(protocol: str, url: str, exc: ImportError) -> MissingDepend
     )
 
 
-def _filesystem(protocol: str, options: dict[str, Any], url: str) -> Any:
-    """The fsspec filesystem for ``protocol`` (fsspec caches instances per options)."""
-    if protocol in ("gs", "gcs") and os.environ.get("STORAGE_EMULATOR_HOST"):
+def _gcs_options(options: dict[str, Any], timeouts: Timeouts) -> None:
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
         # Read by gcsfs at import: unset, every call against the emulator stalls ~60 s.
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
         options.setdefault("token", "anon")
+    # gcsfs logs each request it gives up on with a traceback (logger.exception);
+    # the error reaches the caller as a StorageError anyway. A NullHandler keeps
+    # Python's last-resort handler from printing it when logging is not configured.
+    logger = logging.getLogger("gcsfs")
+    if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+        logger.addHandler(logging.NullHandler())
+    try:
+        import aiohttp
+    except ImportError:
+        return  # reported as the missing gcsfs below
+    # Without a timeout gcsfs waits forever for a silent server. The call's own
+    # deadline bounds the total; these make a stuck connect or read fail (and be
+    # retried) within it. sock_read starts once a request body is sent, so it never
+    # cuts off a slow upload.
+    options.setdefault(
+        "requests_timeout",
+        aiohttp.ClientTimeout(
+            total=None, sock_connect=timeouts.connect, sock_read=timeouts.timeout
+        ),
+    )
+
+
+def _filesystem(protocol: str, options: dict[str, Any], url: str, timeouts: Timeouts) -> Any:
+    """The fsspec filesystem for ``protocol`` (fsspec caches instances per options)."""
+    if protocol in ("gs", "gcs"):
+        _gcs_options(options, timeouts)
     import fsspec
 
     try:
@@ -184,29 +218,22 @@ def _root_path(protocol: str, fs: Any, base: str, url: str) -> str:
     return fs._strip_protocol(base).rstrip("/")
 
 
-def _abandon(f: Any, exc: BaseException) -> None:
-    """Drop a half-written file so that neither close() nor the garbage collector
-    finalizes it: an unfinished multipart/resumable upload never becomes an object."""
-    if not is_transient(exc):  # the server is reachable: cancel the upload there too
-        with contextlib.suppress(Exception):
-            f.discard()
-    with contextlib.suppress(Exception):
-        f.closed = True
-
-
 class FsspecStorage:
     """A directory on any fsspec filesystem; writes are synchronous and retried.
 
-    ``storage_options`` (keyword arguments) override those from the URL query.
-    Listings are always fetched fresh; :meth:`invalidate` also drops the cached
-    file info that ``exists``/``size``/``isdir`` may use, so that another process's
-    new checkpoint becomes visible.
+    ``storage_options`` (keyword arguments) override those from the URL query;
+    ``timeout`` and ``write_timeout`` among them are ckptkit's own limits
+    (:class:`~ckptkit.storage.deadlines.Timeouts`). Listings are always fetched
+    fresh; :meth:`invalidate` also drops the cached file info that ``exists``/
+    ``size``/``isdir`` may use, so that another process's new checkpoint becomes
+    visible.
     """
 
     commit = "marker"
     attempts = 4  # tries per call, counting the first
     backoff = 0.5  # seconds before the first retry; doubles each time
-    part_size = 8 << 20  # larger writes are streamed in parts of this size
+    part_size = 8 << 20  # the largest part of an upload or a streamed write
+    range_size = 64 << 20  # the largest range of a ranged read (fewer round trips)
 
     def __init__(self, url: str, **storage_options: Any) -> None:
         if not isinstance(url, str) or "://" not in url:
@@ -216,13 +243,18 @@ class FsspecStorage:
         if not protocol:
             raise StorageError(f"{url}: malformed URL: expected protocol://path")
         options = {**_query_options(query), **storage_options}
+        self.timeouts = Timeouts.take(options)
         self.url = url
         self.protocol = protocol
         self._base = base.rstrip("/")
         self._query = query
-        self._fs = _filesystem(protocol, options, url)
+        self._fs = _filesystem(protocol, options, url, self.timeouts)
         self._root = _root_path(protocol, self._fs, base, url)
         self._bucket_ok = protocol not in _BUCKETED
+        self._health = Health()  # shared with children (copy.copy)
+        # Network filesystems get deadlines, ranged reads and acknowledged uploads;
+        # in-process ones (memory://) are called directly.
+        self._remote = bool(getattr(self._fs, "async_impl", False))
 
     # -- keys -------------------------------------------------------------------
     def _p(self, key: str) -> str:
@@ -245,16 +277,93 @@ class FsspecStorage:
     def local_path(self, key: str) -> str | None:
         return None
 
-    # -- errors -----------------------------------------------------------------
-    def _call(self, key: str, fn: Callable[[], T]) -> T:
-        """Run ``fn`` with retries; FileNotFoundError/FileExistsError pass through,
-        anything else becomes a StorageError naming the URL."""
-        try:
-            return retry_call(fn, attempts=self.attempts, backoff=self.backoff)
-        except (FileNotFoundError, FileExistsError, CkptError):
-            raise
-        except Exception as exc:
-            raise self._error(key, exc) from exc
+    # -- calls and errors ---------------------------------------------------------
+    def _call(
+        self,
+        key: str,
+        fn: str | Callable[..., Any],
+        *args: Any,
+        write: bool = False,
+        clock: Clock | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Call ``fn`` (a filesystem method's name, or a function) with retries, within
+        the no-progress limit (``clock``, else a fresh one for this call). A missing
+        key or a precondition failure passes through; anything else is a StorageError
+        naming the URL."""
+        limit = self.timeouts.write_timeout if write else self.timeouts.timeout
+        clock = clock or self._health.clock(limit)
+        for attempt in range(1, self.attempts + 1):
+            try:
+                out = self._invoke(fn, args, kwargs, clock.remaining())
+            except (FileNotFoundError, FileExistsError, CkptError):
+                self._health.mark(up=True)  # it answered
+                raise
+            except Exception as exc:
+                left = clock.remaining()
+                if left <= 0 or (is_transient(exc) and attempt == self.attempts):
+                    self._health.mark(up=False)
+                    raise self._unreachable(key, exc, clock, attempt, write) from exc
+                if not is_transient(exc):
+                    raise self._error(key, exc) from exc
+                delay = min(30.0, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1)
+                time.sleep(max(0.0, min(delay, left - 0.1)))
+            else:
+                self._health.mark(up=True)
+                return out
+        raise AssertionError("unreachable")  # attempts < 1
+
+    def _invoke(
+        self,
+        fn: str | Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        left: float,
+    ) -> Any:
+        """One try. On a network filesystem the coroutine runs on fsspec's loop under
+        ``asyncio.wait_for`` (fsspec's ``timeout=``): past the deadline it is cancelled,
+        not left hanging."""
+        if left <= 0:
+            raise TimeoutError("no time left")
+        if isinstance(fn, str):
+            method = getattr(self._fs, fn)
+            # fsspec's blocking wrappers of coroutines take timeout= themselves.
+            if self._remote and inspect.iscoroutinefunction(getattr(method, "__wrapped__", None)):
+                return method(*args, timeout=left, **kwargs)
+            return method(*args, **kwargs)
+        if inspect.iscoroutinefunction(fn):
+            from fsspec.asyn import sync
+
+            return sync(self._fs.loop, fn, *args, timeout=left, **kwargs)
+        return fn(*args, **kwargs)
+
+    def _endpoint(self) -> str:
+        with contextlib.suppress(Exception):
+            return str(self._fs._location)  # gcsfs: endpoint_url, the emulator, or GCS
+        return ""
+
+    def _unreachable(
+        self, key: str, exc: BaseException, clock: Clock, attempts: int, write: bool
+    ) -> StorageError:
+        """The endpoint did not answer (in time): say where, and what to do."""
+        endpoint = self._endpoint()
+        at = f" at {endpoint}" if endpoint else ""
+        if clock.remaining() <= 0:
+            what = "no part of the upload was acknowledged" if write else "no successful answer"
+            what += f"{at} for {clock.limit:g} s"
+        else:
+            what = f"no successful answer{at}: gave up after {attempts} attempts ({_one_line(exc)})"
+        if self.protocol in ("gs", "gcs") and os.environ.get("STORAGE_EMULATOR_HOST"):
+            fix = "check STORAGE_EMULATOR_HOST (is the emulator running?), the network"
+        elif self.protocol in ("gs", "gcs"):
+            fix = "check the network, the endpoint_url option"
+        else:
+            fix = "check the endpoint, the network"
+        env = self.timeouts.env_name(write)
+        return StorageError(
+            f"{self.url_of(key)}: {what}: {fix} and credentials, or set {env}=SECONDS "
+            "to wait longer"
+        )
 
     def _error(self, key: str, exc: BaseException) -> StorageError:
         url = self.url_of(key)
@@ -268,8 +377,6 @@ class FsspecStorage:
                     "application-default login`, or the token= storage option)"
                 )
             return StorageError(f"{url}: {hint}")
-        if is_transient(exc):
-            return StorageError(f"{url}: gave up after {self.attempts} attempts: {_one_line(exc)}")
         return StorageError(f"{url}: {_one_line(exc)}")
 
     def _bucket_missing(self) -> bool:
@@ -278,7 +385,7 @@ class FsspecStorage:
             return False
         bucket = self._root.split("/", 1)[0]
         try:
-            self._call("", lambda: self._fs.info(bucket))
+            self._call("", "info", bucket)
         except FileNotFoundError:
             return True
         self._bucket_ok = True
@@ -300,9 +407,8 @@ class FsspecStorage:
         return FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), self.url_of(key))
 
     def _info(self, key: str) -> dict[str, Any] | None:
-        path = self._p(key)
         try:
-            return self._call(key, lambda: self._fs.info(path))
+            return self._call(key, "info", self._p(key))
         except FileNotFoundError:
             return None
 
@@ -325,7 +431,9 @@ class FsspecStorage:
 
         def fetch(limit: int) -> bytes:
             try:
-                return self._call(key, lambda: self._fs.cat_file(path, start=0, end=limit))
+                if not self._remote:
+                    return self._call(key, "cat_file", path, start=0, end=limit)
+                return self._read_ranges(key, path, limit=limit)
             except FileNotFoundError:
                 raise self._not_found(key) from None
 
@@ -334,9 +442,52 @@ class FsspecStorage:
     def read_bytes(self, key: str) -> bytes:
         path = self._p(key)
         try:
-            return self._call(key, lambda: self._fs.cat_file(path))
+            if not self._remote:
+                return self._call(key, "cat_file", path)
+            return self._read_ranges(key, path)
         except FileNotFoundError:
             raise self._not_found(key) from None
+
+    def _read_ranges(self, key: str, path: str, *, limit: int | None = None) -> bytes:
+        """Read in ranges sized to the speed seen so far: each must arrive within
+        ``timeout``, so a large file on a slow link is read and a silent server is not
+        waited for. The size is asked first, fresh (a cached one may be stale), and no
+        range goes past it (the emulator drops a byte from such ranges). With ``limit``,
+        at most that many bytes are fetched (a confined read's bound)."""
+        self._fs.invalidate_cache(path)
+        size = int(self._call(key, "info", path)["size"])
+        if limit is not None:
+            size = min(size, limit)
+        if size <= MIN_PART:  # one request, whatever the object is by then
+            if limit is None:
+                return self._call(key, "cat_file", path)
+            return self._call(key, "cat_file", path, start=0, end=size)
+        parts, offset, part = [], 0, MIN_PART
+        clock = self._health.clock(self.timeouts.timeout)
+        while offset < size:
+            started = time.monotonic()
+            end = min(size, offset + part)
+            chunk = self._call(key, "cat_file", path, start=offset, end=end, clock=clock)
+            if not chunk:
+                break
+            clock.progress()
+            parts.append(chunk)
+            offset += len(chunk)
+            part = next_part(
+                len(chunk),
+                time.monotonic() - started,
+                part,
+                limit=self.timeouts.timeout,
+                lo=MIN_PART,
+                hi=max(MIN_PART, self.range_size),
+            )
+        data = b"".join(parts)
+        if len(data) != size:
+            raise StorageError(
+                f"{self.url_of(key)}: read {len(data)} bytes of {size}: the object changed "
+                "while being read; read it again"
+            )
+        return data
 
     def exists(self, key: str) -> bool:
         return self._info(key) is not None
@@ -353,7 +504,11 @@ class FsspecStorage:
 
     def mtime(self, key: str) -> float | None:
         try:
-            return float(self._fs.modified(self._p(key)).timestamp())
+            if not self._remote:
+                return float(self._fs.modified(self._p(key)).timestamp())
+            info = self._info(key) or {}
+            value = info.get("mtime") or info.get("LastModified") or info.get("updated")
+            return float(value.timestamp()) if hasattr(value, "timestamp") else None
         except Exception:  # not every filesystem reports one
             return None
 
@@ -362,7 +517,7 @@ class FsspecStorage:
         # Always a fresh listing: this is how checkpoints written elsewhere are found.
         self._fs.invalidate_cache(path)
         try:
-            entries = self._call(key, lambda: self._fs.ls(path, detail=False))
+            entries = self._call(key, "ls", path, detail=False)
         except FileNotFoundError:
             if self._bucket_missing():
                 raise self._missing_bucket_error() from None
@@ -375,53 +530,104 @@ class FsspecStorage:
 
     # -- writes -----------------------------------------------------------------
     def write_bytes(self, key: str, data: bytes) -> None:
-        """Write ``data`` at ``key``; parts of :attr:`part_size` are streamed (a
-        resumable/multipart upload that only becomes an object once complete)."""
+        """Write ``data`` at ``key``. On GCS anything over 256 KiB is a resumable upload
+        in parts sized to the observed speed, each acknowledged by the server within
+        ``write_timeout``; elsewhere parts of :attr:`part_size` are streamed. Either way
+        the object only appears once complete."""
         path = self._p(key)
-
-        def put() -> None:
-            if len(data) <= self.part_size:
-                self._fs.pipe_file(path, bytes(data))
-            else:
-                self._stream(path, self._parts(data))
-
         try:
-            self._call(key, put)
+            if self._resumable() and len(data) > MIN_PART:
+                self._upload(key, path, memoryview(data))
+            elif len(data) <= self.part_size:
+                self._call(key, "pipe_file", path, bytes(data), write=True)
+            else:
+                self._call(key, self._stream, path, data, write=True)
         except FileNotFoundError as exc:
             if self._bucket_missing():
                 raise self._missing_bucket_error() from None
             raise self._error(key, exc) from exc
+
+    def _resumable(self) -> bool:
+        return self._remote and self.protocol in ("gs", "gcs") and hasattr(self._fs, "_call")
+
+    def _upload(self, key: str, path: str, data: memoryview) -> None:
+        """A GCS resumable upload; it fails once no part was acknowledged for
+        ``write_timeout`` (retries included), however long the whole upload takes."""
+        from gcsfs.core import initiate_upload, upload_chunk
+
+        bucket, name, _ = self._fs.split_path(path)
+        # gcsfs's own writers do this; a cached listing of the parent would hide the
+        # new object from info()/exists().
+        self._fs.invalidate_cache(path)
+        ctype = "application/octet-stream"
+        clock = self._health.clock(self.timeouts.write_timeout)
+        location = self._call(
+            key, initiate_upload, self._fs, bucket, name, ctype, write=True, clock=clock
+        )
+        clock.progress()
+        offset, part, result = 0, MIN_PART, None
+        while offset < len(data):
+            chunk = data[offset : offset + part]
+            started = time.monotonic()
+            result = self._call(
+                key,
+                upload_chunk,
+                *(self._fs, location, chunk, offset, len(data), ctype),
+                write=True,
+                clock=clock,
+            )
+            clock.progress()
+            offset += len(chunk)
+            part = next_part(
+                len(chunk),
+                time.monotonic() - started,
+                part,
+                limit=clock.limit,
+                lo=MIN_PART,
+                hi=max(MIN_PART, self.part_size),
+            )
+        self._fs.invalidate_cache(path)
+        if not isinstance(result, dict) or int(result.get("size", -1)) != len(data):
+            raise StorageError(
+                f"{self.url_of(key)}: the upload ended without the server confirming "
+                f"{len(data)} bytes; write it again"
+            )
 
     def _parts(self, data: bytes) -> Iterator[memoryview]:
         view = memoryview(data)
         for offset in range(0, len(view), self.part_size):
             yield view[offset : offset + self.part_size]
 
-    def _stream(self, path: str, parts: Iterator[memoryview]) -> None:
+    def _stream(self, path: str, data: bytes) -> None:
         f = self._fs.open(path, "wb", block_size=self.part_size)
         try:
-            for part in parts:
+            for part in self._parts(data):
                 f.write(part)
             f.close()
-        except BaseException as exc:
-            _abandon(f, exc)
+        except BaseException:
+            # Drop the half-written file so that neither close() nor the garbage
+            # collector finalizes it: an unfinished multipart upload never becomes
+            # an object.
+            with contextlib.suppress(Exception):
+                f.discard()
+            with contextlib.suppress(Exception):
+                f.closed = True
             raise
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
         """Best effort: check, then create with the store's precondition where it has
         one (GCS ``ifGenerationMatch=0``; the emulator ignores it)."""
+        path = self._p(key)
+        self._fs.invalidate_cache(path)  # ask the store, not a listing cached earlier
         if self.exists(key):
             return False
-        path = self._p(key)
-
-        def create() -> None:
-            try:
-                self._fs.pipe_file(path, bytes(data), mode="create")
-            except TypeError:  # a filesystem without modes
-                self._fs.pipe_file(path, bytes(data))
-
         try:
-            self._call(key, create)
+            try:
+                self._call(key, "pipe_file", path, bytes(data), mode="create", write=True)
+            except StorageError as exc:
+                if not isinstance(exc.__cause__, TypeError):
+                    raise
+                self._call(key, "pipe_file", path, bytes(data), write=True)  # no modes
         except FileExistsError:
             return False
         except FileNotFoundError as exc:
@@ -433,8 +639,7 @@ class FsspecStorage:
     def mkdir(self, key: str) -> None:
         if self.protocol in _BUCKETED:
             return  # prefixes are implicit; makedirs could even create a bucket
-        path = self._p(key)
-        self._call(key, lambda: self._fs.makedirs(path, exist_ok=True))
+        self._call(key, "makedirs", self._p(key), exist_ok=True)
 
     def delete(self, key: str, recursive: bool = False) -> None:
         with contextlib.suppress(FileNotFoundError):  # gone already, or meanwhile
@@ -451,20 +656,20 @@ class FsspecStorage:
                 if self.listdir(key):
                     raise StorageError(f"{self.url_of(key)}: directory not empty")
                 if self.protocol not in _BUCKETED:
-                    self._call(key, lambda: self._fs.rmdir(path))
+                    self._call(key, "rmdir", path)
                 return
             if self.protocol in _BUCKETED and "/" not in path:
                 # rm(bucket, recursive=True) would delete the bucket itself.
-                self._call(key, lambda: self._fs.rm(self._fs.find(path)))
+                self._call(key, "rm", self._call(key, "find", path))
             else:
-                self._call(key, lambda: self._fs.rm(path, recursive=True))
+                self._call(key, "rm", path, recursive=True)
         else:
-            self._call(key, lambda: self._fs.rm_file(path))
+            self._call(key, "rm_file", path)
 
     def rename(self, src: str, dst: str) -> None:
         """Copy-then-delete (object stores cannot rename): not atomic, and slow on GCS.
         Only the ``rename`` commit strategy uses it, which this backend does not declare."""
-        self._call(dst, lambda: self._fs.mv(self._p(src), self._p(dst), recursive=True))
+        self._call(dst, "mv", self._p(src), self._p(dst), recursive=True)
 
     def sync_dir(self, key: str) -> None:
         pass  # each object is durable once its upload returns

@@ -29,7 +29,7 @@ from ckptkit.storage.drive import DriveStorage
 from ckptkit.storage.drive._uploader import Uploader
 from ckptkit.storage.fsspec_backend import FsspecStorage, is_transient, retry_call
 from ckptkit.storage.registry import open_storage
-from tests.gcs_emulator import Emulator, emulator_installed
+from tests.gcs_emulator import Emulator, FaultProxy, emulator_installed
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -268,7 +268,8 @@ def test_permission_error_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*a: object, **k: object) -> None:
         raise OSError("Forbidden: b/some-bucket/o\nsome-account lacks storage.objects.get")
 
-    monkeypatch.setattr(st._fs, "cat_file", forbidden)
+    for method in ("info", "cat_file"):  # a read asks the size first
+        monkeypatch.setattr(st._fs, method, forbidden)
     with pytest.raises(StorageError) as info:
         st.read_bytes("ckpt-1/manifest.json")
     msg = str(info.value)
@@ -392,30 +393,27 @@ def test_emulator_killed_mid_upload(tmp_path: Path, fast_gcsfs_retries: None) ->
     appeared anyway, the manifest, written last, would not list it with its size and
     sha256, and readers would reject the checkpoint.) After a restart, writes work."""
     emu = Emulator(data_dir=str(tmp_path / "gcs")).start()
+    proxy = FaultProxy(emu.port)  # counts the bytes of the upload, to kill the server mid-way
     try:
         emu.create_bucket("fault")
-        st = FsspecStorage(f"gs://fault/run?endpoint_url={emu.host}&token=anon")
+        st = FsspecStorage(f"gs://fault/run?endpoint_url={proxy.host}&token=anon&timeout=5")
         st.part_size, st.attempts, st.backoff = 256 << 10, 2, 0.01
         st.write_bytes("ckpt-1/manifest.json", b"{}")
-        parts = st._parts
-
-        def kill_after_first_part(data: bytes) -> Iterator[memoryview]:
-            it = parts(data)
-            yield next(it)
-            emu.kill()
-            yield from it
-
-        st._parts = kill_after_first_part  # type: ignore[method-assign]
-        with pytest.raises(StorageError, match=r"gs://fault/run/ckpt-2/model.bin\?.*gave up"):
+        killer = threading.Thread(target=lambda: proxy.wait_sent(300 << 10) and emu.kill())
+        killer.start()
+        with pytest.raises(
+            StorageError, match=r"gs://fault/run/ckpt-2/model.bin\?.*no successful answer"
+        ):
             st.write_bytes("ckpt-2/model.bin", os.urandom(1 << 20))
+        killer.join()
         emu.start()
-        st._parts = parts  # type: ignore[method-assign]
         assert not st.exists("ckpt-2/model.bin")
         assert st.listdir("") == ["ckpt-1"]
         data = os.urandom(1 << 20)
         st.write_bytes("ckpt-2/model.bin", data)
         assert st.read_bytes("ckpt-2/model.bin") == data
     finally:
+        proxy.close()
         emu.stop()
 
 

@@ -573,3 +573,27 @@ def test_drive_upload_never_writes_through_a_planted_link(tmp_path):
     os.symlink(secret, on_drive / "manifest.json")
     with pytest.raises(OSError):
         drive._digest(str(on_drive / "manifest.json"))  # read-back never follows a link
+
+
+def test_drive_upload_never_truncates_a_live_file(tmp_path, monkeypatch):
+    """A replayed upload over a file already live on Drive (a manifest) goes to a fresh
+    sibling and is renamed over it: a failure mid-copy leaves the old file whole."""
+    from ckptkit.storage import drive
+
+    live = tmp_path / "MyDrive" / "run" / "step-000000000003" / "manifest.json"
+    live.parent.mkdir(parents=True)
+    live.write_bytes(b'{"live": true}')
+    src = tmp_path / "staged.json"
+    src.write_bytes(b'{"replayed": true}')
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(drive.os, "fsync", failing_fsync)
+    with pytest.raises(OSError):
+        drive._copy_file(str(src), str(live))
+    assert live.read_bytes() == b'{"live": true}'
+    assert os.listdir(live.parent) == ["manifest.json"]  # no partial copy left behind
+    monkeypatch.undo()
+    drive._copy_file(str(src), str(live))
+    assert live.read_bytes() == b'{"replayed": true}'

@@ -293,8 +293,8 @@ def test_save_interrupted_mid_upload_raises_and_is_never_committed(
     assert time.monotonic() - start < BOUND, "save() blocked"
     assert "\n" not in str(err.value) and proxy.host in str(err.value)
     start = time.monotonic()
-    with pytest.raises(StorageError, match=url):
-        mgr.close()  # the run lock cannot be released: said, not hidden
+    with pytest.warns(UserWarning, match="could not remove the run lock"):
+        mgr.close()  # the lock cannot be released: said, not hidden (the save already raised)
     assert time.monotonic() - start < BOUND, "close() blocked"
     for command in ("ls", "verify"):  # and the CLI says so too, in time
         result, took = timed(lambda c=command: CliRunner().invoke(cli, [c, url]))

@@ -57,26 +57,44 @@ live here, where tests (and only tests) replace them.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
+import re
 import stat
+import uuid
 
 DEFAULT_ROOT = "/content/drive/MyDrive"
 _CHUNK = 4 << 20
 
 
 # -- the file copy: here, so that tests can make Drive fail (drive._copy_file = ...) --
+# A copy in progress (or left by a kill): never listed, never read.
+PARTIAL = re.compile(r"^\..+\.[0-9a-f]{8}\.part$")
+
+
 def _copy_file(src: str, dst: str) -> str:
     """Copy ``src`` to ``dst`` (fsynced); return the sha256 of the bytes copied."""
     mkdirs_on_drive(os.path.dirname(dst))
+    # Into a fresh sibling, then renamed over ``dst``: a file already live on Drive (a
+    # manifest that a replay uploads again) is never truncated in place, so a kill or a
+    # lost mount mid-copy leaves either the old file or the new one, whole.
+    head, name = os.path.split(dst)
+    tmp = os.path.join(head, f".{name}.{uuid.uuid4().hex[:8]}.part")
     h = hashlib.sha256()
-    with open(src, "rb") as fin, os.fdopen(_open_no_follow(dst), "wb") as fout:
-        while block := fin.read(_CHUNK):
-            h.update(block)
-            fout.write(block)
-        fout.flush()
-        os.fsync(fout.fileno())
+    try:
+        with open(src, "rb") as fin, os.fdopen(_open_no_follow(tmp), "wb") as fout:
+            while block := fin.read(_CHUNK):
+                h.update(block)
+                fout.write(block)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(tmp, dst)  # replaces a link planted at dst, never its target
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return h.hexdigest()
 
 

@@ -254,9 +254,13 @@ class DriveStorage:
 
     def listdir(self, key: str = "") -> list[str]:
         full = self._k(key)
-        names = set(self._run.files.listdir(full))
+        # The queue first, then Drive: an operation that completes in between is then
+        # both on Drive and in the snapshot (never in neither, which would show a file
+        # that was just deleted, or hide one that was just uploaded).
+        pending = self._run.pending()
+        names = {n for n in self._run.files.listdir(full) if not _package.PARTIAL.match(n)}
         prefix = full + "/" if full else ""
-        for op in self._run.pending():
+        for op in pending:
             if op.kind == "delete" and covers(op.key, full):
                 names.clear()
             elif op.key.startswith(prefix) and op.key != full:

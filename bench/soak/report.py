@@ -37,6 +37,7 @@ class Run:
     cases: list[Case]
     notes: list[str] = field(default_factory=list)
     load: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    trial_seconds: float = 0.0  # wall time of the kill trials alone
 
     @property
     def kills(self) -> list[Trial]:
@@ -108,6 +109,7 @@ def to_json(run: Run) -> dict[str, Any]:
         "quick": run.quick,
         "storages": run.storages,
         "seconds": run.seconds,
+        "trial_seconds": run.trial_seconds,
         "landed": dict(run.landed()),
         "rows": rows(run),
         "cases": [asdict(c) for c in run.cases],
@@ -128,7 +130,8 @@ def _cell(n: int) -> str:
 def markdown(run: Run, commit: str, command: str) -> str:
     kills = run.kills
     trials = [t for t in run.trials if t.kind != "final"]
-    per_trial = run.seconds / max(1, len(trials))
+    per_trial = run.trial_seconds / max(1, len(trials))
+    process = sum(t.seconds for t in run.trials) / max(1, len(run.trials))
     failing_cases = [c for c in run.cases if c.outcome == FAIL]
     failing_trials = [t for t in run.trials if t.problems]
     verdict = (
@@ -154,7 +157,8 @@ def markdown(run: Run, commit: str, command: str) -> str:
         f"| machine | {os.cpu_count()} CPUs, load {run.load[0]:.1f} / {run.load[1]:.1f} / "
         f"{run.load[2]:.1f} at start, {platform.system()} {platform.machine()}, "
         f"Python {platform.python_version()} |",
-        f"| duration | {run.seconds:.0f} s, {per_trial:.2f} s per trial with {run.jobs} jobs |",
+        f"| duration | {run.seconds:.0f} s in all; kill trials {run.trial_seconds:.0f} s: "
+        f"{per_trial:.2f} s per trial with {run.jobs} jobs, {process:.2f} s per worker process |",
         f"| kills | {len(kills)} in {len(trials)} trials |",
         f"| result | {verdict} |",
         "",

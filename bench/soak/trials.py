@@ -112,9 +112,17 @@ class Life:
 
 _ctx: Any = None
 _ctx_lock = threading.Lock()
+_preload_gcs = False
 
 
-def context(gcs: bool) -> Any:
+def prepare(*, gcs: bool) -> None:
+    """Say, before the first worker starts, whether workers will use ``gs://`` (then the
+    forkserver imports gcsfs once, instead of every worker importing it)."""
+    global _preload_gcs
+    _preload_gcs = gcs
+
+
+def context() -> Any:
     global _ctx
     with _ctx_lock:
         if _ctx is None:
@@ -124,7 +132,7 @@ def context(gcs: bool) -> Any:
             _ctx = multiprocessing.get_context("forkserver")
             preload = ["torch", "torch._dynamo", "safetensors.torch", "ckptkit.manager"]
             preload += ["ckptkit.storage.drive", "bench.soak.worker"]
-            if gcs:
+            if _preload_gcs:
                 preload += ["gcsfs", "ckptkit.storage.fsspec_backend"]
             _ctx.set_forkserver_preload(preload)
         return _ctx
@@ -134,16 +142,12 @@ Decide = Callable[[tuple[Any, ...], Any], str | None]
 
 
 def live(
-    cfg: dict[str, Any],
-    *,
-    decide: Decide | None = None,
-    kill_after: float | None = None,
-    gcs: bool = False,
+    cfg: dict[str, Any], *, decide: Decide | None = None, kill_after: float | None = None
 ) -> Life:
     """Run one worker until it exits or is killed. ``decide(msg, conn)`` sees every
     message and returns ``"kill"`` to SIGKILL the worker now; ``kill_after`` seconds
     kills it whatever it is doing (a kill at a random instant)."""
-    ctx = context(gcs)
+    ctx = context()
     ours, theirs = ctx.Pipe(duplex=True)
     proc = ctx.Process(target=worker.main, args=(cfg, theirs), daemon=True)
     started = time.monotonic()
@@ -316,13 +320,13 @@ def base_cfg(backend: Backend, run: str, seed: int) -> dict[str, Any]:
     }
 
 
-def reference(backend: Backend, seed: int) -> Reference:
-    """One uninterrupted run on ``backend``: the final digest every chain must reach
-    (run twice: the first also starts the forkserver, the second is timed)."""
-    live(base_cfg(backend, f"warm-up-{uuid.uuid4().hex[:6]}", seed), gcs=backend.kind == "gs")
-    life = live(
-        base_cfg(backend, f"reference-{uuid.uuid4().hex[:6]}", seed), gcs=backend.kind == "gs"
-    )
+def reference(backend: Backend, seed: int, *, warm_up: bool = False) -> Reference:
+    """One uninterrupted run on ``backend``: the final digest every chain must reach.
+    ``warm_up`` runs it once before (which starts the forkserver), so the timed one is
+    what a trial costs."""
+    if warm_up:
+        live(base_cfg(backend, f"warm-up-{uuid.uuid4().hex[:6]}", seed))
+    life = live(base_cfg(backend, f"reference-{uuid.uuid4().hex[:6]}", seed))
     done = life.done()
     if done is None or life.exitcode != 0:
         raise RuntimeError(
@@ -370,14 +374,13 @@ def run_chain(
     ledger = Ledger(KEEP_LAST)
     out: list[Trial] = []
     cfg = base_cfg(backend, run, seed)
-    gcs = backend.kind == "gs"
     emulator_left = emulator_trials
     for _ in range(trials):
         if emulator_left and (emulator_left >= trials - len(out) or rng.random() < 0.5):
             emulator_left -= 1
             trial, life = _emulator_trial(cfg, ref, rng, emulator, backend)
         else:
-            trial, life = _kill_trial(cfg, ref, planner, rng, gcs, backend.kind)
+            trial, life = _kill_trial(cfg, ref, planner, rng, backend.kind)
         trial.problems += ledger.absorb(life)
         trial.problems += check_run(backend.check_url(run), ledger)
         out.append(trial)
@@ -385,7 +388,7 @@ def run_chain(
             _check_final(trial, life, ref)
             return out
     start = time.monotonic()
-    life = live(cfg, gcs=gcs)
+    life = live(cfg)
     final = Trial(backend.kind, "final", "-", "-", None, [], 0.0)
     final.problems += ledger.absorb(life)
     _check_final(final, life, ref)
@@ -409,12 +412,11 @@ def _kill_trial(
     ref: Reference,
     planner: Planner,
     rng: random.Random,
-    gcs: bool,
     storage: str,
 ) -> tuple[Trial, Life]:
     plan = planner.next(ref)
     if plan["mode"] == "random":
-        life = live({**cfg, "kill": None}, kill_after=plan["after"], gcs=gcs)
+        life = live({**cfg, "kill": None}, kill_after=plan["after"])
         target = "random"
     else:
         delay = rng.uniform(0.0, 0.004)
@@ -426,7 +428,7 @@ def _kill_trial(
                 time.sleep(delay)  # the worker runs on into (or past) its storage call
             return "kill"
 
-        life = live({**cfg, "kill": plan}, decide=decide, gcs=gcs)
+        life = live({**cfg, "kill": plan}, decide=decide)
         target = plan["phase"]
     trial = Trial(storage, "kill", target, plan["mode"], life.landed, [], life.seconds)
     if life.hung:
@@ -460,7 +462,7 @@ def _emulator_trial(
                 return "kill"
         return None
 
-    life = live({**cfg, "kill": plan}, decide=decide, gcs=True)
+    life = live({**cfg, "kill": plan}, decide=decide)
     if state["timer"] is not None:
         state["timer"].join()
     if emulator.proc is None or emulator.proc.poll() is not None:

@@ -32,6 +32,7 @@ import importlib
 import os
 import threading
 import time
+import warnings
 from collections import Counter
 from typing import Any
 
@@ -268,6 +269,8 @@ def main(cfg: dict[str, Any], conn: Any) -> None:
 
 def _run(cfg: dict[str, Any], conn: Any) -> None:
     os.environ.update(cfg.get("env", {}))
+    # Skipping a checkpoint a kill left damaged warns; the parent checks what was restored.
+    warnings.simplefilter("ignore")
     import torch
 
     torch.set_num_threads(1)

@@ -230,7 +230,7 @@ def _run_chains(
                 done[0] += used
                 bad = sum(1 for t in out if t.problems)
                 print(
-                    f"  {storage} {task['run']}: {len(out) - 1} trials, {bad} failed "
+                    f"  {storage} {task['run']}: {used} trials, {bad} failed "
                     f"({done[0]}/{args.trials})",
                     flush=True,
                 )

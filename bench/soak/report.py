@@ -175,7 +175,9 @@ def markdown(run: Run, commit: str, command: str) -> str:
         if "landed" in row:
             landed = row["landed"]
             phases = " | ".join(_cell(landed[p]) for p in (*PHASES, ELSEWHERE))
-            same = f"{row['identical']} of {row['chains']}"
+            same = (
+                f"{row['identical']} of {row['chains']}" if row["chains"] else "(in the gs:// row)"
+            )
             outcome = row["outcome"] + (f" ({row['failed']} failed)" if row["failed"] else "")
             lines.append(f"| {row['row']} | 9 | {row['trials']} | {outcome} | {phases} | {same} |")
         else:

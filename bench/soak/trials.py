@@ -19,6 +19,7 @@ process, killed with SIGKILL and reaped before the next one takes the run lock.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import random
@@ -159,7 +160,8 @@ def live(
     def kill() -> None:
         if not life.killed:
             life.killed = True
-            os.kill(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # it may have just exited
+                os.kill(proc.pid, signal.SIGKILL)
 
     while True:
         now = time.monotonic()
@@ -185,7 +187,7 @@ def live(
     ours.close()
     life.exitcode = proc.exitcode
     life.seconds = time.monotonic() - started
-    if life.killed:
+    if life.killed and not life.hung and life.done() is None:
         life.landed = landed_phase(life.messages)
     return life
 

@@ -32,7 +32,6 @@ def test_reliability_doc_comes_from_a_soak_run() -> None:
         assert f"| SIGKILL, {storage}" in text
 
 
-@pytest.mark.xfail(strict=True, reason="README does not document the soak yet")
 def test_readme_documents_the_soak_and_python_m_bench_leaves_it_out() -> None:
     assert "python -m bench.soak" in (REPO / "README.md").read_text()
     from bench.__main__ import chosen

@@ -14,10 +14,12 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +65,16 @@ def share(trials: int, storages: list[str]) -> dict[str, int]:
     return {s: n for s, n in out.items() if n > 0}
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM (and SIGINT, even where a shell started us ignoring it) unwinds like
+    # Ctrl-C, so that the emulator is stopped and the temporary runs are removed.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     # Workers inherit these from the forkserver, which starts with the first trial.
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     os.environ["CKPTKIT_DISABLE_PLUGIN_AUTOLOAD"] = "1"
@@ -72,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.soak.gcs import Emulator, emulator_installed
 
     started, t0 = time.time(), time.monotonic()
+    commit = report.commit_of(REPO, Path(args.out))  # the code that runs, before any edit
     load = os.getloadavg()
     notes: list[str] = []
     storages = list(args.storages)
@@ -94,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         backends = {s: trials.make_backend(s, str(root), emulator) for s in storages}
         trials.prepare(gcs="gs" in storages)
         refs = _references(args, backends, notes, root)
+        # A kill leaves damaged leftovers that readers skip with a warning, by design.
+        from ckptkit import CheckpointWarning
+
+        warnings.simplefilter("ignore", CheckpointWarning)
         chains_started = time.monotonic()
         results = _run_chains(args, backends, refs, emulator)
         chains_seconds = time.monotonic() - chains_started
@@ -130,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         + (["--quick"] if args.quick else [])
     )
-    out.write_text(report.markdown(run, report.commit_of(REPO, out), command))
+    out.write_text(report.markdown(run, commit, command))
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_json(run), indent=1, default=str))
     kills = len(run.kills)
@@ -235,13 +250,20 @@ def _run_chains(
                     flush=True,
                 )
 
-    threads = [threading.Thread(target=work) for _ in range(args.jobs)]
+    # Daemons, joined in slices: Ctrl-C reaches the main thread, which stops the emulator
+    # and exits; the forkserver and any worker holding at a kill point see the pipe close.
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(args.jobs)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        while t.is_alive():
+            t.join(0.5)
     return results
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("soak: interrupted; no report written", file=sys.stderr)
+        sys.exit(130)

@@ -27,7 +27,6 @@ import signal
 import threading
 import time
 import uuid
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -256,19 +255,19 @@ def check_run(url: str, ledger: Ledger) -> list[str]:
     from ckptkit import CheckpointManager, CkptError, read_checkpoint
 
     problems: list[str] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    # Warnings about skipped checkpoints are not silenced here (catch_warnings is not
+    # thread-safe and chains run in threads): the runner filters them once.
+    try:
+        with CheckpointManager(url, readonly=True) as mgr:
+            infos = mgr.list()
+            latest = mgr.latest()
+    except CkptError as exc:
+        return [f"cannot read the run: {exc}"]
+    for info in infos:
         try:
-            with CheckpointManager(url, readonly=True) as mgr:
-                infos = mgr.list()
-                latest = mgr.latest()
+            read_checkpoint(info.url, verify=True)
         except CkptError as exc:
-            return [f"cannot read the run: {exc}"]
-        for info in infos:
-            try:
-                read_checkpoint(info.url, verify=True)
-            except CkptError as exc:
-                problems.append(f"committed checkpoint {info.name} does not verify: {exc}")
+            problems.append(f"committed checkpoint {info.name} does not verify: {exc}")
     names = {i.name for i in infos}
     if ledger.committed and (latest is None or latest.step < ledger.newest()):
         got = "none" if latest is None else f"step {latest.step}"

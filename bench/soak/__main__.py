@@ -10,6 +10,7 @@ Exits 1 when any trial or case failed (the report says which), 0 otherwise.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -53,13 +54,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def share(trials: int, storages: list[str]) -> dict[str, int]:
-    """Trials per storage: a tenth (at least 3) on gs://, the rest split evenly."""
+    """Trials per storage: a tenth (at least 3) on gs:// (all of them when it is the only
+    one), the rest split evenly."""
     out: dict[str, int] = {}
     rest = trials
-    if "gs" in storages:
-        out["gs"] = min(trials, max(3, round(trials / 10)))
-        rest -= out["gs"]
     others = [s for s in storages if s != "gs"]
+    if "gs" in storages:
+        out["gs"] = min(trials, max(3, round(trials / 10))) if others else trials
+        rest -= out["gs"]
     for i, storage in enumerate(others):
         out[storage] = rest // len(others) + (1 if i < rest % len(others) else 0)
     return {s: n for s, n in out.items() if n > 0}
@@ -181,17 +183,18 @@ def _run_chains(
     from bench.soak import trials
 
     master = random.Random(args.seed)
+    ids = itertools.count()  # run names: each chain gets a fresh run
     tasks: list[dict[str, Any]] = []
     for storage, n in share(args.trials, list(backends)).items():
         emulator_left = max(1, n // 3) if storage == "gs" else 0
-        for i, start in enumerate(range(0, n, args.chain)):
+        for start in range(0, n, args.chain):
             size = min(args.chain, n - start)
             emu = min(emulator_left, max(1, size // 3)) if emulator_left else 0
             emulator_left -= emu
             tasks.append(
                 {
                     "storage": storage,
-                    "run": f"chain-{i}",
+                    "run": f"chain-{next(ids)}",
                     "trials": size,
                     "emulator": emu,
                     "seed": master.getrandbits(63),
@@ -235,7 +238,7 @@ def _run_chains(
                     pending.append(
                         {
                             **task,
-                            "run": task["run"] + "+",
+                            "run": f"chain-{next(ids)}",
                             "trials": task["trials"] - used,
                             "emulator": max(0, emu),
                             "seed": rng.getrandbits(63),

@@ -114,7 +114,13 @@ def to_json(run: Run) -> dict[str, Any]:
         "rows": rows(run),
         "cases": [asdict(c) for c in run.cases],
         "problems": [
-            {"storage": t.storage, "kind": t.kind, "target": t.target, "problems": t.problems}
+            {
+                "storage": t.storage,
+                "kind": t.kind,
+                "target": t.target,
+                "problems": t.problems,
+                "trace": t.trace,
+            }
             for t in run.trials
             if t.problems
         ],
@@ -209,11 +215,19 @@ def markdown(run: Run, commit: str, command: str) -> str:
         observed = c.observed.replace("|", "\\|")
         lines.append(f"| {c.name} | {c.item} | {c.expected} | {observed} | {c.outcome} |")
     if failing_trials:
-        lines += ["", "## Failed trials", ""]
+        lines += [
+            "",
+            "## Failed trials",
+            "",
+            "What each worker said is in the `--json` output.",
+            "",
+        ]
         for t in failing_trials[:30]:
+            points = [m for m in t.trace if m.startswith("this: point")]
+            last = f" (its last point: `{points[-1][len('this: point ') :]}`)" if points else ""
             lines.append(
                 f"- {t.storage}, {t.kind} aimed at {t.target} ({t.mode}), landed in "
-                f"{t.landed}: {'; '.join(t.problems)}"
+                f"{t.landed}{last}: {'; '.join(t.problems)}"
             )
         if len(failing_trials) > 30:
             lines.append(f"- ... and {len(failing_trials) - 30} more")

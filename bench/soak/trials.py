@@ -291,6 +291,20 @@ class Trial:
     problems: list[str]
     seconds: float
     note: str = ""
+    trace: list[str] = field(default_factory=list)  # what the workers said, when it failed
+
+
+def _trace(trial: Trial, life: Life, before: Life | None) -> None:
+    """Keep, for a failed trial, the end of what this worker and the one before it said
+    (the points show where a hung worker stopped)."""
+    if not trial.problems:
+        return
+    for label, who, n in (("previous", before, 15), ("this", life, 40)):
+        if who is not None:
+            trial.trace += [
+                f"{label}: {' '.join(map(str, m[:4]))}"[:160] for m in who.messages[-n:]
+            ]
+            trial.trace.append(f"{label}: exit {who.exitcode}, killed {who.killed}")
 
 
 @dataclass
@@ -376,6 +390,7 @@ def run_chain(
     out: list[Trial] = []
     cfg = base_cfg(backend, run, seed)
     emulator_left = emulator_trials
+    before: Life | None = None
     for _ in range(trials):
         if emulator_left and (emulator_left >= trials - len(out) or rng.random() < 0.5):
             emulator_left -= 1
@@ -384,6 +399,8 @@ def run_chain(
             trial, life = _kill_trial(cfg, ref, planner, rng, backend.kind)
         trial.problems += ledger.absorb(life)
         trial.problems += check_run(backend.check_url(run), ledger)
+        _trace(trial, life, before)
+        before = life
         out.append(trial)
         if life.done() is not None:  # the plan never fired: this worker finished the run
             _check_final(trial, life, ref)
@@ -394,6 +411,7 @@ def run_chain(
     final.problems += ledger.absorb(life)
     _check_final(final, life, ref)
     final.problems += check_run(backend.check_url(run), ledger)
+    _trace(final, life, before)
     final.seconds = time.monotonic() - start
     out.append(final)
     return out

@@ -118,6 +118,7 @@ def to_json(run: Run) -> dict[str, Any]:
                 "storage": t.storage,
                 "kind": t.kind,
                 "target": t.target,
+                "landed": t.landed,
                 "problems": t.problems,
                 "trace": t.trace,
             }

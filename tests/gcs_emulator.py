@@ -214,6 +214,9 @@ def emulator_installed() -> bool:
 class Emulator:
     """``python -m gcp_storage_emulator start`` on 127.0.0.1 in a subprocess."""
 
+    # What starts the server (a subclass may start it through a wrapper).
+    command: tuple[str, ...] = (sys.executable, "-m", "gcp_storage_emulator")
+
     def __init__(self, port: int | None = None, data_dir: str | None = None) -> None:
         self.port = port or free_port()
         self.data_dir = data_dir
@@ -225,7 +228,7 @@ class Emulator:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> Emulator:
-        cmd = [sys.executable, "-m", "gcp_storage_emulator"]
+        cmd = list(self.command)
         if self.data_dir:
             cmd += ["--data-dir", self.data_dir]
         cmd += ["start", "--host", "127.0.0.1", "--port", str(self.port), "--quiet"]

@@ -216,6 +216,11 @@ class CheckpointManager:
             self._lock.acquire(break_lock=break_lock)
         try:
             if self._lock is not None:
+                # A write-behind storage (Drive) replays a dead writer's staged uploads
+                # once this writer holds the run: finish them before anything is listed
+                # or restored, so a resume never starts from a checkpoint that exists
+                # only in local staging (and is lost with the machine).
+                self.storage.flush()
                 self._remove_leftovers()
             self.run_name = self._run_info(run_name)
         except BaseException:

@@ -474,9 +474,6 @@ def test_a_script_exits_non_zero_and_keeps_its_staging(drive_root: Path, staging
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True, reason="the next writer restores from staged copies before the replay is on Drive"
-)
 def test_next_writer_finishes_the_replay_before_it_resumes(
     drive_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

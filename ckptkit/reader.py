@@ -210,6 +210,11 @@ def verify(url: str, *, trust: bool = False) -> list[dict[str, Any]]:
         problem = f"{url}: no manifest (an interrupted save); it is ignored"
         return [{"url": url, "ok": False, "problem": problem}]
     if not targets:
+        from ckptkit.formats.hf import verify_dir
+
+        foreign = verify_dir(storage, trust=trust)  # each checkpoint-N of an output dir
+        if foreign is not None:
+            return foreign
         read_checkpoint(url, trust=trust)  # legacy: a safe full load is the check
         return [{"url": url, "ok": True, "problem": None}]
     results: list[dict[str, Any]] = []

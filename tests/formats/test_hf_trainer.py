@@ -103,6 +103,11 @@ DAMAGE = {
         ],
         "trainer_state.json",
     ),
+    # Looks like save_only_model=True, but training_args.bin says it was not.
+    "no-optimizer-scheduler-rng": (
+        lambda d: [(d / n).unlink() for n in ("optimizer.pt", "scheduler.pt", "rng_state.pth")],
+        "optimizer.pt, scheduler.pt, rng_state.pth",
+    ),
     "damaged-trainer-state": (
         lambda d: (d / "trainer_state.json").write_text('{"global_step": 6,'),
         "trainer_state.json",
@@ -110,7 +115,6 @@ DAMAGE = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11.1: incomplete HF checkpoints verify OK")
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_verify_reports_an_incomplete_checkpoint(out, damage) -> None:
     hurt, named = DAMAGE[damage]
@@ -122,7 +126,6 @@ def test_verify_reports_an_incomplete_checkpoint(out, damage) -> None:
     assert "OK      " + str(out / "checkpoint-4") in text, text
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11.1: distributed rng files not checked")
 def test_verify_names_a_missing_rank(out) -> None:
     ckpt = out / "checkpoint-6"
     rng = (ckpt / "rng_state.pth").read_bytes()
@@ -137,13 +140,27 @@ def test_verify_names_a_missing_rank(out) -> None:
     assert code == 4 and "rng_state_2.pth" in text, text
 
 
+def test_pytorch_model_bin_checkpoint(out) -> None:
+    """transformers 4.x with save_safetensors=False writes pytorch_model.bin (5.x has only
+    safetensors): the same weights, torch-saved."""
+    from safetensors.torch import load_file
+
+    ckpt = out / "checkpoint-6"
+    torch.save(load_file(ckpt / "model.safetensors"), ckpt / "pytorch_model.bin")
+    (ckpt / "model.safetensors").unlink()
+    assert _verify(ckpt)[0] == 0
+    assert "transformer.wte.weight" in ckptkit.load(str(ckpt))["model"]
+    _truncate(ckpt / "pytorch_model.bin")
+    code, text = _verify(out)
+    assert code == 4 and "pytorch_model.bin" in text, text
+
+
 def test_complete_checkpoints_verify(hf_run, hf_only_model) -> None:
     for path in (hf_run, hf_run / "checkpoint-6", hf_only_model / "checkpoint-2"):
         code, text = _verify(path)
         assert code == 0, text
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11.1: root weights win over checkpoint-N")
 @pytest.mark.parametrize("damage", ["no-trainer-state", "truncated-optimizer", "model-only"])
 def test_resume_takes_the_newest_complete_checkpoint(out, tmp_path, damage) -> None:
     DAMAGE[damage][0](out / "checkpoint-6")
@@ -183,7 +200,6 @@ def _equal(a, b) -> bool:
     return a == b
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11.1: tied lm_head.weight reported missing")
 def test_tied_gpt2_restores_into_gpt2(hf_run, tmp_path) -> None:
     from safetensors.torch import load_file
 
@@ -203,7 +219,6 @@ def test_tied_gpt2_restores_into_gpt2(hf_run, tmp_path) -> None:
     assert _equal(opt.state_dict()["state"], expected["state"])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11.1: untied values into a tied model not refused")
 def test_untied_values_into_a_tied_model_are_refused(hf_run, tmp_path) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -221,7 +236,6 @@ def test_untied_values_into_a_tied_model_are_refused(hf_run, tmp_path) -> None:
     assert _equal(_snapshot({"model": model}), before)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11.1: refused for the tied key, not the groups")
 def test_other_param_groups_are_refused_before_anything_is_written(hf_run, tmp_path) -> None:
     model = _gpt2()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5)  # one group; the Trainer's has two
@@ -229,10 +243,10 @@ def test_other_param_groups_are_refused_before_anything_is_written(hf_run, tmp_p
     opt.zero_grad()
     model(torch.arange(8)[None], labels=torch.arange(8)[None]).loss.backward()
     opt.step()
-    before = _snapshot(state)
     random.seed(5)
     np.random.seed(5)
     torch.manual_seed(5)
+    before = _snapshot(state)
     with (
         CheckpointManager(str(tmp_path / "run")) as mgr,
         pytest.raises(IncompatibleCheckpointError, match="param groups"),
@@ -242,7 +256,6 @@ def test_other_param_groups_are_refused_before_anything_is_written(hf_run, tmp_p
     assert random.random() == random.Random(5).random()  # the RNG was not restored either
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11.1: save_only_model not told apart")
 def test_save_only_model_checkpoint(hf_only_model, tmp_path) -> None:
     model = _gpt2()
     with warnings.catch_warnings(record=True):

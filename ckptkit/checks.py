@@ -207,6 +207,9 @@ def _shape(value: Any) -> Any:
 def _check_optimizer(where: str, opt: torch.optim.Optimizer, saved: Any) -> None:
     """What ``Optimizer.load_state_dict`` checks, and what it lets through that breaks
     ``step()``: another optimizer's hyperparameters, state tensors of other shapes."""
+    inner = getattr(opt, "optimizer", None)
+    if isinstance(inner, torch.optim.Optimizer):
+        opt = inner  # a wrapper (accelerate's AcceleratedOptimizer) loads into the one inside
     groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
     if (
         not isinstance(groups, list)

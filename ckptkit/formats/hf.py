@@ -365,8 +365,14 @@ def rng_state_from_hf(raw: Any) -> dict[str, Any] | None:
     ``ckptkit.RNGState`` state, or None when it is not in that layout."""
     if not isinstance(raw, dict):
         return None
-    py, np_state, cpu = raw.get("python"), raw.get("numpy"), raw.get("cpu")
-    cuda = raw.get("cuda", [])
+    return rng_state(raw.get("python"), raw.get("numpy"), raw.get("cpu"), raw.get("cuda", []))
+
+
+def rng_state(py: Any, np_state: Any, cpu: Any, cuda: Any) -> dict[str, Any] | None:
+    """``random.getstate()``, ``np.random.get_state()`` (numpy already turned into
+    tensors by ``to_plain``), the CPU generator's state and the CUDA ones, as a
+    ``ckptkit.RNGState`` state; None when they are not in those layouts. Shared by the
+    Trainer's and accelerate's RNG files."""
     if not (isinstance(py, tuple) and len(py) == 3 and isinstance(py[1], tuple)):
         return None
     if not (

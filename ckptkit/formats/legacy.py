@@ -73,6 +73,11 @@ def _read_dir(storage: Storage, key: str, trust: bool) -> Loaded | None:
     names = storage.listdir(key)
     if "manifest.json" in names:
         return None  # a native checkpoint: not ours to read
+    from ckptkit.formats import accelerate
+
+    found = accelerate.read_dir(storage, key, names, trust)
+    if found is not None:
+        return found
     # checkpoint-N/ folders before the folder's own weights: an output dir that also
     # holds save_model()'s model.safetensors resumes from its newest complete checkpoint.
     for pattern in (STEP_DIR, HF_STEP_DIR):

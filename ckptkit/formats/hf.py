@@ -62,8 +62,9 @@ CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 # FSDP runs: sharded state as torch.distributed.checkpoint folders (not read here).
 FSDP_FOLDERS = ("pytorch_model_fsdp_0", "optimizer_0")
 OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")  # .bin: FSDP full state
-# Files that only a Trainer checkpoint holds (a save_pretrained() folder has none).
-_TRAINER_FILES = (TRAINER_STATE, *OPTIMIZER_FILES, "scheduler.pt", "scaler.pt")
+# Files that only a Trainer checkpoint holds: a save_pretrained() folder has none, and an
+# output dir only trainer_state.json (from trainer.save_state()).
+_TRAINER_FILES = (*OPTIMIZER_FILES, "scheduler.pt", "scaler.pt")
 ROOT_WEIGHTS_NOTE = (
     "the output dir also holds weights from save_model(): the newest complete checkpoint-N "
     "is restored, with its optimizer and RNG state; point at the output dir's files to load "
@@ -80,12 +81,13 @@ _NOT_METRICS = {"step", "epoch", "total_flos", "train_runtime", "train_samples_p
 def is_hf_checkpoint(names: Sequence[str]) -> bool:
     """Whether a directory listing looks like a Trainer checkpoint (or a saved model),
     complete or not."""
-    return _has_model(names) or is_trainer_checkpoint(names, "")
+    return TRAINER_STATE in names or _has_model(names) or is_trainer_checkpoint(names, "")
 
 
 def is_trainer_checkpoint(names: Sequence[str], dirname: str) -> bool:
     """A Trainer checkpoint (held to the completeness rule), not a ``save_pretrained``
-    folder: named ``checkpoint-<N>``, or holding a file only the Trainer writes."""
+    folder or an output dir's final ``save_model()``/``save_state()`` files: named
+    ``checkpoint-<N>``, or holding optimizer, scheduler or RNG files."""
     return (
         bool(CHECKPOINT_DIR.match(dirname))
         or any(n in names for n in _TRAINER_FILES)

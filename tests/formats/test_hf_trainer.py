@@ -59,6 +59,7 @@ def _train(out: Path, *, steps: int = 6, only_model: bool = False, **model_extra
     trainer = Trainer(model=_gpt2(**model_extra), args=args, train_dataset=_Tokens())
     trainer.train()
     trainer.save_model()  # the root model.safetensors a finished script leaves
+    trainer.save_state()  # and its trainer_state.json
     return out
 
 
@@ -153,6 +154,20 @@ def test_pytorch_model_bin_checkpoint(out) -> None:
     _truncate(ckpt / "pytorch_model.bin")
     code, text = _verify(out)
     assert code == 4 and "pytorch_model.bin" in text, text
+
+
+def test_final_output_dir_without_checkpoints_loads_its_model(hf_run, tmp_path) -> None:
+    """save_strategy="no": only save_model()'s and save_state()'s files; not a checkpoint
+    that lacks its optimizer."""
+    final = tmp_path / "final"
+    final.mkdir()
+    for p in hf_run.iterdir():
+        if p.is_file():
+            shutil.copy(p, final / p.name)
+    assert (final / "trainer_state.json").exists() and (final / "model.safetensors").exists()
+    assert _verify(final)[0] == 0
+    loaded = ckptkit.load(str(final))
+    assert "transformer.wte.weight" in loaded["model"] and loaded["step"] == 6
 
 
 def test_complete_checkpoints_verify(hf_run, hf_only_model) -> None:

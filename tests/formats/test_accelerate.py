@@ -87,6 +87,7 @@ def acc_dir(tmp_path_factory):
     acc.save_state(str(root / "state"))
     saved = {k: copy.deepcopy(v.state_dict()) for k, v in state.items()}
     expected = _draws()
+    acc.save_state(str(root / "bin"), safe_serialization=False)  # pytorch_model*.bin
     acc.project_configuration.set_directories(str(root / "project"))
     acc.project_configuration.automatic_checkpoint_naming = True
     for _ in range(2):
@@ -189,4 +190,15 @@ def test_verify_names_what_a_save_lacks(acc_dir, tmp_path, victim, named) -> Non
     result = CliRunner().invoke(cli, ["verify", str(folder)])
     assert result.exit_code == 4 and named in result.output, result.output
     with pytest.raises(ckptkit.CorruptCheckpointError, match=named):
+        ckptkit.load(str(folder))
+
+
+def test_bin_weights_and_an_incomplete_series(acc_dir, tmp_path) -> None:
+    root, saved, _ = acc_dir
+    assert (root / "bin" / "pytorch_model_1.bin").exists()
+    loaded = ckptkit.load(str(root / "bin"))
+    assert _equal(loaded["model_1"], saved["model_1"]) and _equal(loaded["model"], saved["model"])
+    folder = Path(shutil.copytree(root / "bin", tmp_path / "bin"))
+    (folder / "pytorch_model.bin").unlink()
+    with pytest.raises(ckptkit.CorruptCheckpointError, match="pytorch_model.bin"):
         ckptkit.load(str(folder))

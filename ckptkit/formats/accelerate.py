@@ -220,12 +220,4 @@ def verify_dir(
         ]
     if not targets:
         return None
-    results: list[dict[str, Any]] = []
-    for target in targets:
-        url = storage.url_of(target)
-        try:
-            read_accelerate(storage, target, trust=trust)
-            results.append({"url": url, "ok": True, "problem": None})
-        except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
-            results.append({"url": url, "ok": False, "problem": str(exc)})
-    return results
+    return hf.verify_each(storage, targets, lambda t: read_accelerate(storage, t, trust=trust))

@@ -25,7 +25,7 @@ import json
 import math
 import pickletools
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -67,8 +67,7 @@ OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")  # .bin: FSDP full state
 _TRAINER_FILES = (*OPTIMIZER_FILES, "scheduler.pt", "scaler.pt")
 ROOT_WEIGHTS_NOTE = (
     "the output dir also holds weights from save_model(): the newest complete checkpoint-N "
-    "is restored, with its optimizer and RNG state; point at the output dir's files to load "
-    "the final weights instead"
+    "is restored instead; point at that model.safetensors to load the final weights alone"
 )
 SAVE_ONLY_MODEL = (
     "saved with save_only_model=True: model weights and trainer_state.json only, "
@@ -133,7 +132,7 @@ def missing_files(storage: Storage, key: str, names: Sequence[str]) -> list[str]
     missing: list[str] = []
     if not _has_model(names):
         missing.append("model weights (model.safetensors or pytorch_model.bin)")
-    full = any(n in names for n in (*OPTIMIZER_FILES, "scheduler.pt", "optimizer_0"))
+    full = any(n in names for n in (*_TRAINER_FILES, "optimizer_0"))
     full = full or bool(_rng_ranks(names)) or saved_only_model(storage, key, names) is False
     if full:
         if not any(n in names for n in (*OPTIMIZER_FILES, "optimizer_0")):
@@ -425,14 +424,26 @@ def verify_dir(
         targets = [key]
     else:
         return None
+
+    def read(target: str) -> None:
+        if target == key:
+            read_hf_checkpoint(storage, target, trust=trust)
+        elif read_legacy(storage, target, trust=trust) is None:
+            raise CorruptCheckpointError(f"{storage.url_of(target)}: no checkpoint in it")
+
+    return verify_each(storage, targets, read)
+
+
+def verify_each(
+    storage: Storage, targets: Sequence[str], read: Callable[[str], object]
+) -> list[dict[str, Any]]:
+    """``verify``'s ``[{"url", "ok", "problem"}]``: ``read`` (a full, safe read) of each
+    target, a damaged or incomplete one reported, not raised. Unsafe files still raise."""
     results: list[dict[str, Any]] = []
     for target in targets:
         url = storage.url_of(target)
         try:
-            if target == key:
-                read_hf_checkpoint(storage, target, trust=trust)
-            elif read_legacy(storage, target, trust=trust) is None:
-                raise CorruptCheckpointError(f"{url}: no checkpoint in it")
+            read(target)
             results.append({"url": url, "ok": True, "problem": None})
         except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
             results.append({"url": url, "ok": False, "problem": str(exc)})

@@ -150,6 +150,54 @@ def _check_module(where: str, module: torch.nn.Module, saved: Any) -> None:
             f"{where} does not fit this model ({'; '.join(problems)}); "
             "restore into the model it was saved from"
         )
+    _check_tied(where, module, saved)
+
+
+def tied_keys(module: torch.nn.Module) -> list[list[str]]:
+    """Groups of ``state_dict`` keys that are one tensor in ``module`` (tied weights:
+    GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``)."""
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for key, value in module.state_dict(keep_vars=True).items():
+        if isinstance(value, torch.Tensor) and value.numel() and value.device.type != "meta":
+            ident = (value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
+            groups.setdefault(ident, []).append(key)
+    return [keys for keys in groups.values() if len(keys) > 1]
+
+
+def fill_tied(module: torch.nn.Module, saved: Any) -> tuple[Any, list[str]]:
+    """``saved`` with the keys that are tied in ``module`` and missing from it filled
+    from the key they are tied to (writers such as the HF Trainer drop tied copies),
+    and notes saying so. Unchanged when nothing is missing; never mutates ``saved``."""
+    if not isinstance(saved, Mapping):
+        return saved, []
+    filled: dict[str, Any] | None = None
+    notes: list[str] = []
+    for keys in tied_keys(module):
+        present = [k for k in keys if k in saved]
+        absent = [k for k in keys if k not in saved]
+        if present and absent:
+            filled = dict(saved) if filled is None else filled
+            for k in absent:
+                filled[k] = saved[present[0]]
+            notes.append(
+                f"{', '.join(absent)} restored from {present[0]} (tied to it in this model; "
+                "the checkpoint keeps one copy)"
+            )
+    return (saved if filled is None else filled), notes
+
+
+def _check_tied(where: str, module: torch.nn.Module, saved: Mapping[str, Any]) -> None:
+    # Loading two different values into one tied tensor keeps only the last: refuse.
+    for keys in tied_keys(module):
+        values = [(k, saved[k]) for k in keys if isinstance(saved.get(k), torch.Tensor)]
+        for k, v in values[1:]:
+            first, fv = values[0]
+            if v.shape == fv.shape and not torch.equal(v, fv):
+                raise IncompatibleCheckpointError(
+                    f"{where}: {k} and {first} differ in the checkpoint but are tied in this "
+                    f"{type(module).__name__} (saved from an untied model?); build the model "
+                    "with the same weight tying (tie_word_embeddings) it was saved with"
+                )
 
 
 def _shape(value: Any) -> Any:
@@ -159,6 +207,9 @@ def _shape(value: Any) -> Any:
 def _check_optimizer(where: str, opt: torch.optim.Optimizer, saved: Any) -> None:
     """What ``Optimizer.load_state_dict`` checks, and what it lets through that breaks
     ``step()``: another optimizer's hyperparameters, state tensors of other shapes."""
+    inner = getattr(opt, "optimizer", None)
+    if isinstance(inner, torch.optim.Optimizer):
+        opt = inner  # a wrapper (accelerate's AcceleratedOptimizer) loads into the one inside
     groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
     if (
         not isinstance(groups, list)

@@ -98,6 +98,7 @@ FORMATS = {
     "legacy-state-dict": "state_dict",
     "legacy-dict": "legacy_dict",
     "hf-trainer": "hf_trainer",
+    "accelerate": "accelerate",
 }
 
 
@@ -210,6 +211,13 @@ def verify(url: str, *, trust: bool = False) -> list[dict[str, Any]]:
         problem = f"{url}: no manifest (an interrupted save); it is ignored"
         return [{"url": url, "ok": False, "problem": problem}]
     if not targets:
+        from ckptkit.formats import accelerate, hf
+
+        # every checkpoint(-|_)N of an HF output dir or accelerate project, or the one
+        foreign = accelerate.verify_dir(storage, trust=trust)
+        foreign = hf.verify_dir(storage, trust=trust) if foreign is None else foreign
+        if foreign is not None:
+            return foreign
         read_checkpoint(url, trust=trust)  # legacy: a safe full load is the check
         return [{"url": url, "ok": True, "problem": None}]
     results: list[dict[str, Any]] = []

@@ -28,6 +28,7 @@ from ckptkit.checks import (
     check_plain,
     check_stateful,
     checked_here,
+    fill_tied,
     first_line,
 )
 from ckptkit.errors import ConfigError, IncompatibleCheckpointError
@@ -110,6 +111,7 @@ def check_state(
     ``classes`` is what ``state_classes`` recorded at save time (None for checkpoints that
     lack it: then only shapes and structure are checked). ``force=True`` skips the class
     checks, never the shape and count checks."""
+    saved, _ = with_tied(state, saved)
     # Models first: a changed model also changes its optimizer's shapes, and the model
     # is what the user should hear about.
     for key in sorted(state, key=lambda k: not isinstance(state[k], torch.nn.Module)):
@@ -122,6 +124,23 @@ def check_state(
             else:
                 recorded = recorded if isinstance(recorded, str) else None
                 check_stateful(where, target, saved[key], recorded, force)
+
+
+def with_tied(
+    state: Mapping[str, Any], saved: Mapping[str, Any]
+) -> tuple[Mapping[str, Any], list[str]]:
+    """``saved`` with each model's tied keys that the checkpoint dropped filled in
+    (``checks.fill_tied``), and notes naming them."""
+    out: dict[str, Any] | None = None
+    notes: list[str] = []
+    for key, target in state.items():
+        if isinstance(target, torch.nn.Module) and key in saved:
+            value, said = fill_tied(target, saved[key])
+            if said:
+                out = dict(saved) if out is None else out
+                out[key] = value
+                notes.extend(f"state['{key}']: {n}" for n in said)
+    return (saved if out is None else out), notes
 
 
 def _has_state(saved: Mapping[str, Any], key: str, target: Any) -> bool:
@@ -140,9 +159,10 @@ def apply_state(
     """Load ``saved`` into ``state`` in place, all or nothing; returns notes on what was
     missing. Everything is checked first (``check_state``), so a refused restore leaves
     every object as it was."""
+    saved, tied = with_tied(state, saved)
     check_state(state, saved, source, classes=classes, force=force)
     present = [k for k, target in state.items() if _has_state(saved, k, target)]
-    notes = [_missing_note(k, state[k]) for k in state if k not in present]
+    notes = [_missing_note(k, state[k]) for k in state if k not in present] + tied
     # Only a stateful without check_state_dict can still refuse now: load those first,
     # so such a refusal leaves every checked object (and plain value) as it was.
     order = sorted(present, key=lambda k: not _unchecked(state[k]))

@@ -73,8 +73,13 @@ def _read_dir(storage: Storage, key: str, trust: bool) -> Loaded | None:
     names = storage.listdir(key)
     if "manifest.json" in names:
         return None  # a native checkpoint: not ours to read
-    if hf.is_hf_checkpoint(names):
-        return hf.read_hf_checkpoint(storage, key, trust=trust)
+    from ckptkit.formats import accelerate
+
+    found = accelerate.read_dir(storage, key, names, trust)
+    if found is not None:
+        return found
+    # checkpoint-N/ folders before the folder's own weights: an output dir that also
+    # holds save_model()'s model.safetensors resumes from its newest complete checkpoint.
     for pattern in (STEP_DIR, HF_STEP_DIR):
         numbered = sorted(
             ((int(m.group(1)), n) for n in names if (m := pattern.match(n))), reverse=True
@@ -82,12 +87,16 @@ def _read_dir(storage: Storage, key: str, trust: bool) -> Loaded | None:
         if numbered:
             loaded = _newest_loadable(storage, key, numbered, trust)
             others = [n for n in CHECKPOINT_FILES if n in names]
-            if others:
+            if hf.is_hf_checkpoint(names):
+                loaded.notes.append(hf.ROOT_WEIGHTS_NOTE)
+            elif others:
                 loaded.notes.append(
                     f"also found {others[0]} next to the step directories (upstream Time-LLM "
                     "saves the best model there): point at it to load it instead"
                 )
             return loaded
+    if hf.is_hf_checkpoint(names):
+        return hf.read_hf_checkpoint(storage, key, trust=trust)
     for name in CHECKPOINT_FILES:
         if name in names and not storage.isdir(join_key(key, name)):
             return _read_file(storage, join_key(key, name), trust)

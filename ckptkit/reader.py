@@ -57,6 +57,7 @@ def read_checkpoint(url: str, *, verify: bool = True, trust: bool = False) -> Lo
 
     if dcp.is_dcp_dir(storage):
         return dcp.read_dcp(storage, trust=trust)
+    dcp.check_not_interrupted(storage)
     loaded = read_legacy(storage, "", trust=trust)
     if loaded is None:
         what = "directory" if storage.isdir("") else "file" if storage.exists("") else "path"

@@ -156,6 +156,16 @@ def is_dcp_dir(storage: Storage, key: str = "") -> bool:
     return storage.isdir(key) and storage.exists(join_key(key, METADATA))
 
 
+def check_not_interrupted(storage: Storage, key: str = "") -> None:
+    """Raise ``CorruptCheckpointError`` for ``.distcp`` data files without ``.metadata``:
+    DCP writes the metadata last, so that is a save that never finished."""
+    if storage.isdir(key) and any(n.endswith(".distcp") for n in storage.listdir(key)):
+        raise CorruptCheckpointError(
+            f"{storage.url_of(key)}: DCP data files without .metadata (a "
+            "torch.distributed.checkpoint save that never finished): save it again"
+        )
+
+
 def read_dcp(storage: Storage, key: str = "", *, trust: bool = False) -> Loaded:
     """The DCP directory at ``key`` as a nested state dict (see the module docstring).
 

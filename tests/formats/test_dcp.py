@@ -223,7 +223,6 @@ def test_hostile_storage_data_is_refused(dcp_dir, tmp_path, where: str) -> None:
     assert result.exit_code == 4, result.output
 
 
-@pytest.mark.xfail(strict=True, reason="a DCP dir without .metadata is not named as such yet")
 def test_interrupted_dcp_save_is_named(dcp_dir, tmp_path) -> None:
     """DCP writes ``.metadata`` last: data files without it are an interrupted save."""
     bad = _copy(dcp_dir, tmp_path / "bad")

@@ -255,3 +255,17 @@ def test_safetensors_recognised_by_content(tmp_path) -> None:
     (tmp_path / "junk").write_bytes((10**12).to_bytes(8, "little") + b"{}")
     with pytest.raises(CheckpointNotFoundError):
         ckptkit.load(str(tmp_path / "junk"))
+
+
+@pytest.mark.xfail(strict=True, reason="Lightning's default_root_dir is not searched yet")
+def test_lightning_root_dir_is_searched(lightning_dir, tmp_path) -> None:
+    """Pointing at Trainer's default_root_dir finds ``checkpoints/`` (no logger) or
+    ``lightning_logs/version_N/checkpoints/``; several files are listed by their paths."""
+    with pytest.raises(CheckpointNotFoundError) as exc:
+        ckptkit.load(str(lightning_dir.parent))
+    assert "checkpoints/last.ckpt" in str(exc.value)
+    assert "checkpoints/epoch=0-step=2.ckpt" in str(exc.value)
+    logged = tmp_path / "root" / "lightning_logs" / "version_0" / "checkpoints"
+    logged.mkdir(parents=True)
+    torch.save({"state_dict": Net().state_dict(), "global_step": 5}, logged / "epoch=0-step=5.ckpt")
+    assert ckptkit.inspect(str(tmp_path / "root"))["step"] == 5

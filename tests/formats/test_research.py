@@ -195,7 +195,8 @@ def lightning_dir(tmp_path_factory) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, loader)
-    torch.save(module.net.state_dict(), root / "trained_net.pt")
+    # Kept outside the root: a file there would be a checkpoint candidate of its own.
+    torch.save(module.net.state_dict(), root.parent / f"{root.name}-trained_net.pt")
     return root / "checkpoints"
 
 
@@ -216,7 +217,8 @@ def test_lightning_folder_lists_candidates_and_file_restores(lightning_dir, tmp_
     with CheckpointManager(str(tmp_path / "run")) as mgr, pytest.warns(UserWarning) as seen:
         result = mgr.restore({"model": net}, str(lightning_dir / "epoch=0-step=2.ckpt"))
     assert result.step == 2
-    trained = torch.load(lightning_dir.parent / "trained_net.pt", weights_only=True)
+    root = lightning_dir.parent
+    trained = torch.load(root.parent / f"{root.name}-trained_net.pt", weights_only=True)
     assert _same(net.state_dict(), trained)
     assert any("prefix 'net.' stripped" in str(w.message) for w in seen)
     assert all(

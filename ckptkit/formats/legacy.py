@@ -91,13 +91,7 @@ def _read_dir(storage: Storage, key: str, trust: bool) -> Loaded | None:
                     "saves the best model there): point at it to load it instead"
                 )
             return loaded
-    candidates = [
-        n
-        for n in sorted(names)
-        if (n in CHECKPOINT_FILES or n.endswith(CANDIDATE_SUFFIXES))
-        and not n.startswith(".")
-        and not storage.isdir(join_key(key, n))
-    ]
+    candidates = _candidates(storage, key, names)
     if len(candidates) > 1:
         url = storage.url_of(key).rstrip("/")
         shown = ", ".join(candidates[:10]) + (" ..." if len(candidates) > 10 else "")
@@ -106,6 +100,35 @@ def _read_dir(storage: Storage, key: str, trust: bool) -> Loaded | None:
             f"read, e.g. {url}/{candidates[0]}"
         )
     return _read_file(storage, join_key(key, candidates[0]), trust) if candidates else None
+
+
+def _files(storage: Storage, key: str, names: list[str], under: str = "") -> list[str]:
+    return [
+        under + n
+        for n in sorted(names)
+        if (n in CHECKPOINT_FILES or n.endswith(CANDIDATE_SUFFIXES))
+        and not n.startswith(".")
+        and not storage.isdir(join_key(key, n))
+    ]
+
+
+def _candidates(storage: Storage, key: str, names: list[str]) -> list[str]:
+    """The checkpoint files of a folder (relative names); when it has none, those in
+    Lightning's folders below a Trainer's ``default_root_dir``: ``checkpoints/`` (no
+    logger) and ``lightning_logs/version_<N>/checkpoints/``."""
+    found = _files(storage, key, names)
+    if found:
+        return found
+    subs = ["checkpoints"] if "checkpoints" in names else []
+    logs = join_key(key, "lightning_logs")
+    if "lightning_logs" in names and storage.isdir(logs):
+        versions = sorted(v for v in storage.listdir(logs) if v.startswith("version_"))
+        subs += [f"lightning_logs/{v}/checkpoints" for v in versions]
+    for sub in subs:
+        folder = join_key(key, sub)
+        if storage.isdir(folder):
+            found += _files(storage, folder, storage.listdir(folder), f"{sub}/")
+    return found
 
 
 def _newest_loadable(

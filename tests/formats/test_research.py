@@ -259,7 +259,6 @@ def test_safetensors_recognised_by_content(tmp_path) -> None:
         ckptkit.load(str(tmp_path / "junk"))
 
 
-@pytest.mark.xfail(strict=True, reason="Lightning's default_root_dir is not searched yet")
 def test_lightning_root_dir_is_searched(lightning_dir, tmp_path) -> None:
     """Pointing at Trainer's default_root_dir finds ``checkpoints/`` (no logger) or
     ``lightning_logs/version_N/checkpoints/``; several files are listed by their paths."""

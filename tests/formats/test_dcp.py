@@ -231,3 +231,25 @@ def test_interrupted_dcp_save_is_named(dcp_dir, tmp_path) -> None:
         ckptkit.load(str(bad))
     result = CliRunner().invoke(cli, ["verify", str(bad)])
     assert result.exit_code == 4, result.output
+
+
+@pytest.mark.xfail(strict=True, reason="shared byte ranges and dtype mismatches pass yet")
+@pytest.mark.parametrize("lie", ["shared-range", "dtype"])
+def test_metadata_that_lies_about_items_is_refused(dcp_dir, tmp_path, lie: str) -> None:
+    """A ``.metadata`` pointing two items at one byte range (DCP never writes that: it
+    would let a small file stand for much data, or substitute one tensor for another), or
+    declaring a dtype the stored tensor lacks, is corrupt, not silently cast or reused."""
+    bad = _copy(dcp_dir, tmp_path / "bad")
+
+    def edit(meta: Any) -> None:
+        if lie == "dtype":
+            meta.state_dict_metadata["model.0.weight"].properties.dtype = torch.float64
+            return
+        by_fqn = {index.fqn: info for index, info in meta.storage_data.items()}
+        source = by_fqn["optimizer.state.0.exp_avg"]
+        target = by_fqn["model.0.weight"]
+        target.offset, target.length = source.offset, source.length
+
+    _rewrite_metadata(bad, edit)
+    with pytest.raises(ckptkit.CorruptCheckpointError):
+        ckptkit.load(str(bad))

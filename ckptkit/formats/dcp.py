@@ -217,7 +217,16 @@ def _read_items(
                 "it): the save was interrupted or the directory was copied partly"
             ) from None
         with member:
+            end = 0
             for fqn, offsets, info in sorted(items, key=lambda item: item[2]["offset"]):
+                # DCP writes items one after the other; a range shared or overlapped would
+                # let a small file stand for much data, or one tensor for another.
+                if info["offset"] < end:
+                    raise CorruptCheckpointError(
+                        f"{member.url}: .metadata records overlapping items ({fqn!r}): "
+                        "damaged or not written by torch.distributed.checkpoint"
+                    )
+                end = info["offset"] + info["length"]
                 raw = member.read_range(info["offset"], info["length"])
                 where = f"{member.url} [{fqn}]"
                 pieces[(fqn, offsets)] = _decode(raw, where, trust)
@@ -301,6 +310,7 @@ def _assemble(fqn: str, entry: dict[str, Any], pieces: dict[Any, Any], source: s
         piece = pieces[(fqn, offsets)]
         if (
             not isinstance(piece, torch.Tensor)
+            or piece.dtype != dtype
             or list(piece.shape) != sizes
             or len(sizes) != len(size)
             or any(o + n > s for o, n, s in zip(offsets, sizes, size, strict=True))

@@ -233,7 +233,6 @@ def test_interrupted_dcp_save_is_named(dcp_dir, tmp_path) -> None:
     assert result.exit_code == 4, result.output
 
 
-@pytest.mark.xfail(strict=True, reason="shared byte ranges and dtype mismatches pass yet")
 @pytest.mark.parametrize("lie", ["shared-range", "dtype"])
 def test_metadata_that_lies_about_items_is_refused(dcp_dir, tmp_path, lie: str) -> None:
     """A ``.metadata`` pointing two items at one byte range (DCP never writes that: it

@@ -252,3 +252,29 @@ def test_metadata_that_lies_about_items_is_refused(dcp_dir, tmp_path, lie: str) 
     _rewrite_metadata(bad, edit)
     with pytest.raises(ckptkit.CorruptCheckpointError):
         ckptkit.load(str(bad))
+
+
+def test_hostile_metadata_in_a_directory_runs_nothing(dcp_dir, tmp_path) -> None:
+    bad = _copy(dcp_dir, tmp_path / "bad")
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self) -> Any:
+            return (os.system, (f"touch {marker}",))
+
+    (bad / ".metadata").write_bytes(pickle.dumps({"state_dict_metadata": Exploit()}))
+    with pytest.raises(ckptkit.UnsafeCheckpointError, match="system"):
+        ckptkit.load(str(bad))
+    result = CliRunner().invoke(cli, ["verify", str(bad)])
+    assert result.exit_code not in (0, 4) and "Traceback" not in result.output
+    assert not marker.exists()
+
+
+def test_dcp_on_a_remote_store(dcp_dir) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for f in dcp_dir.iterdir():
+        fs.pipe(f"/dcp-remote/{f.name}", f.read_bytes())
+    _equal(ckptkit.load(str(dcp_dir)), ckptkit.load("memory://dcp-remote"))
+    assert ckptkit.inspect("memory://dcp-remote")["step"] == 7

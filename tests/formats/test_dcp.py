@@ -278,3 +278,34 @@ def test_dcp_on_a_remote_store(dcp_dir) -> None:
         fs.pipe(f"/dcp-remote/{f.name}", f.read_bytes())
     _equal(ckptkit.load(str(dcp_dir)), ckptkit.load("memory://dcp-remote"))
     assert ckptkit.inspect("memory://dcp-remote")["step"] == 7
+
+
+_CRASHES = pytest.mark.xfail(strict=True, reason="malformed metadata crashes with a traceback")
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        pytest.param("chunk-not-record", marks=_CRASHES),
+        pytest.param("fqn-not-str", marks=_CRASHES),
+        "size-not-list",
+    ],
+)
+def test_malformed_metadata_is_corrupt(dcp_dir, tmp_path, shape: str) -> None:
+    """Well-formed pickles of DCP records holding the wrong types: one clean error."""
+    bad = _copy(dcp_dir, tmp_path / "bad")
+
+    def edit(meta: Any) -> None:
+        entry = meta.state_dict_metadata["model.0.weight"]
+        if shape == "chunk-not-record":
+            entry.chunks = [1, 2]
+        elif shape == "fqn-not-str":
+            object.__setattr__(next(iter(meta.storage_data)), "fqn", ["model", "0"])
+        else:
+            entry.size = 12
+
+    _rewrite_metadata(bad, edit)
+    with pytest.raises(ckptkit.CorruptCheckpointError):
+        ckptkit.load(str(bad))
+    result = CliRunner().invoke(cli, ["verify", str(bad)])
+    assert result.exit_code == 4 and "Traceback" not in result.output

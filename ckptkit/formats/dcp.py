@@ -148,6 +148,8 @@ def _plain(obj: Any) -> Any:
 
 # -- the data files ---------------------------------------------------------------------
 KIND = "dcp"
+# A sanity cap: a model with many thousand sharded tensors has a .metadata of some MB.
+MAX_METADATA = 256 << 20
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -178,10 +180,17 @@ def read_dcp(storage: Storage, key: str = "", *, trust: bool = False) -> Loaded:
 
     source = storage.url_of(key)
     meta_key = join_key(key, METADATA)
-    data = confined.read_member(storage, meta_key, max_size=confined.MAX_JSON)
+    data = confined.read_member(storage, meta_key, max_size=MAX_METADATA)
     meta = read_metadata(data, source=storage.url_of(meta_key))
-    flat = _read_items(storage, key, meta, source, trust)
-    nested = _unflatten(flat, meta.get("planner_data"), source)
+    try:
+        flat = _read_items(storage, key, meta, source, trust)
+        nested = _unflatten(flat, meta.get("planner_data"), source)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        # Well-formed records holding the wrong types (a hand-made or damaged .metadata).
+        raise CorruptCheckpointError(
+            f"{source}: malformed .metadata ({type(exc).__name__}: {str(exc)[:120]}): "
+            "damaged or not written by torch.distributed.checkpoint"
+        ) from None
     loaded = dict_checkpoint(nested, source)
     loaded.kind = KIND
     loaded.state = {k: _int_keyed(v) for k, v in loaded.state.items()}

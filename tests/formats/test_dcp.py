@@ -306,3 +306,13 @@ def test_malformed_metadata_is_corrupt(dcp_dir, tmp_path, shape: str) -> None:
         ckptkit.load(str(bad))
     result = CliRunner().invoke(cli, ["verify", str(bad)])
     assert result.exit_code == 4 and "Traceback" not in result.output
+
+
+def test_linked_data_file_is_refused(dcp_dir, tmp_path) -> None:
+    bad = _copy(dcp_dir, tmp_path / "bad")
+    data = next(bad.glob("*.distcp"))
+    outside = tmp_path / "outside.distcp"
+    data.rename(outside)
+    data.symlink_to(outside)
+    with pytest.raises(ckptkit.CorruptCheckpointError, match="link"):
+        ckptkit.load(str(bad))

@@ -270,3 +270,13 @@ def test_lightning_root_dir_is_searched(lightning_dir, tmp_path) -> None:
     logged.mkdir(parents=True)
     torch.save({"state_dict": Net().state_dict(), "global_step": 5}, logged / "epoch=0-step=5.ckpt")
     assert ckptkit.inspect(str(tmp_path / "root"))["step"] == 5
+
+
+@pytest.mark.xfail(strict=True, reason="folders are searched by file name only")
+def test_folder_with_suffixless_safetensors(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    sd = Net().state_dict()
+    save_file(sd, str(tmp_path / "weights"))
+    (tmp_path / "README").write_text("weights of the Net model")
+    assert _same(ckptkit.load(str(tmp_path))["model"], sd)

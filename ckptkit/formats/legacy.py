@@ -112,11 +112,28 @@ def _files(storage: Storage, key: str, names: list[str], under: str = "") -> lis
     ]
 
 
+def _sniffed(storage: Storage, key: str, names: list[str]) -> list[str]:
+    """Safetensors files named without the suffix (``weights``), by their first bytes;
+    only the first few dozen plain files of a folder are looked at."""
+    found = []
+    for name in sorted(n for n in names if not n.startswith("."))[:64]:
+        sub = join_key(key, name)
+        if storage.isdir(sub):
+            continue
+        try:
+            with confined.open_member(storage, sub) as member:
+                if _looks_safetensors(member.head(9), member.size):
+                    found.append(name)
+        except (FileNotFoundError, CorruptCheckpointError):
+            continue  # a link, FIFO... is not a candidate; naming it reports why
+    return found
+
+
 def _candidates(storage: Storage, key: str, names: list[str]) -> list[str]:
     """The checkpoint files of a folder (relative names); when it has none, those in
     Lightning's folders below a Trainer's ``default_root_dir``: ``checkpoints/`` (no
     logger) and ``lightning_logs/version_<N>/checkpoints/``."""
-    found = _files(storage, key, names)
+    found = _files(storage, key, names) or _sniffed(storage, key, names)
     if found:
         return found
     subs = ["checkpoints"] if "checkpoints" in names else []

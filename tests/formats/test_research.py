@@ -272,7 +272,6 @@ def test_lightning_root_dir_is_searched(lightning_dir, tmp_path) -> None:
     assert ckptkit.inspect(str(tmp_path / "root"))["step"] == 5
 
 
-@pytest.mark.xfail(strict=True, reason="folders are searched by file name only")
 def test_folder_with_suffixless_safetensors(tmp_path) -> None:
     from safetensors.torch import save_file
 

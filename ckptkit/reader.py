@@ -52,12 +52,8 @@ def read_checkpoint(url: str, *, verify: bool = True, trust: bool = False) -> Lo
             return runmod.read(storage, info, verify=verify)
         except CorruptCheckpointError as exc:
             runmod.warn(f"skipping {exc}")
-    from ckptkit.formats import dcp
     from ckptkit.formats.legacy import read_legacy
 
-    if dcp.is_dcp_dir(storage):
-        return dcp.read_dcp(storage, trust=trust)
-    dcp.check_not_interrupted(storage)
     loaded = read_legacy(storage, "", trust=trust)
     if loaded is None:
         what = "directory" if storage.isdir("") else "file" if storage.exists("") else "path"

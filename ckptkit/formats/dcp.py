@@ -153,11 +153,6 @@ MAX_METADATA = 256 << 20
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
-def is_dcp_dir(storage: Storage, key: str = "") -> bool:
-    """A directory holding a DCP ``.metadata``."""
-    return storage.isdir(key) and storage.exists(join_key(key, METADATA))
-
-
 def check_not_interrupted(storage: Storage, key: str = "") -> None:
     """Raise ``CorruptCheckpointError`` for ``.distcp`` data files without ``.metadata``:
     DCP writes the metadata last, so that is a save that never finished."""

@@ -44,6 +44,8 @@ CHECKPOINT_FILES = ("checkpoint.pt", "checkpoint", "checkpoint.pth", "model.pt",
 CANDIDATE_SUFFIXES = (".pt", ".pth", ".ckpt", ".tar", ".safetensors")
 STEP_DIR = re.compile(r"^checkpoint_step_(\d+)$")  # Colab Time-LLM scripts
 HF_STEP_DIR = re.compile(r"^checkpoint-(\d+)$")  # Hugging Face Trainer output_dir
+# torchtitan's checkpoint/step-<N>/ DCP directories (never 12 digits: ckptkit's own names).
+DCP_STEP_DIR = re.compile(r"^step-(\d{1,11})$")
 
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -71,14 +73,17 @@ def read_legacy(storage: Storage, key: str = "", *, trust: bool = False) -> Load
 
 
 def _read_dir(storage: Storage, key: str, trust: bool) -> Loaded | None:
-    from ckptkit.formats import hf
+    from ckptkit.formats import dcp, hf
 
     names = storage.listdir(key)
     if "manifest.json" in names:
         return None  # a native checkpoint: not ours to read
+    if dcp.METADATA in names:
+        return dcp.read_dcp(storage, key, trust=trust)
+    dcp.check_not_interrupted(storage, key)
     if hf.is_hf_checkpoint(names):
         return hf.read_hf_checkpoint(storage, key, trust=trust)
-    for pattern in (STEP_DIR, HF_STEP_DIR):
+    for pattern in (STEP_DIR, HF_STEP_DIR, DCP_STEP_DIR):
         numbered = sorted(
             ((int(m.group(1)), n) for n in names if (m := pattern.match(n))), reverse=True
         )

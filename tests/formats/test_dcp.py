@@ -318,7 +318,6 @@ def test_linked_data_file_is_refused(dcp_dir, tmp_path) -> None:
         ckptkit.load(str(bad))
 
 
-@pytest.mark.xfail(strict=True, reason="a folder of step-N DCP directories is not read yet")
 def test_folder_of_step_dirs_reads_the_newest_that_loads(tmp_path) -> None:
     """torchtitan's layout: ``checkpoint/step-<N>/`` DCP directories; the newest that
     loads is read (a damaged newer one is skipped with a warning), its step from the name."""

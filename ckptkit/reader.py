@@ -99,6 +99,7 @@ FORMATS = {
     "legacy-dict": "legacy_dict",
     "hf-trainer": "hf_trainer",
     "accelerate": "accelerate",
+    "dcp": "dcp",
 }
 
 
@@ -232,3 +233,46 @@ def verify(url: str, *, trust: bool = False) -> list[dict[str, Any]]:
         except CorruptCheckpointError as exc:
             results.append({"url": target, "ok": False, "problem": str(exc)})
     return results
+
+
+def foreign_status(url: str, *, verify: bool = True) -> list[dict[str, Any]]:
+    """``ckptkit ls``'s rows for a path that holds no native run but a checkpoint we read
+    another way (a DCP directory, a legacy or HF file/directory): one row, read in full
+    (``checked: "decoded"``), ``status`` ``complete`` or ``corrupt`` with the problem;
+    ``[]`` when nothing readable is there."""
+    name = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    row: dict[str, Any] = {
+        "name": name,
+        "path": url,
+        "step": None,
+        "epoch": None,
+        "metrics": {},
+        "created": None,
+        "size": None,
+        "files": None,
+        "status": "complete",
+        "problem": None,
+        "checked": "decoded",
+        "latest": False,
+        "best": False,
+        "is_best": False,
+        "format": None,
+    }
+    try:
+        loaded = read_checkpoint(url, verify=verify)
+    except CheckpointNotFoundError:
+        return []
+    except CorruptCheckpointError as exc:
+        return [{**row, "status": "corrupt", "problem": str(exc)}]
+    tensors = _tensors(loaded.state if loaded.contents is None else loaded.contents)
+    return [
+        {
+            **row,
+            "step": loaded.step,
+            "epoch": loaded.epoch,
+            "metrics": loaded.metrics,
+            "size": int(sum(t.numel() * t.element_size() for t in tensors)),
+            "latest": True,
+            "format": FORMATS.get(loaded.kind, loaded.kind),
+        }
+    ]

@@ -159,10 +159,11 @@ def apply_state(
     """Load ``saved`` into ``state`` in place, all or nothing; returns notes on what was
     missing. Everything is checked first (``check_state``), so a refused restore leaves
     every object as it was."""
+    saved, mapped = _fit_models(state, saved)
     saved, tied = with_tied(state, saved)
     check_state(state, saved, source, classes=classes, force=force)
     present = [k for k, target in state.items() if _has_state(saved, k, target)]
-    notes = [_missing_note(k, state[k]) for k in state if k not in present] + tied
+    notes = mapped + [_missing_note(k, state[k]) for k in state if k not in present] + tied
     # Only a stateful without check_state_dict can still refuse now: load those first,
     # so such a refusal leaves every checked object (and plain value) as it was.
     order = sorted(present, key=lambda k: not _unchecked(state[k]))
@@ -186,6 +187,24 @@ def apply_state(
             ) from exc
         done.append(key)
     return notes
+
+
+def _fit_models(
+    state: Mapping[str, Any], saved: Mapping[str, Any]
+) -> tuple[Mapping[str, Any], list[str]]:
+    """``saved`` with each model's weights renamed to fit its target where only a
+    wrapper's prefix differs (``formats/prefixes.py``), and a note for each; done before
+    the checks, so that they see the names that will be loaded."""
+    from ckptkit.formats.prefixes import fit_to_model
+
+    out, notes = dict(saved), []
+    for key, target in state.items():
+        if isinstance(target, torch.nn.Module) and isinstance(saved.get(key), Mapping):
+            fitted, note = fit_to_model(saved[key], target.state_dict().keys())
+            if note is not None:
+                out[key] = fitted
+                notes.append(f"state['{key}']: {note}")
+    return out, notes
 
 
 def _unchecked(target: Any) -> bool:

@@ -136,6 +136,10 @@ def ls_cmd(run: str, as_json: bool, no_verify: bool) -> None:
 
     with CheckpointManager(run, readonly=True) as mgr:
         rows = mgr.status(verify=not no_verify)
+    if not rows:  # not a native run: perhaps one checkpoint written by another tool
+        from ckptkit import reader
+
+        rows = reader.foreign_status(run, verify=not no_verify)
     if as_json:
         _echo_json(rows)
         return
@@ -145,6 +149,7 @@ def ls_cmd(run: str, as_json: bool, no_verify: bool) -> None:
     for row in rows:
         mark = " latest" if row["latest"] else ""
         mark += " best" if row["best"] else ""
+        mark += f" ({row['format']})" if row.get("format") else ""
         if row["status"] != "complete":
             mark += f" {row['status'].upper()}"
         saved = (
@@ -155,7 +160,7 @@ def ls_cmd(run: str, as_json: bool, no_verify: bool) -> None:
         epoch = "" if row["epoch"] is None else row["epoch"]
         size = "-" if row["size"] is None else _human_size(row["size"])
         click.echo(
-            f"{row['name']:<22} {row['step']:>8} {epoch!s:>5} {size:>9}  "
+            f"{row['name']:<22} {'-' if row['step'] is None else row['step']:>8} {epoch!s:>5} {size:>9}  "
             f"{saved:<19}  {_fmt_metrics(row['metrics'])}{mark}"
         )
     # On stderr, so that the table stays one line per checkpoint for scripts.
@@ -163,6 +168,8 @@ def ls_cmd(run: str, as_json: bool, no_verify: bool) -> None:
 
 
 def _checked_note(rows: list[dict[str, Any]], run: str) -> str:
+    if any(r["checked"] == "decoded" for r in rows):
+        return f"checked: read and decoded in full (`ckptkit inspect {run}` shows what it holds)"
     hashed = [r["name"] for r in rows if r["checked"] == "sha256"]
     what = f"sha256 of {', '.join(hashed)}; sizes of the others" if hashed else "sizes only"
     return f"checked: manifests, file {what} (`ckptkit verify {run}` reads every byte)"

@@ -31,16 +31,21 @@ MODEL_KEYS = ("model", "model_state_dict", "state_dict", "model_state", "net")
 OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_state", "optim")
 SCHEDULER_KEYS = ("scheduler", "lr_scheduler", "scheduler_state_dict", "lr_scheduler_state_dict")
 SCALER_KEYS = ("scaler", "grad_scaler", "scaler_state_dict", "amp")
-STEP_KEYS = ("global_step", "step", "iteration", "iter", "num_updates")
+STEP_KEYS = ("global_step", "step", "iteration", "iter", "iter_num", "num_updates")
 EPOCH_KEYS = ("epoch", "epochs")
 # PyTorch Lightning keeps one state per optimizer/scheduler in a list.
 OPTIMIZER_LIST_KEYS = ("optimizer_states",)
 SCHEDULER_LIST_KEYS = ("lr_schedulers",)
 
-# Files a directory may hold a legacy checkpoint in, in order of preference.
+# Files a directory may hold a legacy checkpoint in: these names, and any name with a
+# checkpoint suffix (nanoGPT's ckpt.pt, Lightning's last.ckpt and epoch=3-step=100.ckpt,
+# model_best.pth.tar). A directory with several is listed, never guessed from.
 CHECKPOINT_FILES = ("checkpoint.pt", "checkpoint", "checkpoint.pth", "model.pt", "model.pth")
+CANDIDATE_SUFFIXES = (".pt", ".pth", ".ckpt", ".tar", ".safetensors")
 STEP_DIR = re.compile(r"^checkpoint_step_(\d+)$")  # Colab Time-LLM scripts
 HF_STEP_DIR = re.compile(r"^checkpoint-(\d+)$")  # Hugging Face Trainer output_dir
+# torchtitan's checkpoint/step-<N>/ DCP directories (never 12 digits: ckptkit's own names).
+DCP_STEP_DIR = re.compile(r"^step-(\d{1,11})$")
 
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -68,11 +73,14 @@ def read_legacy(storage: Storage, key: str = "", *, trust: bool = False) -> Load
 
 
 def _read_dir(storage: Storage, key: str, trust: bool) -> Loaded | None:
-    from ckptkit.formats import hf
+    from ckptkit.formats import dcp, hf
 
     names = storage.listdir(key)
     if "manifest.json" in names:
         return None  # a native checkpoint: not ours to read
+    if dcp.METADATA in names:
+        return dcp.read_dcp(storage, key, trust=trust)
+    dcp.check_not_interrupted(storage, key)
     from ckptkit.formats import accelerate
 
     found = accelerate.read_dir(storage, key, names, trust)
@@ -80,7 +88,7 @@ def _read_dir(storage: Storage, key: str, trust: bool) -> Loaded | None:
         return found
     # checkpoint-N/ folders before the folder's own weights: an output dir that also
     # holds save_model()'s model.safetensors resumes from its newest complete checkpoint.
-    for pattern in (STEP_DIR, HF_STEP_DIR):
+    for pattern in (STEP_DIR, HF_STEP_DIR, DCP_STEP_DIR):
         numbered = sorted(
             ((int(m.group(1)), n) for n in names if (m := pattern.match(n))), reverse=True
         )
@@ -97,10 +105,61 @@ def _read_dir(storage: Storage, key: str, trust: bool) -> Loaded | None:
             return loaded
     if hf.is_hf_checkpoint(names):
         return hf.read_hf_checkpoint(storage, key, trust=trust)
-    for name in CHECKPOINT_FILES:
-        if name in names and not storage.isdir(join_key(key, name)):
-            return _read_file(storage, join_key(key, name), trust)
-    return None
+    candidates = _candidates(storage, key, names)
+    if len(candidates) > 1:
+        url = storage.url_of(key).rstrip("/")
+        shown = ", ".join(candidates[:10]) + (" ..." if len(candidates) > 10 else "")
+        raise CheckpointNotFoundError(
+            f"{url}: holds {len(candidates)} checkpoint files ({shown}): name the one to "
+            f"read, e.g. {url}/{candidates[0]}"
+        )
+    return _read_file(storage, join_key(key, candidates[0]), trust) if candidates else None
+
+
+def _files(storage: Storage, key: str, names: list[str], under: str = "") -> list[str]:
+    return [
+        under + n
+        for n in sorted(names)
+        if (n in CHECKPOINT_FILES or n.endswith(CANDIDATE_SUFFIXES))
+        and not n.startswith(".")
+        and not storage.isdir(join_key(key, n))
+    ]
+
+
+def _sniffed(storage: Storage, key: str, names: list[str]) -> list[str]:
+    """Safetensors files named without the suffix (``weights``), by their first bytes;
+    only the first few dozen plain files of a folder are looked at."""
+    found = []
+    for name in sorted(n for n in names if not n.startswith("."))[:64]:
+        sub = join_key(key, name)
+        if storage.isdir(sub):
+            continue
+        try:
+            with confined.open_member(storage, sub) as member:
+                if _looks_safetensors(member.head(9), member.size):
+                    found.append(name)
+        except (FileNotFoundError, CorruptCheckpointError):
+            continue  # a link, FIFO... is not a candidate; naming it reports why
+    return found
+
+
+def _candidates(storage: Storage, key: str, names: list[str]) -> list[str]:
+    """The checkpoint files of a folder (relative names); when it has none, those in
+    Lightning's folders below a Trainer's ``default_root_dir``: ``checkpoints/`` (no
+    logger) and ``lightning_logs/version_<N>/checkpoints/``."""
+    found = _files(storage, key, names) or _sniffed(storage, key, names)
+    if found:
+        return found
+    subs = ["checkpoints"] if "checkpoints" in names else []
+    logs = join_key(key, "lightning_logs")
+    if "lightning_logs" in names and storage.isdir(logs):
+        versions = sorted(v for v in storage.listdir(logs) if v.startswith("version_"))
+        subs += [f"lightning_logs/{v}/checkpoints" for v in versions]
+    for sub in subs:
+        folder = join_key(key, sub)
+        if storage.isdir(folder):
+            found += _files(storage, folder, storage.listdir(folder), f"{sub}/")
+    return found
 
 
 def _newest_loadable(
@@ -149,14 +208,25 @@ def _read_file(storage: Storage, key: str, trust: bool) -> Loaded | None:
     if name.endswith(".safetensors"):
         return state_dict_checkpoint(read_safetensors(storage, key), source)
     with _open(storage, key) as member:
-        head = member.head(4)
+        head = member.head(9)
         if not head:
             raise CorruptCheckpointError(f"{source}: empty file (a save was interrupted?)")
+        if _looks_safetensors(head, member.size):  # by content: the name may lack the suffix
+            sd = safe_safetensors_load(member.source(), source=source)
+            return state_dict_checkpoint(sd, source)
         looks_torch = head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTO)
         if not looks_torch and not (name == "checkpoint" or name.endswith(_TORCH_SUFFIXES)):
             return None  # not a torch file, and not named like one: not ours
         obj = safe_torch_load(member.source(), source=source, trust=trust)
     return from_object(obj, source)
+
+
+def _looks_safetensors(head: bytes, size: int) -> bool:
+    """A safetensors file: an 8-byte little-endian header length that fits the file,
+    then the JSON header's ``{``."""
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 2 <= int.from_bytes(head[:8], "little") <= size - 8
 
 
 def _open(storage: Storage, key: str) -> confined.Member:
@@ -220,12 +290,17 @@ def state_dict_checkpoint(sd: Mapping[str, torch.Tensor], source: str) -> Loaded
     return Loaded(state={"model": sd}, kind="legacy-state-dict", source=source, notes=notes)
 
 
+_WRAPPERS = {"module.": "a DataParallel/DDP wrapper", "_orig_mod.": "a torch.compile'd model"}
+
+
 def _prefix_notes(sd: Mapping[str, Any]) -> list[str]:
-    if sd and all(k.startswith("module.") for k in sd):
-        return [
-            "weight names start with 'module.' (saved from a DataParallel/DDP wrapper): "
-            "load them into the wrapped model, or strip the prefix"
-        ]
+    # load/inspect keep the names as stored; restore maps them (formats/prefixes.py).
+    for prefix, wrapper in _WRAPPERS.items():
+        if sd and all(isinstance(k, str) and k.startswith(prefix) for k in sd):
+            return [
+                f"weight names start with '{prefix}' (saved from {wrapper}): restore "
+                "strips it where the target model's names lack it"
+            ]
     return []
 
 

@@ -126,6 +126,26 @@ class Member:
             raise CorruptCheckpointError(f"{self.url}: grew while being read (still written?)")
         return b"".join(parts)
 
+    def read_range(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes from ``offset``, a range that must lie inside the file
+        (an index such as a DCP ``.metadata`` records it); never a byte outside it."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise CorruptCheckpointError(
+                f"{self.url}: a recorded byte range lies outside the {self.size}-byte file "
+                "(truncated, or an index that does not belong to it)"
+            )
+        if self.fd is None:
+            return self.read()[offset : offset + length]
+        parts: list[bytes] = []
+        done = 0
+        while done < length:
+            block = os.pread(self.fd, min(_CHUNK, length - done), offset + done)
+            if not block:
+                raise CorruptCheckpointError(f"{self.url}: shrank while being read (damaged?)")
+            parts.append(block)
+            done += len(block)
+        return b"".join(parts)
+
     def head(self, n: int) -> bytes:
         """The first ``n`` bytes (fewer for a shorter file)."""
         if self.fd is None:

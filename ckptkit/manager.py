@@ -351,18 +351,8 @@ class CheckpointManager:
         self, name: str, info: CheckpointInfo | None, problem: str | None
     ) -> dict[str, Any]:
         parsed = parse_name(name) or (0, 0)
-        row: dict[str, Any] = {
-            "name": name,
-            "step": parsed[0],
-            "epoch": None,
-            "metrics": {},
-            "created": None,
-            "size": None,
-            "files": None,
-            "status": "complete",
-            "problem": problem,
-            "checked": "manifest",
-        }
+        row = runmod.status_row(name, self.storage.url_of(name), parsed[0], "manifest")
+        row["problem"] = problem
         try:
             if info is None:
                 # Read it again to name the problem: no manifest, or one that won't parse.

@@ -242,17 +242,7 @@ def foreign_status(url: str, *, verify: bool = True) -> list[dict[str, Any]]:
     ``[]`` when nothing readable is there."""
     name = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
     row: dict[str, Any] = {
-        "name": name,
-        "path": url,
-        "step": None,
-        "epoch": None,
-        "metrics": {},
-        "created": None,
-        "size": None,
-        "files": None,
-        "status": "complete",
-        "problem": None,
-        "checked": "decoded",
+        **runmod.status_row(name, url, None, "decoded"),
         "latest": False,
         "best": False,
         "is_best": False,

@@ -98,6 +98,24 @@ class CheckpointInfo:
         }
 
 
+def status_row(name: str, path: str, step: int | None, checked: str) -> dict[str, Any]:
+    """The shape of one ``ckptkit ls`` row before anything is known of the checkpoint:
+    every key present, so ``--json`` readers see the same fields on every row."""
+    return {
+        "name": name,
+        "path": path,
+        "step": step,
+        "epoch": None,
+        "metrics": {},
+        "created": None,
+        "size": None,
+        "files": None,
+        "status": "complete",
+        "problem": None,
+        "checked": checked,
+    }
+
+
 def _manifest_of(storage: Storage, name: str) -> Manifest | None:
     """The manifest of checkpoint ``name`` ("" for the storage's own root), None when it
     has none (not committed); CorruptCheckpointError when it is malformed."""

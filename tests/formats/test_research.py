@@ -279,3 +279,37 @@ def test_folder_with_suffixless_safetensors(tmp_path) -> None:
     save_file(sd, str(tmp_path / "weights"))
     (tmp_path / "README").write_text("weights of the Net model")
     assert _same(ckptkit.load(str(tmp_path))["model"], sd)
+
+
+@pytest.mark.slow
+def test_real_ddp_checkpoint_restores_into_the_plain_model(tmp_path) -> None:
+    """A checkpoint of a real ``DistributedDataParallel`` model (gloo, one process: the
+    keys are what DDP writes at any world size) restores into the unwrapped model."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import torch, torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        dist.init_process_group("gloo", init_method="file://{tmp_path}/store", rank=0,
+                                world_size=1)
+        torch.manual_seed(1)
+        net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        ddp = DDP(net)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        ddp(torch.randn(5, 3)).sum().backward()
+        opt.step()
+        torch.save({{"state_dict": ddp.state_dict(), "epoch": 2}}, "{tmp_path}/ddp.pth")
+        dist.destroy_process_group()
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    saved = torch.load(tmp_path / "ddp.pth", weights_only=True)["state_dict"]
+    assert saved and all(k.startswith("module.") for k in saved)
+    plain = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    with CheckpointManager(str(tmp_path / "run")) as mgr, pytest.warns(UserWarning) as seen:
+        mgr.restore({"model": plain}, str(tmp_path / "ddp.pth"))
+    assert any("prefix 'module.' stripped" in str(w.message) for w in seen)
+    assert _same(plain.state_dict(), {k.removeprefix("module."): v for k, v in saved.items()})

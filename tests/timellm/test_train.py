@@ -126,8 +126,8 @@ def test_checkpoint_holds_trainable_state_only(finished: Path) -> None:
         latest = mgr.latest()
     assert latest is not None
     state = ckptkit.load(latest.url)
-    assert not [k for k in state["model"] if k.startswith("llm_model.")]
-    assert state["model"].keys() == model.trainable_state_dict().keys()
+    assert not [k for k in state["model"]["tensors"] if k.startswith("llm_model.")]
+    assert state["model"]["tensors"].keys() == model.trainable_state_dict().keys()
     trainable_bytes = sum(p.numel() * p.element_size() for p in model.trainable_parameters())
     llm_bytes = sum(p.numel() * p.element_size() for p in model.llm_model.parameters())
     on_disk = sum(f.stat().st_size for f in Path(latest.url).iterdir())
@@ -321,7 +321,6 @@ class _OldTrainableState:
         self.model.load_trainable_state_dict(state, strict=strict)
 
 
-@pytest.mark.xfail(strict=True, reason="the trainer writes its own TrainableState (issue 12.5)")
 def test_a_run_saved_before_trainable_only_resumes_exactly_and_predicts(
     finished: Path, tmp_path: Path, sigterm_after, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -174,3 +174,41 @@ def test_lora_like_model_resumes_bit_identically(tmp_path: Path) -> None:
     resumed = run([3], tmp_path / "parts")  # a fresh process's model: same seed, same base
     want, got = whole.state_dict(), resumed.state_dict()
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_flat_trainable_dict_loads_and_a_whole_model_state_dict_is_refused() -> None:
+    model, other = _net(), _net(seed=3)
+    flat = {k: v.clone() for k, v in ckptkit.TrainableOnly(model).trainable_tensors().items()}
+    ckptkit.TrainableOnly(other).load_state_dict(flat)  # the old Time-LLM layout
+    assert torch.equal(other.head.weight, model.head.weight)
+    with pytest.raises(ckptkit.IncompatibleCheckpointError, match="unexpected .*embed.weight"):
+        ckptkit.TrainableOnly(other).load_state_dict(model.state_dict())
+    with pytest.raises(ckptkit.IncompatibleCheckpointError, match="TrainableOnly did not write"):
+        ckptkit.TrainableOnly(other).load_state_dict({"format": "something else", "x": 1})
+
+
+def test_other_shapes_are_refused_and_nothing_changes() -> None:
+    saved = ckptkit.TrainableOnly(_net()).state_dict()
+    saved["tensors"]["head.weight"] = torch.zeros(2, 64)
+    other = _net(seed=4)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ckptkit.IncompatibleCheckpointError, match=r"head.weight \(2, 64\)"):
+        ckptkit.TrainableOnly(other).load_state_dict(saved)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+def test_frozen_bfloat16_and_scalar_weights_are_fingerprinted() -> None:
+    model = _net()
+    model.register_parameter("scale", nn.Parameter(torch.tensor(2.0), requires_grad=False))
+    model.embed.to(torch.bfloat16)
+    saved = ckptkit.TrainableOnly(model).state_dict()
+    assert {"scale", "embed.weight"} <= set(saved["frozen"]["params"])
+    with torch.no_grad():
+        model.scale.fill_(3.0)
+    with pytest.raises(ckptkit.IncompatibleCheckpointError, match=r"changed: scale\b"):
+        ckptkit.TrainableOnly(model).check_state_dict(saved)
+    model.embed.weight.data = model.embed.weight.data.clone() + 1  # a replaced tensor
+    wrapped = ckptkit.TrainableOnly(model)
+    digest = wrapped.frozen_fingerprint()["params"]["embed.weight"]
+    model.embed.weight.data = model.embed.weight.data.clone() + 1
+    assert wrapped.frozen_fingerprint()["params"]["embed.weight"] != digest

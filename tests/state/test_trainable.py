@@ -214,7 +214,6 @@ def test_frozen_bfloat16_and_scalar_weights_are_fingerprinted() -> None:
     assert wrapped.frozen_fingerprint()["params"]["embed.weight"] != digest
 
 
-@pytest.mark.xfail(strict=True, reason="CheckpointManager has no trainable_only yet")
 def test_manager_trainable_only_wraps_every_model(tmp_path: Path) -> None:
     model = _net()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)

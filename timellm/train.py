@@ -24,13 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 import ckptkit
-from ckptkit import (
-    CheckpointManager,
-    EarlyStopping,
-    ResumableDataLoader,
-    RNGState,
-    TrainableOnly,
-)
+from ckptkit import CheckpointManager, EarlyStopping, ResumableDataLoader, RNGState, TrainableOnly
 from timellm.data import dataset_for
 from timellm.model import TimeLLM, TimeLLMConfig, build_model
 from timellm.schedule import build_schedule
@@ -399,7 +393,7 @@ def _train(
         if opts.resume in ("latest", "auto") and (latest := mgr.latest(verify=False)) is not None:
             # Before the config check, whose "pass --force" would not help here.
             _check_backbone(latest.manifest.config or {}, cfg, fingerprint, latest.url)
-        elif opts.resume != "never":
+        elif opts.resume not in ("latest", "auto", "never"):
             # A checkpoint path: name another LLM before TrainableOnly refuses its weights.
             saved: dict[str, Any] = {}
             with suppress(ckptkit.CkptError):  # unreadable: mgr.resume says why

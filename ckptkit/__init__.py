@@ -45,6 +45,7 @@ _LAZY = {
     "EarlyStopping": "ckptkit.state",
     "ResumableDataLoader": "ckptkit.state",
     "RNGState": "ckptkit.state",
+    "TrainableOnly": "ckptkit.state",
     "open_storage": "ckptkit.storage.registry",
 }
 
@@ -52,7 +53,13 @@ if TYPE_CHECKING:
     from ckptkit.manager import EXIT_RESUMABLE, CheckpointManager, ResumeResult
     from ckptkit.reader import inspect, load, read_checkpoint
     from ckptkit.run import CheckpointInfo, CheckpointWarning
-    from ckptkit.state import EarlyStopping, LoaderPosition, ResumableDataLoader, RNGState
+    from ckptkit.state import (
+        EarlyStopping,
+        LoaderPosition,
+        ResumableDataLoader,
+        RNGState,
+        TrainableOnly,
+    )
     from ckptkit.storage.registry import open_storage
 
 
@@ -87,6 +94,7 @@ __all__ = [
     "ResumeResult",
     "RunLockedError",
     "StorageError",
+    "TrainableOnly",
     "UnsafeCheckpointError",
     "__version__",
     "hookimpl",

@@ -143,6 +143,10 @@ class CheckpointManager:
     Retention: the last ``keep_last`` checkpoints and the ``keep_best`` best by
     ``best_metric`` are kept (``keep_last=None`` keeps every checkpoint); the best one
     and the one this run was restored from are never deleted.
+
+    ``trainable_only=True`` saves and restores every ``torch.nn.Module`` in ``state``
+    through ``TrainableOnly(module)``: its ``requires_grad`` parameters and buffers, with a
+    fingerprint of its frozen weights that a restore must match (docs/RESUME.md).
     """
 
     def __init__(
@@ -167,6 +171,7 @@ class CheckpointManager:
         commit: str | CommitStrategy | None = None,
         retention: list[RetentionPolicy] | None = None,
         triggers: list[SaveTrigger] | None = None,
+        trainable_only: bool = False,
     ) -> None:
         if mode not in ("min", "max"):
             raise ConfigError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -209,6 +214,9 @@ class CheckpointManager:
             self._deadline = Deadline(parse_duration(time_limit))
             self.triggers.append(self._deadline)
 
+        self.trainable_only = trainable_only
+        # One wrapper per model, so that its frozen fingerprint is hashed once, not per save.
+        self._trainable: dict[int, Any] = {}
         self.readonly = readonly
         self.writer = not readonly and _is_main_process()
         self._lock = RunLock(self.storage) if self.writer else None
@@ -613,7 +621,8 @@ class CheckpointManager:
         classes = meta.get("state_classes") if isinstance(meta, Mapping) else None
         notes = apply_state(full, data.state, data.source, classes=classes, force=force)
         for key in state:
-            state[key] = full[key]  # plain values were replaced in ``full``
+            if not isinstance(state[key], torch.nn.Module):
+                state[key] = full[key]  # plain values were replaced in ``full``
         said: set[str] = set()
         for note in data.notes + notes:
             topic = note.split(":", 1)[0]  # a legacy reader and apply_state may say the same
@@ -751,10 +760,22 @@ class CheckpointManager:
 
     def _with_extra_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
         full = dict(state)
+        if self.trainable_only:
+            for key, obj in state.items():
+                if isinstance(obj, torch.nn.Module):
+                    full[key] = self._trainable_view(obj)
         for extra in self._pm.hook.ckptkit_extra_state(manager=self):
             for key, obj in (extra or {}).items():
                 full.setdefault(key, obj)
         return full
+
+    def _trainable_view(self, model: torch.nn.Module) -> Any:
+        from ckptkit.state.trainable import TrainableOnly
+
+        view = self._trainable.get(id(model))
+        if view is None or view.model is not model:
+            view = self._trainable[id(model)] = TrainableOnly(model)
+        return view
 
 
 def _is_main_process() -> bool:

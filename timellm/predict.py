@@ -61,7 +61,9 @@ def load_for_inference(checkpoint: str, which: str = "best") -> tuple[Any, dict[
             f"{loaded.source} was trained on another backbone ({loaded.state['backbone']}) than the "
             f"one available here ({cfg.llm}, {fingerprint})"
         )
-    model.load_trainable_state_dict(loaded.state["model"])
+    # The backbone was checked above; this model is not placed or quantized as in training,
+    # so its frozen bytes may differ from the fingerprint the trainer recorded.
+    ckptkit.TrainableOnly(model, check_frozen=False).load_state_dict(loaded.state["model"])
     model.eval()
     return model, loaded.state, loaded.source
 

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 import ckptkit
-from ckptkit import CheckpointManager, EarlyStopping, ResumableDataLoader, RNGState
+from ckptkit import CheckpointManager, EarlyStopping, ResumableDataLoader, RNGState, TrainableOnly
 from timellm.data import dataset_for
 from timellm.model import TimeLLM, TimeLLMConfig, build_model
 from timellm.schedule import build_schedule
@@ -355,7 +356,8 @@ def _train(
     validate = _Eval(val_set, cfg.batch_size, opts.eval_batches)
 
     state: dict[str, Any] = {
-        "model": model.trainable_state(),
+        # Trainable tensors + frozen fingerprint; reads the old flat TrainableState too.
+        "model": TrainableOnly(model),
         "optimizer": opt,
         "scheduler": sched,
         "scaler": scaler,
@@ -391,6 +393,12 @@ def _train(
         if opts.resume in ("latest", "auto") and (latest := mgr.latest(verify=False)) is not None:
             # Before the config check, whose "pass --force" would not help here.
             _check_backbone(latest.manifest.config or {}, cfg, fingerprint, latest.url)
+        elif opts.resume not in ("latest", "auto", "never"):
+            # A checkpoint path: name another LLM before TrainableOnly refuses its weights.
+            saved: dict[str, Any] = {}
+            with suppress(ckptkit.CkptError):  # unreadable: mgr.resume says why
+                saved = ckptkit.inspect(opts.resume).get("config") or {}
+            _check_backbone(saved, cfg, fingerprint, opts.resume)
         restored = mgr.resume(state, opts.resume, overwrite=opts.overwrite, force=opts.force)
         source = mgr.restored_from.url if mgr.restored_from is not None else opts.resume
         _check_backbone({"backbone": state["backbone"]}, cfg, fingerprint, source)

@@ -3,5 +3,6 @@
 from ckptkit.state.dataloader import LoaderPosition, ResumableDataLoader
 from ckptkit.state.early_stopping import EarlyStopping
 from ckptkit.state.rng import RNGState
+from ckptkit.state.trainable import TrainableOnly
 
-__all__ = ["EarlyStopping", "LoaderPosition", "RNGState", "ResumableDataLoader"]
+__all__ = ["EarlyStopping", "LoaderPosition", "RNGState", "ResumableDataLoader", "TrainableOnly"]

@@ -126,8 +126,8 @@ def test_checkpoint_holds_trainable_state_only(finished: Path) -> None:
         latest = mgr.latest()
     assert latest is not None
     state = ckptkit.load(latest.url)
-    assert not [k for k in state["model"] if k.startswith("llm_model.")]
-    assert state["model"].keys() == model.trainable_state_dict().keys()
+    assert not [k for k in state["model"]["tensors"] if k.startswith("llm_model.")]
+    assert state["model"]["tensors"].keys() == model.trainable_state_dict().keys()
     trainable_bytes = sum(p.numel() * p.element_size() for p in model.trainable_parameters())
     llm_bytes = sum(p.numel() * p.element_size() for p in model.llm_model.parameters())
     on_disk = sum(f.stat().st_size for f in Path(latest.url).iterdir())
@@ -302,3 +302,43 @@ def test_processes_killed_and_resumed_equal_one_uninterrupted_run(
     assert names == {json.loads((run / "run.json").read_text())["run_name"]}
     for log in logs:
         assert "Traceback" not in log.read_text(), log.read_text()
+
+
+class _OldTrainableState:
+    """Time-LLM's TrainableState before the trainer switched to ckptkit.TrainableOnly, as it
+    was (timellm/model/timellm.py): its state is the flat ``trainable_state_dict()``."""
+
+    def __init__(self, model) -> None:  # type: ignore[no-untyped-def]
+        self.model = model
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.trainable_state_dict()
+
+    def check_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.check_trainable_state_dict(state)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        self.model.load_trainable_state_dict(state, strict=strict)
+
+
+def test_a_run_saved_before_trainable_only_resumes_exactly_and_predicts(
+    finished: Path, tmp_path: Path, sigterm_after, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from timellm.predict import predict
+
+    run = tmp_path / "run"
+    new = getattr(train_mod, "TrainableOnly", None)
+    monkeypatch.setattr(train_mod, "TrainableOnly", _OldTrainableState, raising=False)
+    sigterm_after(5)
+    assert train(tiny_config(), tiny_options(run), echo=quiet)["step"] == 5
+    old = ckptkit.load(str(run))["model"]
+    assert old.keys() == build_model(tiny_config()).trainable_state_dict().keys()
+    forecast = predict(str(run), "ETTh1", str(tmp_path / "old.csv"), which="latest")
+    assert len(forecast) == tiny_config().pred_len
+
+    monkeypatch.setattr(train_mod, "TrainableOnly", new, raising=False)
+    sigterm_after(10**9)  # disarmed
+    summary = train(tiny_config(), tiny_options(run, resume="latest"), echo=quiet)
+    assert summary["exit_code"] == 0
+    assert ckptkit.load(str(run))["model"]["format"] == "ckptkit.trainable_only/1"
+    assert_same_weights(trainable(run), trainable(finished))

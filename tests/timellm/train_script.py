@@ -99,7 +99,9 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 def trainable(url: Path | str) -> dict[str, torch.Tensor]:
     """The trainable weights of a checkpoint, or of a run's latest checkpoint."""
-    return ckptkit.load(str(url))["model"]
+    model = ckptkit.load(str(url))["model"]
+    # ckptkit.TrainableOnly's layout, or the flat one the trainer wrote before it.
+    return model["tensors"] if "format" in model else model
 
 
 def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:

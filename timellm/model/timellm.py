@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ckptkit import TrainableOnly
 from ckptkit.errors import ConfigError, IncompatibleCheckpointError
 from timellm.data.descriptions import dataset_description, upstream_domain_text
 from timellm.model.backbone import DTYPES, Backbone, load_backbone
@@ -229,26 +230,9 @@ class TimeLLM(nn.Module):
         return super().train(mode)
 
 
-class TrainableState:
-    """Stateful view over a :class:`TimeLLM`'s trainable tensors (ckptkit's protocol)."""
-
-    def __init__(self, model: TimeLLM):
-        self.model = model
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return self.model.trainable_state_dict()
-
-    def check_state_dict(self, state: dict[str, Tensor]) -> None:
-        """ckptkit's check protocol: refuse before any object of the restore is written."""
-        if not isinstance(state, dict):
-            raise IncompatibleCheckpointError(
-                f"trainable state is a {type(state).__name__}, not a dict of tensors; "
-                "restore a checkpoint written by this trainer"
-            )
-        self.model.check_trainable_state_dict(state)
-
-    def load_state_dict(self, state: dict[str, Tensor], strict: bool = True) -> None:
-        self.model.load_trainable_state_dict(state, strict=strict)
+class TrainableState(TrainableOnly):
+    """Kept for imports: the same as ``ckptkit.TrainableOnly(model)``, which also reads the
+    flat state this class wrote before (runs saved then still resume)."""
 
 
 def _shape(value: Any) -> Any:

@@ -135,6 +135,12 @@ sys.exit(train(cfg, opts, echo=lambda s: None)["exit_code"])
 """
 
 
+def _trained(saved: dict) -> dict:
+    """The trained tensors of a Time-LLM checkpoint's ``model`` entry: TrainableOnly's
+    layout keeps them under ``tensors`` (runs saved before it hold them directly)."""
+    return saved["tensors"] if "tensors" in saved and "frozen" in saved else saved
+
+
 def check_cuda_rng_resume(mode: Mode, work: Path) -> str:
     import ckptkit
 
@@ -171,7 +177,7 @@ def check_cuda_rng_resume(mode: Mode, work: Path) -> str:
         latest = mgr.latest()
         at = f"step {latest.step}" if latest is not None else "no checkpoint"
     finish(start(work / "run"))
-    ref, got = ckptkit.load(str(work / "ref"))["model"], ckptkit.load(str(work / "run"))["model"]
+    ref, got = (_trained(ckptkit.load(str(work / w))["model"]) for w in ("ref", "run"))
     differ = [k for k in ref if not torch.equal(ref[k], got[k])]
     if differ:
         raise RuntimeError(f"resumed weights differ from the uninterrupted run: {differ[:3]}")

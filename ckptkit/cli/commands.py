@@ -71,7 +71,7 @@ def inspect_cmd(path: str, as_json: bool, no_verify: bool, trust: bool) -> None:
         f"  step {info['step']}  epoch {info['epoch']}  {_fmt_metrics(info['metrics'])}".rstrip()
     )
     for key, desc in info["state"].items():
-        if isinstance(desc, dict) and "tensors" in desc:
+        if isinstance(desc, dict) and set(desc) == {"tensors", "parameters", "bytes"}:
             click.echo(
                 f"  {key}: {desc['tensors']} tensors, {desc['parameters']:,} values, {_human_size(desc['bytes'])}"
             )

@@ -70,6 +70,20 @@ def test_inspect_checkpoint_text(run):
     assert "saved with ckptkit" in result.output
 
 
+def test_inspect_text_of_nested_state_named_like_a_summary(run_dir):
+    """State whose keys look like inspect's own summary fields ("tensors", as
+    TrainableOnly writes) is shown as a nested dict, not mistaken for a tensor summary."""
+    model = torch.nn.Linear(2, 2)
+    wrapped = {"format": "x/1", "tensors": model.state_dict(), "frozen": {"digest": "ab"}}
+    with CheckpointManager(run_dir) as mgr:
+        mgr.save(1, {"model": wrapped, "trainable": ckptkit.TrainableOnly(model)})
+    result = invoke("inspect", run_dir)
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    assert "model: format, tensors, frozen" in result.output
+    assert "trainable: format, tensors, frozen" in result.output
+
+
 def test_inspect_run_json_is_its_latest(run):
     result = invoke("inspect", run, "--json")
     assert result.exit_code == 0, result.output

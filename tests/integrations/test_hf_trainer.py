@@ -16,10 +16,6 @@ transformers = pytest.importorskip("transformers")
 import ckptkit  # noqa: E402
 from ckptkit.cli import _register_commands, cli  # noqa: E402
 
-pytestmark = pytest.mark.xfail(
-    strict=True, reason="issue 12.1: no ckptkit.integrations.hf Trainer callback yet"
-)
-
 
 @pytest.fixture(scope="module", autouse=True)
 def commands() -> None:
@@ -185,3 +181,29 @@ def test_best_by_metric_for_best_model_is_kept(tmp_path: Path) -> None:
     cb.close()
     steps = [c.step for c in ckptkit.CheckpointManager(url, readonly=True).list()]
     assert steps == [2, 6]  # best (greater is better: 3.0 at step 2) and the last
+
+
+def test_missing_transformers_is_a_one_line_install_hint() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "import ckptkit, ckptkit.manager\n"
+        "try:\n"
+        "    import ckptkit.integrations.hf\n"
+        "except ckptkit.MissingDependencyError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().count("\n") == 0
+    assert "pip install" in out.stdout and "transformers" in out.stdout
+
+
+def test_core_does_not_import_transformers() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, ckptkit, ckptkit.manager; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -17,11 +17,7 @@ pytest.importorskip("transformers")
 
 import ckptkit  # noqa: E402
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.timeout(600),
-    pytest.mark.xfail(strict=True, reason="issue 12.1: no examples/hf_trainer.py yet"),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "hf_trainer.py"

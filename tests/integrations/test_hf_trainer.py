@@ -207,3 +207,20 @@ def test_core_does_not_import_transformers() -> None:
     code = "import sys, ckptkit, ckptkit.manager; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_retention_never_deletes_the_checkpoint_resumed_from(tmp_path: Path) -> None:
+    from ckptkit.integrations.hf import CkptkitCallback
+
+    url = str(tmp_path / "run")
+    first = CkptkitCallback(url, keep_last=1)
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(tmp_path / "b", [first, _Die(at=3)]).train()
+    first.close()
+    cb = CkptkitCallback(url, keep_last=1)
+    trainer = _trainer(tmp_path / "c", [cb])
+    start = cb.resume_dir(str(tmp_path / "c"))
+    assert start is not None and start.endswith("checkpoint-2")
+    trainer.train(resume_from_checkpoint=start)
+    steps = [c.step for c in ckptkit.CheckpointManager(url, readonly=True).list()]
+    assert steps == [2, 6]  # keep_last=1, and the one resumed from

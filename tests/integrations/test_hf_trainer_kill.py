@@ -50,13 +50,13 @@ def _final(work: Path) -> dict[str, torch.Tensor]:
     return ckptkit.load(infos[-1].url)["model"]
 
 
-def _kill_when(work: Path, appears: Path) -> None:
-    """Start the example and SIGKILL it as soon as ``appears`` exists."""
+def _kill_when(work: Path, pattern: str) -> None:
+    """Start the example and SIGKILL it as soon as a path matching ``pattern`` exists."""
     proc = subprocess.Popen(
         _command(work), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        while not appears.exists() and proc.poll() is None:
+        while not any(work.glob(pattern)) and proc.poll() is None:
             time.sleep(0.005)
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -74,13 +74,14 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.T
     "where",
     [
         "out/checkpoint-8",  # inside the Trainer's own save of checkpoint-8
+        "run/.tmp-step-000000000008-*",  # inside ckptkit's commit of step 8
         "run/step-000000000004",  # right after a commit, inside the training between saves
     ],
 )
 def test_sigkill_then_same_command_matches_uninterrupted(
     tmp_path: Path, uninterrupted: dict[str, torch.Tensor], where: str
 ) -> None:
-    _kill_when(tmp_path, tmp_path / where)
+    _kill_when(tmp_path, where)
     assert not (tmp_path / "run" / f"step-{STEPS:012d}").exists()  # killed before the end
     subprocess.run(_command(tmp_path), env=_env(), check=True, capture_output=True)
     final = _final(tmp_path)

@@ -62,6 +62,9 @@ _DECODED = re.compile(
 )
 
 
+_REBUILT = re.compile(r"^checkpoint-\d+(\.tmp-\d+)?$")
+
+
 def _metric_key(name: str | None) -> str | None:
     # The Trainer prefixes the metric it ranks by with "eval_" (trainer._determine_best_metric).
     if not name:
@@ -217,10 +220,13 @@ class CkptkitCallback(TrainerCallback):
         if latest is None:
             return None
         restored = runmod.read_state(mgr.storage, latest, verify=True)  # sha256 + decode
-        target = os.path.join(
-            local_dir or os.path.join(output_dir, RESUME_FOLDER), f"checkpoint-{latest.step}"
-        )
-        os.makedirs(os.path.dirname(target), exist_ok=True)
+        folder = local_dir or os.path.join(output_dir, RESUME_FOLDER)
+        target = os.path.join(folder, f"checkpoint-{latest.step}")
+        os.makedirs(folder, exist_ok=True)
+        if local_dir is None:  # our own folder: earlier rebuilds and a killed one's leftovers go
+            for name in os.listdir(folder):
+                if _REBUILT.match(name) and name != os.path.basename(target):
+                    shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
         _write_dir(restored, target)
         self.resumed_from = latest.name
         mgr.restored_from = latest
@@ -232,6 +238,8 @@ class CkptkitCallback(TrainerCallback):
             self.metric = getattr(args, "metric_for_best_model", None)
         if self.greater_is_better is None:
             self.greater_is_better = bool(getattr(args, "greater_is_better", False))
+        if self._mgr is not None and self._mgr.best_metric != _metric_key(self.metric):
+            self.close()  # opened by an early resume_dir: reopen it ranking by the metric
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero:

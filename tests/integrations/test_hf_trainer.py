@@ -224,3 +224,10 @@ def test_retention_never_deletes_the_checkpoint_resumed_from(tmp_path: Path) -> 
     trainer.train(resume_from_checkpoint=start)
     steps = [c.step for c in ckptkit.CheckpointManager(url, readonly=True).list()]
     assert steps == [2, 6]  # keep_last=1, and the one resumed from
+    # a later resume replaces the earlier rebuild and a killed rebuild's leftover
+    leftover = tmp_path / "c" / "ckptkit-resume" / "checkpoint-5.tmp-99999"
+    leftover.mkdir()
+    again = CkptkitCallback(url, keep_last=1)
+    assert again.resume_dir(str(tmp_path / "c")).endswith("checkpoint-6")
+    again.close()
+    assert os.listdir(tmp_path / "c" / "ckptkit-resume") == ["checkpoint-6"]

@@ -10,7 +10,8 @@ What a caller may rely on:
 - ``on_save`` reads the ``checkpoint-<N>/`` the Trainer has just written through
   ckptkit's Trainer reader (completeness rule and safe loading, ckptkit/formats/hf.py)
   and commits it as a native ckptkit checkpoint (manifest last, verified on read):
-  ``model`` (the weight tensors), ``optimizer``, ``scheduler`` (their state dicts) and
+  ``model`` (the weight tensors), ``optimizer``, ``scheduler`` (their state dicts),
+  ``rng`` (the Trainer's RNG state as ``ckptkit.RNGState`` holds it) and
   ``hf_files``, the other files of the directory (``config.json``, ``trainer_state.json``,
   ``rng_state.pth``, ``training_args.bin``...) byte for byte as uint8 tensors, so that
   the directory can be rebuilt exactly. ``ckptkit ls/verify/inspect`` and
@@ -104,7 +105,9 @@ def _hf_state(directory: str) -> tuple[dict[str, Any], int, int | None, dict[str
         with open(path, "rb") as f:
             files[name] = _as_bytes_tensor(f.read())
     state: dict[str, Any] = {"model": loaded.state["model"], "hf_weights": weights}
-    for key in ("optimizer", "scheduler"):
+    # rng: the Trainer's RNG in ckptkit.RNGState's layout, so inspect/load show it; the
+    # directory is rebuilt from the verbatim rng_state*.pth in hf_files.
+    for key in ("optimizer", "scheduler", "rng"):
         if key in loaded.state:
             state[key] = loaded.state[key]
     state["hf_files"] = files

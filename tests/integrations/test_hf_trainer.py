@@ -112,6 +112,7 @@ def test_every_checkpoint_is_a_ckptkit_checkpoint(tmp_path: Path, run_url: str) 
     state = ckptkit.load(f"{run_url}/step-000000000006")
     assert torch.equal(state["model"]["transformer.wte.weight"], trained["transformer.wte.weight"])
     assert all(isinstance(v["exp_avg"], torch.Tensor) for v in state["optimizer"]["state"].values())
+    assert isinstance(state["rng"]["torch"], torch.Tensor)  # the Trainer's RNG, as RNGState
 
     shutil.rmtree(tmp_path / "out")  # the machine is gone: only the run is left
     local = latest_checkpoint_dir(run_url, str(tmp_path / "out2"))

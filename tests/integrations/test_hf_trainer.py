@@ -16,6 +16,8 @@ transformers = pytest.importorskip("transformers")
 import ckptkit  # noqa: E402
 from ckptkit.cli import _register_commands, cli  # noqa: E402
 
+from ..storage.conftest import BACKENDS, drive_root, make_backend_url  # noqa: E402, F401
+
 
 @pytest.fixture(scope="module", autouse=True)
 def commands() -> None:
@@ -72,23 +74,11 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.fixture(params=["local", "drive"])
+@pytest.fixture(
+    params=[pytest.param(k, marks=[pytest.mark.gcs] if k == "gs" else []) for k in BACKENDS]
+)
 def run_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "local":
-        return str(tmp_path / "run")
-    request.getfixturevalue("drive_root")
-    return "drive://hf-run"
-
-
-@pytest.fixture
-def drive_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    from ckptkit.storage.drive import ROOT_ENV, STAGING_ENV
-
-    root = tmp_path / "drive"
-    root.mkdir()
-    monkeypatch.setenv(ROOT_ENV, str(root))
-    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "drive-staging"))
-    return root
+    return make_backend_url(request.param, request, tmp_path)
 
 
 def test_every_checkpoint_is_a_ckptkit_checkpoint(tmp_path: Path, run_url: str) -> None:

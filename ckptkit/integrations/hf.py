@@ -131,7 +131,8 @@ def _write_dir(state: dict[str, Any], target: str) -> None:
         if key in state:
             torch.save(state[key], os.path.join(tmp, fname))
     for name, data in (state.get("hf_files") or {}).items():
-        if os.path.basename(name) != name or name in ("", ".", ".."):
+        # plain names only, and never one that would replace the rebuilt weights/optimizer
+        if os.path.basename(name) != name or name in ("", ".", "..") or _DECODED.match(name):
             raise CorruptCheckpointError(f"bad file name {name!r} in hf_files")
         with open(os.path.join(tmp, name), "wb") as f:
             f.write(data.numpy().tobytes())

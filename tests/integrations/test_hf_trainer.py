@@ -222,3 +222,18 @@ def test_retention_never_deletes_the_checkpoint_resumed_from(tmp_path: Path) -> 
     assert again.resume_dir(str(tmp_path / "c")).endswith("checkpoint-6")
     again.close()
     assert os.listdir(tmp_path / "c" / "ckptkit-resume") == ["checkpoint-6"]
+
+
+@pytest.mark.parametrize("name", ["../evil", "model.safetensors", "optimizer.pt"])
+def test_a_crafted_file_name_in_the_run_is_refused(tmp_path: Path, name: str) -> None:
+    from ckptkit.errors import CorruptCheckpointError
+    from ckptkit.integrations.hf import latest_checkpoint_dir
+
+    url = str(tmp_path / "run")
+    with ckptkit.CheckpointManager(url) as mgr:
+        data = torch.tensor([1, 2, 3], dtype=torch.uint8)
+        mgr.save(2, {"model": {"w": torch.zeros(2)}, "hf_files": {name: data}})
+    with pytest.raises(CorruptCheckpointError, match="bad file name"):
+        latest_checkpoint_dir(url, str(tmp_path / "out" / "deep"))
+    assert not (tmp_path / "out" / "evil").exists()
+    assert not (tmp_path / "out" / "deep" / "ckptkit-resume" / "checkpoint-2").exists()

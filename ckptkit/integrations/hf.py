@@ -45,7 +45,7 @@ try:
     from transformers import TrainerCallback
 except ImportError:  # pragma: no cover - exercised in a subprocess without transformers
     raise MissingDependencyError(
-        "ckptkit.integrations.hf needs transformers: " + install_hint("timellm", "transformers")
+        "ckptkit.integrations.hf needs transformers: " + install_hint("hf", "transformers")
     ) from None
 
 from ckptkit import run as runmod

@@ -7,6 +7,7 @@ Encoding lives in ``formats``, commit in ``atomic``, what to keep and when to sa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -439,14 +440,31 @@ class CheckpointManager:
         started = time.monotonic()
         self._pm.hook.ckptkit_before_save(manager=self, step=step, state=state)
         full = self._with_extra_state(state)
+        # The snapshot: ``collected`` references the live tensors (state_dict()s share
+        # memory); everything after this point only reads it. An async save takes its
+        # consistent copy of exactly this object.
         collected = collect_state(full)
-        files, entries = native.encode(collected)
         if epoch is None and isinstance(state.get("epoch"), int):
             epoch = int(state["epoch"])
-        manifest = Manifest(
+        manifest = self._manifest(step, full, metrics, epoch)
+        existing = self.list()
+        info = self._write(collected, manifest)
+        self._finish(info, existing, started)
+        return info
+
+    def _manifest(
+        self,
+        step: int,
+        full: Mapping[str, Any],
+        metrics: Mapping[str, float] | None,
+        epoch: int | None,
+    ) -> Manifest:
+        """The manifest of a save at ``step``, without its file entries (``_write``
+        fills those in once the files are encoded)."""
+        return Manifest(
             step=step,
-            files=native.file_entries(files),
-            entries=entries,
+            files={},
+            entries={},
             epoch=epoch_value(epoch),
             metrics=metric_values(metrics or {}),
             is_best=_early_stopping_marks_best(full, step),
@@ -462,7 +480,13 @@ class CheckpointManager:
             },
             versions=versions(),
         )
-        existing = self.list()
+
+    def _write(self, collected: Mapping[str, Any], manifest: Manifest) -> CheckpointInfo:
+        """Encode ``collected``, pick the checkpoint's name and commit it (manifest last).
+        Reads ``collected`` only; touches no committed checkpoint."""
+        files, entries = native.encode(collected)
+        manifest = dataclasses.replace(manifest, files=native.file_entries(files), entries=entries)
+        step = manifest.step
         # Count every directory named for this step, committed or not: a damaged one
         # still occupies its name, and the new checkpoint must not collide with it.
         taken = [p for n in self.storage.listdir("") if (p := parse_name(n)) and p[0] == step]
@@ -476,17 +500,20 @@ class CheckpointManager:
                 with contextlib.suppress(Exception):
                     self.storage.delete(RUN_INFO)
             raise
-        info = CheckpointInfo(name=name, url=self.storage.url_of(name), manifest=manifest)
+        return CheckpointInfo(name=name, url=self.storage.url_of(name), manifest=manifest)
+
+    def _finish(self, info: CheckpointInfo, existing: list[CheckpointInfo], started: float) -> None:
+        """After a commit: hooks, triggers, retention (``existing``: the committed
+        checkpoints listed before the save)."""
         self._pm.hook.ckptkit_after_save(manager=self, info=info)
         self._uncommitted.append(info)
         if not getattr(self.storage, "write_behind", False):
             self._fire_commits()
         for trigger in self.triggers:
-            trigger.saved(step, time.monotonic())
+            trigger.saved(info.step, time.monotonic())
         self._rotate([*existing, info], saved=info)
         if self._deadline is not None:
             self._deadline.save_time = max(self._deadline.save_time, time.monotonic() - started)
-        return info
 
     def _fire_commits(self) -> None:
         while self._uncommitted:

@@ -75,7 +75,6 @@ def _train(acc, objs, counter, steps: int) -> None:
         counter.n += 1
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.2: no ckptkit.integrations.accelerate yet")
 def test_resume_mid_epoch_ends_bit_identical_to_an_uninterrupted_run(tmp_path: Path) -> None:
     straight, stopped = str(tmp_path / "a"), str(tmp_path / "b")
     _example(straight, 23)
@@ -89,7 +88,6 @@ def test_resume_mid_epoch_ends_bit_identical_to_an_uninterrupted_run(tmp_path: P
     assert a["dataloader"]["batches"] == b["dataloader"]["batches"] == 3
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.2: no ckptkit.integrations.accelerate yet")
 def test_the_loader_position_is_what_makes_it_exact(tmp_path: Path) -> None:
     """Without the epoch-start snapshot the resumed epoch reshuffles: the test above
     would fail. Restore everything but drop the loader state, and the weights differ."""
@@ -108,7 +106,6 @@ def test_the_loader_position_is_what_makes_it_exact(tmp_path: Path) -> None:
     assert not _equal(_last(straight)["model"], _last(stopped)["model"])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.2: no ckptkit.integrations.accelerate yet")
 def test_checkpoint_holds_every_part_unwrapped(tmp_path: Path) -> None:
     from ckptkit.integrations.accelerate import CkptkitAccelerate
 
@@ -132,7 +129,6 @@ def test_checkpoint_holds_every_part_unwrapped(tmp_path: Path) -> None:
     assert cls["optimizer"] == "torch.optim.adamw.AdamW"  # the optimizer, not the wrapper
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.2: no ckptkit.integrations.accelerate yet")
 def test_resume_restores_every_part_into_fresh_objects(tmp_path: Path) -> None:
     from ckptkit.integrations.accelerate import CkptkitAccelerate
 
@@ -154,7 +150,6 @@ def test_resume_restores_every_part_into_fresh_objects(tmp_path: Path) -> None:
         assert str(obj.state_dict()) == str(want)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.2: no ckptkit.integrations.accelerate yet")
 def test_resume_from_accelerates_own_save_state_folder(tmp_path: Path) -> None:
     from ckptkit.integrations.accelerate import CkptkitAccelerate
 
@@ -172,7 +167,6 @@ def test_resume_from_accelerates_own_save_state_folder(tmp_path: Path) -> None:
     assert objs2[2].state_dict()["last_epoch"] == 2  # (model, optimizer, scheduler, loader)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.2: no ckptkit.integrations.accelerate yet")
 def test_a_loader_of_another_length_is_refused_naming_the_fix(tmp_path: Path) -> None:
     from ckptkit.integrations.accelerate import CkptkitAccelerate
 
@@ -190,7 +184,6 @@ def test_a_loader_of_another_length_is_refused_naming_the_fix(tmp_path: Path) ->
     assert _equal(objs2[0].state_dict(), before)  # all or nothing: nothing was loaded
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.2: no ckptkit.integrations.accelerate yet")
 def test_the_grad_scaler_is_saved_and_restored(tmp_path: Path) -> None:
     from ckptkit.integrations.accelerate import CkptkitAccelerate
 
@@ -206,7 +199,6 @@ def test_the_grad_scaler_is_saved_and_restored(tmp_path: Path) -> None:
     assert acc2.scaler.state_dict()["scale"] == 512.0
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.2: no ckptkit.integrations.accelerate yet")
 def test_a_loader_that_was_not_prepared_is_refused(tmp_path: Path) -> None:
     from ckptkit.integrations.accelerate import CkptkitAccelerate
 
@@ -218,7 +210,6 @@ def test_a_loader_that_was_not_prepared_is_refused(tmp_path: Path) -> None:
         ck.loader(torch.utils.data.DataLoader(range(4)))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.2: no ckptkit.integrations.accelerate yet")
 def test_missing_accelerate_is_a_one_line_install_hint() -> None:
     code = (
         "import sys; sys.modules['accelerate'] = None\n"
@@ -237,3 +228,54 @@ def test_core_does_not_import_accelerate() -> None:
     code = "import sys, ckptkit, ckptkit.manager; print('accelerate' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _plain_accelerate_run(tmp_path: Path, stop: int | None, steps: int) -> dict:
+    """The example's loop with accelerate's own save_state/load_state and the documented
+    ``skip_first_batches`` resume (no ckptkit), stopped after ``stop`` steps and resumed."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    def build():
+        acc = Accelerator(cpu=True)
+        set_seed(0)
+        x = torch.randn(40, 8, generator=torch.Generator().manual_seed(1))
+        data = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8, shuffle=True
+        )
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.2))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return (acc, *acc.prepare(model, opt, data))
+
+    def train(acc, model, opt, data, step: int, until: int) -> int:
+        skip = step % len(data)
+        while step < until:
+            loader = acc.skip_first_batches(data, skip) if skip else data
+            skip = 0
+            for xb, yb in loader:
+                acc.backward((model(xb).sum(1, keepdim=True) - yb).square().mean())
+                opt.step()
+                opt.zero_grad()
+                step += 1
+                if step >= until:
+                    return step
+        return step
+
+    acc, model, opt, data = build()
+    train(acc, model, opt, data, 0, stop or steps)
+    if stop is not None:
+        acc.save_state(str(tmp_path / "own"))
+        acc, model, opt, data = build()
+        acc.load_state(str(tmp_path / "own"))
+        data.iteration = stop // len(data)
+        train(acc, model, opt, data, stop, steps)
+    return {k: v.clone() for k, v in acc.unwrap_model(model).state_dict().items()}
+
+
+def test_accelerates_own_resume_mid_epoch_differs(tmp_path: Path) -> None:
+    """Why the loader snapshot exists (docs/INTEGRATIONS.md): accelerate's own resume,
+    with the RNG of the moment of the save, reshuffles the resumed epoch."""
+    straight = _plain_accelerate_run(tmp_path, None, 13)
+    assert _equal(straight, _plain_accelerate_run(tmp_path / "b", None, 13))  # deterministic
+    assert _equal(straight, _plain_accelerate_run(tmp_path / "c", 10, 13))  # at an epoch end
+    assert not _equal(straight, _plain_accelerate_run(tmp_path / "d", 12, 13))  # mid-epoch

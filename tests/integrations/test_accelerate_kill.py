@@ -21,11 +21,7 @@ pytest.importorskip("accelerate")
 import ckptkit  # noqa: E402
 from tests.killpoints import command  # noqa: E402
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.timeout(600),
-    pytest.mark.xfail(strict=True, reason="issue 12.6: no examples/accelerate_loop.py yet"),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = str(ROOT / "examples" / "accelerate_loop.py")

@@ -43,8 +43,9 @@ What a caller may rely on:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -66,7 +67,7 @@ except ImportError:  # pragma: no cover - exercised in a subprocess without acce
     ) from None
 
 from ckptkit.formats.accelerate import state_name
-from ckptkit.manager import CheckpointManager, ResumeResult
+from ckptkit.manager import EXIT_RESUMABLE, CheckpointManager, ResumeResult
 from ckptkit.run import CheckpointInfo, warn
 from ckptkit.state.rng import RNGState
 
@@ -149,7 +150,7 @@ class _TrackedLoader:
         self.batches = 0  # of the current epoch, handed to the loop
         self._start: dict[str, Any] | None = None  # _epoch_rng at this epoch's start
         self._pending: tuple[int, dict[str, Any] | None] | None = None  # set by a restore
-        self._ranks: list[dict[str, Any] | None] | None = None
+        self.ranks: list[dict[str, Any] | None] | None = None  # gathered for a save
         self._iterating = 0  # bumped per iter(): an abandoned iterator stops counting
 
     def __len__(self) -> int:
@@ -159,6 +160,14 @@ class _TrackedLoader:
         if name == "dataloader":  # not set yet: never recurse
             raise AttributeError(name)
         return getattr(self.dataloader, name)  # batch_size, dataset, set_epoch...
+
+    def set_epoch(self, epoch: int) -> None:
+        """``DataLoaderShard.set_epoch``; another epoch than the one in progress (or
+        resumed) starts at its first batch."""
+        if epoch != getattr(self.dataloader, "iteration", epoch):
+            self._pending, self.batches, self._start = None, 0, None
+            self._iterating += 1
+        self.dataloader.set_epoch(epoch)
 
     def __iter__(self) -> Any:
         self._iterating += 1
@@ -205,10 +214,10 @@ class _TrackedLoader:
         dl.iteration = skipping.iteration + (0 if first else 1)
 
     def gather(self) -> None:
-        self._ranks = _gathered(self.accelerator, self._start)
+        self.ranks = _gathered(self.accelerator, self._start)
 
     def state_dict(self) -> dict[str, Any]:
-        ranks = self._ranks if self._ranks is not None else [self._start]
+        ranks = self.ranks if self.ranks is not None else [self._start]
         return {
             "iteration": int(getattr(self.dataloader, "iteration", 0)),
             "batches": self.batches,
@@ -279,6 +288,9 @@ class CkptkitAccelerate:
         self._rng = _ProcessRNG(accelerator)
         self._counters = _AcceleratorCounters(accelerator)
         self._loaders: dict[int, _TrackedLoader] = {}
+        # With several processes: the main process's stop decision, broadcast by maybe_save.
+        self._stop = False
+        self._stop_reason: str | None = None
 
     # -- context manager ------------------------------------------------------
     def __enter__(self) -> CkptkitAccelerate:
@@ -333,11 +345,19 @@ class CkptkitAccelerate:
         return state
 
     # -- saving ---------------------------------------------------------------
-    def _gather(self, state: Mapping[str, Any]) -> None:
-        self._rng.gather()
-        for obj in state.values():
-            if isinstance(obj, _TrackedLoader):
-                obj.gather()
+    @contextlib.contextmanager
+    def _gathered(self, state: Mapping[str, Any]) -> Iterator[None]:
+        """With several processes, every process's RNG and loader states gathered for the
+        save (a collective); one process reads its own at save time."""
+        parts = [self._rng, *(o for o in state.values() if isinstance(o, _TrackedLoader))]
+        if self.accelerator.num_processes > 1:
+            for part in parts:
+                part.gather()
+        try:
+            yield
+        finally:
+            for part in parts:
+                part.ranks = None  # never saved again: the next save gathers afresh
 
     def save(
         self, step: int, metrics: Mapping[str, float] | None = None, *, epoch: int | None = None
@@ -345,8 +365,8 @@ class CkptkitAccelerate:
         """Save now, on every process; returns the committed checkpoint on the main one
         (None on the others). Every process returns once it is committed."""
         state = self.state
-        self._gather(state)
-        info = self.manager.save(step, state, metrics, epoch=epoch)
+        with self._gathered(state):
+            info = self.manager.save(step, state, metrics, epoch=epoch)
         if self.accelerator.num_processes > 1:
             self.manager.wait()
             self.accelerator.wait_for_everyone()
@@ -363,29 +383,37 @@ class CkptkitAccelerate:
         """Save when the manager's policies say so (``CheckpointManager.maybe_save``)."""
         state = self.state
         if self.accelerator.num_processes == 1:
-            self._gather(state)
             return self.manager.maybe_save(step, state, metrics, epoch=epoch, epoch_end=epoch_end)
-        self._gather(state)  # a collective, so every process takes part at every call
         info = None
-        if self.accelerator.is_main_process:
-            info = self.manager.maybe_save(step, state, metrics, epoch=epoch, epoch_end=epoch_end)
-            self.manager.wait()
+        with self._gathered(state):  # a collective: every process takes part at every call
+            if self.accelerator.is_main_process:
+                info = self.manager.maybe_save(
+                    step, state, metrics, epoch=epoch, epoch_end=epoch_end
+                )
+                self.manager.wait()
         # The main process's decision, so every process stops together: also the barrier
         # after which the checkpoint is committed for all.
         flags = [self.manager.should_stop, self.manager.stop_reason]
         broadcast_object_list(flags)
-        self.manager._stop_after_save, self.manager.stop_reason = bool(flags[0]), flags[1]
+        self._stop = self._stop or bool(flags[0])
+        self._stop_reason = self._stop_reason or flags[1]
         return info
 
     @property
     def should_stop(self) -> bool:
-        """True once a signal or the time limit forced a save: leave the loop now."""
-        return self.manager.should_stop
+        """True once a signal or the time limit forced a save (on the main process, with
+        several): leave the loop now, on every process."""
+        return self._stop or self.manager.should_stop
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why ``should_stop`` is true (a signal name, ``"time limit"``), else None."""
+        return self._stop_reason or self.manager.stop_reason
 
     @property
     def exit_code(self) -> int:
         """0, or ``ckptkit.EXIT_RESUMABLE`` (75) when stopped early by a signal or time limit."""
-        return self.manager.exit_code
+        return EXIT_RESUMABLE if self.should_stop else 0
 
     # -- restoring ------------------------------------------------------------
     def resume(self, resume: str = "auto", **kwargs: Any) -> ResumeResult:

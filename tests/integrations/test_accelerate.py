@@ -279,3 +279,39 @@ def test_accelerates_own_resume_mid_epoch_differs(tmp_path: Path) -> None:
     assert _equal(straight, _plain_accelerate_run(tmp_path / "b", None, 13))  # deterministic
     assert _equal(straight, _plain_accelerate_run(tmp_path / "c", 10, 13))  # at an epoch end
     assert not _equal(straight, _plain_accelerate_run(tmp_path / "d", 12, 13))  # mid-epoch
+
+
+def test_set_epoch_to_another_epoch_drops_the_resumed_position(tmp_path: Path) -> None:
+    from ckptkit.integrations.accelerate import CkptkitAccelerate
+
+    url = str(tmp_path / "run")
+    acc, objs, counter = _setup(0, batches=4)
+    with CkptkitAccelerate(acc, url) as ck:
+        loader = ck.loader(objs[-1])
+        it = iter(loader)
+        next(it), next(it), next(it)
+        ck.save(3)
+    acc2, objs2, _ = _setup(0, batches=4)
+    with CkptkitAccelerate(acc2, url) as ck:
+        ck.resume()
+        loader = ck.loader(objs2[-1])
+        assert len(list(loader)) == 1  # the resumed epoch: its last batch only
+        loader.set_epoch(5)
+        assert len(list(loader)) == 4  # epoch 5 (and its position) starts from the first batch
+        assert objs2[-1].iteration == 6
+
+
+def test_a_signal_saves_and_stops_with_the_resumable_exit_code(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    from ckptkit.integrations.accelerate import CkptkitAccelerate
+
+    acc, objs, counter = _setup(0)
+    with CkptkitAccelerate(acc, str(tmp_path / "run"), handle_signals=True) as ck:
+        assert ck.maybe_save(1) is None and not ck.should_stop
+        os.kill(os.getpid(), signal.SIGUSR1)
+        info = ck.maybe_save(2)
+        assert info is not None and info.step == 2
+        assert ck.should_stop and ck.stop_reason == "SIGUSR1"
+        assert ck.exit_code == ckptkit.EXIT_RESUMABLE

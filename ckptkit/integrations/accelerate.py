@@ -243,6 +243,18 @@ class _TrackedLoader:
                 raise IncompatibleCheckpointError(
                     f"loader state has {key}={value!r}, expected an int >= 0; it is corrupt"
                 )
+        if state["batches"] > state["length"]:
+            raise IncompatibleCheckpointError(
+                f"loader state is at batch {state['batches']} of an epoch of "
+                f"{state['length']}; it is corrupt"
+            )
+        ranks = state.get("epoch_rng")
+        if ranks is not None and not (
+            isinstance(ranks, list) and all(r is None or _is_epoch_rng(r) for r in ranks)
+        ):
+            raise IncompatibleCheckpointError(
+                "loader state's epoch_rng is not a list of RNG snapshots; it is corrupt"
+            )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.check_state_dict(state)
@@ -258,6 +270,17 @@ class _TrackedLoader:
         self._iterating += 1  # an iterator started before the restore stops counting
 
 
+def _is_epoch_rng(value: Any) -> bool:
+    def rng(t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1
+
+    return (
+        isinstance(value, Mapping)
+        and rng(value.get("torch"))
+        and (value.get("generator") is None or rng(value.get("generator")))
+    )
+
+
 class _AcceleratorCounters:
     """``accelerator.step``: where gradient accumulation is inside its cycle."""
 
@@ -266,6 +289,13 @@ class _AcceleratorCounters:
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": int(self.accelerator.step)}
+
+    def check_state_dict(self, state: Any) -> None:
+        step = state.get("step") if isinstance(state, Mapping) else None
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise IncompatibleCheckpointError(
+                f"accelerator state has step={step!r}, expected an int >= 0; it is corrupt"
+            )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.accelerator.step = int(state["step"])

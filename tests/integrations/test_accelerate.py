@@ -315,3 +315,46 @@ def test_a_signal_saves_and_stops_with_the_resumable_exit_code(tmp_path: Path) -
         assert info is not None and info.step == 2
         assert ck.should_stop and ck.stop_reason == "SIGUSR1"
         assert ck.exit_code == ckptkit.EXIT_RESUMABLE
+
+
+@pytest.mark.parametrize(
+    ("part", "value", "match"),
+    [
+        ("dataloader", {"iteration": 0, "batches": 9, "length": 4, "epoch_rng": None}, "batch 9"),
+        ("dataloader", {"iteration": -1, "batches": 0, "length": 4}, "iteration=-1"),
+        ("dataloader", {"iteration": 0, "batches": 1, "length": 4, "epoch_rng": [7]}, "epoch_rng"),
+        ("accelerator", {"step": "x"}, "step='x'"),
+        ("rng", {"ranks": []}, "per-process"),
+    ],
+)
+def test_a_damaged_part_is_refused_before_anything_loads(
+    tmp_path: Path, part: str, value: dict, match: str
+) -> None:
+    from ckptkit.integrations.accelerate import CkptkitAccelerate
+
+    url = str(tmp_path / "run")
+    acc, objs, counter = _setup(0)
+    _train(acc, objs, counter, 1)
+    with CkptkitAccelerate(acc, url) as ck:
+        saved = ckptkit.load(ck.save(1).url)
+        saved[part] = value
+        ck.manager.save(2, saved)
+    acc2, objs2, counter2 = _setup(1)
+    before = {k: v.clone() for k, v in objs2[0].state_dict().items()}
+    with (
+        CkptkitAccelerate(acc2, url) as ck,
+        pytest.raises(ckptkit.IncompatibleCheckpointError, match=match),
+    ):
+        ck.resume()
+    assert _equal(objs2[0].state_dict(), before) and counter2.n == 0
+
+
+def test_inspect_sees_the_rng_and_loader_position(tmp_path: Path) -> None:
+    from ckptkit.integrations.accelerate import CkptkitAccelerate
+
+    acc, objs, counter = _setup(0)
+    with CkptkitAccelerate(acc, str(tmp_path / "run")) as ck:
+        info = ck.save(1)
+    lacks = " ".join(ckptkit.inspect(info.url)["lacks"])
+    assert "RNG" not in lacks and "data-loader" not in lacks
+    assert "optimizer" not in lacks and "scheduler" not in lacks

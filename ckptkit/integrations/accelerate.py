@@ -355,6 +355,8 @@ class CkptkitAccelerate:
         """The named state a checkpoint holds, built from what the accelerator prepared and
         registered now."""
         acc = self.accelerator
+        # accelerate keeps what it prepared and registered in these lists (private, but
+        # the very ones its own save_state/load_state walk, in the same order).
         state: dict[str, Any] = {}
         for i, model in enumerate(acc._models):
             state[state_name("model", i)] = acc.unwrap_model(model)

@@ -117,17 +117,23 @@ def _has(state: dict[str, Any], test: Any) -> bool:
     return any(isinstance(v, dict) and test(v) for v in state.values())
 
 
+def _is_rng(v: dict[str, Any]) -> bool:
+    """RNGState's layout, or one per process (``{"ranks": [...]}``, accelerate's adapter)."""
+    ranks = v.get("ranks")
+    if isinstance(ranks, list) and ranks and isinstance(ranks[0], dict):
+        v = ranks[0]
+    return {"python", "torch"} <= set(v)
+
+
 def resume_gaps(state: dict[str, Any]) -> list[str]:
     """What a full resume from ``state`` would lack, in the words restore uses."""
     checks = [
         (lambda v: "param_groups" in v, "no optimizer state: moments restart from zero"),
         (lambda v: "last_epoch" in v, "no scheduler state: the learning-rate schedule restarts"),
+        (_is_rng, "no RNG state: data order and dropout will differ"),
         (
-            lambda v: {"python", "torch"} <= set(v),
-            "no RNG state: data order and dropout will differ",
-        ),
-        (
-            lambda v: "batches_yielded" in v,
+            # ResumableDataLoader's, or a tracked accelerate loader's (integrations/accelerate.py)
+            lambda v: "batches_yielded" in v or {"iteration", "batches", "length"} <= set(v),
             "no data-loader position: the epoch restarts from its first batch",
         ),
         (

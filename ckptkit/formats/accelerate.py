@@ -56,6 +56,11 @@ _OWN = re.compile(r"^(?:optimizer|scheduler)(?:_\d+)?\.bin$")
 CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d+)$")  # automatic_checkpoint_naming
 
 
+def state_name(base: str, index: int) -> str:
+    """The state name of the ``index``-th object of a series: ``model``, ``model_1``..."""
+    return base if index == 0 else f"{base}_{index}"
+
+
 def is_accelerate_dir(names: Sequence[str]) -> bool:
     """A ``save_state`` folder: accelerate's own file names, and none of the Trainer's
     (an FSDP Trainer checkpoint also holds ``optimizer.bin``)."""
@@ -102,7 +107,7 @@ def read_accelerate(storage: Storage, key: str = "", *, trust: bool = False) -> 
     notes: list[str] = []
     for pattern, base, _, _ in _SERIES:
         for i, fname in sorted(_numbered(pattern, names).items()):
-            name = base if i == 0 else f"{base}_{i}"
+            name = state_name(base, i)
             path = join_key(key, fname)
             is_st = fname.endswith(".safetensors")
             state[name] = (

@@ -87,3 +87,51 @@ def test_sigkill_then_same_command_matches_uninterrupted(
     assert final.keys() == uninterrupted.keys()
     for k in final:
         assert torch.equal(final[k], uninterrupted[k]), k
+
+
+def _killed_at(work: Path, point: str, nth: int) -> None:
+    """Run the example with ``point`` armed (tests/killpoints.py): it SIGKILLs itself
+    exactly there, at its ``nth`` time, without any polling."""
+    from tests.killpoints import command
+
+    cmd = command(point, nth, str(EXAMPLE), *_command(work)[2:])
+    out = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+
+
+def _committed(work: Path) -> list[int]:
+    return [c.step for c in ckptkit.CheckpointManager(str(work / "run"), readonly=True).list()]
+
+
+def test_kill_inside_the_trainers_own_save_resumes_from_the_last_commit(
+    tmp_path: Path, uninterrupted: dict[str, torch.Tensor]
+) -> None:
+    _killed_at(tmp_path, "hf-trainer-state", 2)  # writing checkpoint-8
+    local = tmp_path / "out" / "checkpoint-8"
+    assert (local / "model.safetensors").exists() and not (local / "trainer_state.json").exists()
+    assert _committed(tmp_path) == [4]
+    out = subprocess.run(_command(tmp_path), env=_env(), check=True, capture_output=True, text=True)
+    assert "ckptkit-resume/checkpoint-4" in out.stdout  # the partial checkpoint-8 ignored
+    final = _final(tmp_path)
+    assert final.keys() == uninterrupted.keys()
+    for k in final:
+        assert torch.equal(final[k], uninterrupted[k]), k
+
+
+@pytest.mark.parametrize("point", ["commit-files", "commit-rename"])
+def test_kill_inside_ckptkits_commit_commits_the_complete_local_checkpoint_first(
+    tmp_path: Path, uninterrupted: dict[str, torch.Tensor], point: str
+) -> None:
+    _killed_at(tmp_path, point, 2)  # committing step 8: checkpoint-8 is complete locally
+    assert _committed(tmp_path) == [4]
+    leftovers = [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".tmp-")]
+    assert len(leftovers) == 1
+    assert (leftovers[0] / "manifest.json").exists() == (point == "commit-rename")
+    assert (tmp_path / "out" / "checkpoint-8" / "trainer_state.json").exists()
+    out = subprocess.run(_command(tmp_path), env=_env(), check=True, capture_output=True, text=True)
+    assert "ckptkit-resume/checkpoint-8" in out.stdout  # committed on resume, then resumed
+    assert 8 in _committed(tmp_path)
+    final = _final(tmp_path)
+    assert final.keys() == uninterrupted.keys()
+    for k in final:
+        assert torch.equal(final[k], uninterrupted[k]), k

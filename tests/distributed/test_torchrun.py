@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 from click.testing import CliRunner
 
@@ -82,10 +81,6 @@ def same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-XFAIL = "issue 12.4: the manager writes on rank 0 only (no per-rank state, no DCP)"
-
-
-@pytest.mark.xfail(strict=True, reason=XFAIL)
 def test_every_rank_saves_its_rng_waits_for_the_commit_and_hears_of_errors(tmp_path: Path) -> None:
     run, out = tmp_path / "run", tmp_path / "out"
     out.mkdir()
@@ -103,7 +98,6 @@ def test_every_rank_saves_its_rng_waits_for_the_commit_and_hears_of_errors(tmp_p
     assert [c.step for c in ckptkit.CheckpointManager(str(run), readonly=True).list()] == [1]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.6: no examples/ddp_loop.py")
 def test_ddp_killed_mid_run_and_inside_the_commit_resumes_bit_identical(tmp_path: Path) -> None:
     args = [EXAMPLE, "--max-steps", "16", "--save-steps", "4", "--batch-size", "4"]
     ok(torchrun(2, *args, "--output", "whole", "--export", "whole.pt", tmp=tmp_path))
@@ -119,7 +113,6 @@ def test_ddp_killed_mid_run_and_inside_the_commit_resumes_bit_identical(tmp_path
         assert same(ckptkit.load(str(tmp_path / run))["model"], ckptkit.load(str(tmp_path / "whole"))["model"])  # fmt: skip
 
 
-@pytest.mark.xfail(strict=True, reason=XFAIL)
 def test_fsdp_save_restores_at_another_world_size(tmp_path: Path) -> None:
     args = [EXAMPLE, "--fsdp", "--output", "run", "--save-steps", "4"]
     ok(torchrun(2, *args, "--max-steps", "6", "--export", "at2.pt", tmp=tmp_path))

@@ -467,6 +467,12 @@ class CheckpointManager:
         started = time.monotonic()
         self._pm.hook.ckptkit_before_save(manager=self, step=step, state=state)
         full = self._with_extra_state(state)
+        sharded_keys = [k for k, v in full.items() if distmod.is_sharded(v)]
+        if sharded_keys and distmod.rank_and_size()[1] > 1:  # alone, rank 0 has its shards only
+            raise ConfigError(
+                f"state[{sharded_keys[0]!r}] is a ShardedState, which every rank saves: "
+                "construct the manager on every rank with distributed=True (the default)"
+            )
         # The snapshot: ``collected`` references the live tensors (state_dict()s share
         # memory); everything after this point only reads it. An async save takes its
         # consistent copy of exactly this object.
@@ -476,11 +482,10 @@ class CheckpointManager:
         manifest = self._manifest(step, full, metrics, epoch)
         existing = self.list()
         folder = None
-        if any(distmod.is_sharded(v) for v in full.values()):  # ShardedState: through DCP
+        if sharded_keys:  # ShardedState: through DCP
             from ckptkit.formats import sharded
 
-            dcp_keys = [k for k, v in full.items() if distmod.is_sharded(v)]
-            folder = sharded.encode({k: collected.pop(k) for k in dcp_keys}, None)
+            folder = sharded.encode({k: collected.pop(k) for k in sharded_keys}, None)
         info = self._write(collected, manifest, folder)
         self._finish(info, existing, started)
         return info

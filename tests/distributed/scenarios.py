@@ -45,6 +45,17 @@ def main(run: str, out: str) -> None:
     except ckptkit.CkptError as exc:
         seen["error"] = type(exc).__name__
     mgr.close()
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = torch.nn.Linear(2, 2)
+    fully_shard(sharded)
+    if rank == 0:  # a manager of rank 0 alone would save rank 0's shards only: refused
+        try:
+            alone = ckptkit.CheckpointManager(run + "-alone", distributed=False)
+            alone.save(1, {"app": ckptkit.ShardedState(sharded)})
+            seen["alone"] = None
+        except ckptkit.CkptError as exc:
+            seen["alone"] = type(exc).__name__
     # A rank 0 that never takes part: rank 1 gives up after the timeout.
     lone = ckptkit.CheckpointManager(run + "-lone", distributed_timeout=3)
     if rank == 1:

@@ -39,6 +39,7 @@ def test_sharded_state_is_a_dcp_folder_committed_by_the_manifest(tmp_path: Path)
         assert torch.equal(a, b)
     assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], other_opt.state_dict()["state"][0]["exp_avg"])  # fmt: skip
     assert other_opt.param_groups[0]["betas"] == (0.9, 0.999)  # a tuple again
+    assert not any("optimizer" in gap for gap in ckptkit.inspect(run)["lacks"])
     # The shards are checked like any file: one flipped byte and the checkpoint is skipped.
     shard = Path(info.url) / "dcp" / "__0_0.distcp"
     data = bytearray(shard.read_bytes())

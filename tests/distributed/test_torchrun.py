@@ -92,6 +92,7 @@ def test_every_rank_saves_its_rng_waits_for_the_commit_and_hears_of_errors(tmp_p
         assert seen["error"] == "ConfigError"  # rank 0's error, raised on rank 1 too
     assert ranks[0]["draws"] != ranks[1]["draws"]  # each rank got its own RNG back
     assert ranks[1]["timeout"] == "StorageError" and ranks[1]["waited"] < 60
+    assert ranks[0]["alone"] == "ConfigError"
     saved = ckptkit.load(str(run))
     assert saved["ckptkit.ranks"]["world_size"] == 2
     assert len(saved["ckptkit.ranks"]["states"]["rng"]) == 2
@@ -109,6 +110,9 @@ def test_ddp_killed_mid_run_and_inside_the_commit_resumes_bit_identical(tmp_path
         assert [c.step for c in ckptkit.CheckpointManager(str(tmp_path / run), readonly=True).list()] == [4, 8]  # fmt: skip
         again = ok(torchrun(2, *args, "--output", run, "--export", f"{run}.pt", tmp=tmp_path))
         assert "resumed at step 8" in again, again
+        left = sorted(p.name for p in (tmp_path / run).iterdir())
+        # No .tmp- leftover, no lock; step 8 (resumed from) is kept by retention.
+        assert left == ["run.json", *(f"step-{s:012d}" for s in (8, 12, 16))], left
         assert same(torch.load(tmp_path / f"{run}.pt"), whole), kill
         assert same(ckptkit.load(str(tmp_path / run))["model"], ckptkit.load(str(tmp_path / "whole"))["model"])  # fmt: skip
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = str(ROOT / "examples" / "ddp_loop.py")
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
 HERE = Path(__file__).resolve().parent
+pytestmark = pytest.mark.slow  # each test starts torchrun (2 processes importing torch)
 
 
 def torchrun(n: int, *args: str, tmp: Path, kill: str = "") -> subprocess.CompletedProcess[str]:

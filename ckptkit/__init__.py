@@ -45,6 +45,7 @@ _LAZY = {
     "EarlyStopping": "ckptkit.state",
     "ResumableDataLoader": "ckptkit.state",
     "RNGState": "ckptkit.state",
+    "ShardedState": "ckptkit.state",
     "TrainableOnly": "ckptkit.state",
     "open_storage": "ckptkit.storage.registry",
 }
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
         LoaderPosition,
         ResumableDataLoader,
         RNGState,
+        ShardedState,
         TrainableOnly,
     )
     from ckptkit.storage.registry import open_storage
@@ -93,6 +95,7 @@ __all__ = [
     "ResumableDataLoader",
     "ResumeResult",
     "RunLockedError",
+    "ShardedState",
     "StorageError",
     "TrainableOnly",
     "UnsafeCheckpointError",

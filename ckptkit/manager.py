@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ckptkit import distributed as distmod
 from ckptkit import run as runmod
 from ckptkit.atomic import CommitStrategy, get_strategy
 from ckptkit.errors import (
@@ -148,6 +149,11 @@ class CheckpointManager:
     ``trainable_only=True`` saves and restores every ``torch.nn.Module`` in ``state``
     through ``TrainableOnly(module)``: its ``requires_grad`` parameters and buffers, with a
     fingerprint of its frozen weights that a restore must match (docs/RESUME.md).
+
+    Under ``torch.distributed`` (``distributed=None``: when it is initialized) construct,
+    save and restore on every rank: rank 0 writes, every rank's RNG and loader position is
+    kept, ``ShardedState`` goes through DCP, and an error or a rank silent for
+    ``distributed_timeout`` seconds raises on every rank (docs/INTEGRATIONS.md).
     """
 
     def __init__(
@@ -173,6 +179,8 @@ class CheckpointManager:
         retention: list[RetentionPolicy] | None = None,
         triggers: list[SaveTrigger] | None = None,
         trainable_only: bool = False,
+        distributed: bool | None = None,
+        distributed_timeout: float = distmod.DEFAULT_TIMEOUT,
     ) -> None:
         if mode not in ("min", "max"):
             raise ConfigError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -219,8 +227,19 @@ class CheckpointManager:
         # One wrapper per model, so that its frozen fingerprint is hashed once, not per save.
         self._trainable: dict[int, Any] = {}
         self.readonly = readonly
+        if distributed is None:  # a reader (readonly=True) may be used on one rank alone
+            distributed = _dist_initialized() and not readonly
+        # Collective: every rank constructs its manager (distributed=False on a manager
+        # that rank 0 alone uses).
+        self._group = distmod.Group(distributed_timeout) if distributed else None
         self.writer = not readonly and _is_main_process()
         self._lock = RunLock(self.storage) if self.writer else None
+        if self._group is not None:  # rank 0 opens the run; a failure raises on every rank
+            self.run_name = self._group.on_main(lambda: self._open(break_lock, run_name), "open")
+        else:
+            self.run_name = self._open(break_lock, run_name)
+
+    def _open(self, break_lock: bool, run_name: str | None) -> str:
         if self._lock is not None:
             self._lock.acquire(break_lock=break_lock)
         try:
@@ -231,7 +250,7 @@ class CheckpointManager:
                 # only in local staging (and is lost with the machine).
                 self.storage.flush()
                 self._remove_leftovers()
-            self.run_name = self._run_info(run_name)
+            return self._run_info(run_name)
         except BaseException:
             if self._lock is not None:
                 self._lock.release()  # a failed constructor must not keep the run locked
@@ -397,14 +416,19 @@ class CheckpointManager:
         reasons = [r for t in self.triggers if (r := t.reason(step, now))]
         if epoch_end and self.save_on_epoch_end:
             reasons.append("epoch end")
+        if self._group is not None:  # one decision for every rank (a signal, a clock)
+            reasons = self._group.union(reasons, "save decision")
         if not reasons:
             return None
         urgent = [r for r in reasons if r.startswith("SIG") or r == "time limit"]
         info = self.save(step, state, metrics, epoch=epoch)
-        if not urgent and self._signals is not None and self._signals.received:
+        late = [self._signals.received] if self._signals and self._signals.received else []
+        if self._group is not None:
+            late = self._group.union(late, "save decision")
+        if not urgent and late:
             # The signal came while this checkpoint of the step just finished was being
             # written: stop on it rather than after one more step and save.
-            urgent = [self._signals.received]
+            urgent = late
         if urgent:
             self.stop_reason = urgent[0]
             self._stop_after_save = True
@@ -428,18 +452,27 @@ class CheckpointManager:
         *,
         epoch: int | None = None,
     ) -> CheckpointInfo | None:
-        """Save now. Returns the committed checkpoint (None on non-main ranks).
+        """Save now. Returns the committed checkpoint (None on non-main ranks, unless
+        the manager is distributed: then every rank calls it and gets it).
 
         Nothing existing is touched until the new checkpoint is committed; then
         retention deletes what no policy keeps.
         """
         if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < MAX_STEP:
             raise ConfigError(f"step must be an int in [0, 10**12), got {step!r}")
+        if self._group is not None:
+            return distmod.save(self, self._group, step, state, metrics, epoch)
         if not self._writable("save"):
             return None
         started = time.monotonic()
         self._pm.hook.ckptkit_before_save(manager=self, step=step, state=state)
         full = self._with_extra_state(state)
+        sharded_keys = [k for k, v in full.items() if distmod.is_sharded(v)]
+        if sharded_keys and distmod.rank_and_size()[1] > 1:  # alone, rank 0 has its shards only
+            raise ConfigError(
+                f"state[{sharded_keys[0]!r}] is a ShardedState, which every rank saves: "
+                "construct the manager on every rank with distributed=True (the default)"
+            )
         # The snapshot: ``collected`` references the live tensors (state_dict()s share
         # memory); everything after this point only reads it. An async save takes its
         # consistent copy of exactly this object.
@@ -448,7 +481,12 @@ class CheckpointManager:
             epoch = int(state["epoch"])
         manifest = self._manifest(step, full, metrics, epoch)
         existing = self.list()
-        info = self._write(collected, manifest)
+        folder = None
+        if sharded_keys:  # ShardedState: through DCP
+            from ckptkit.formats import sharded
+
+            folder = sharded.encode({k: collected.pop(k) for k in sharded_keys}, None)
+        info = self._write(collected, manifest, folder)
         self._finish(info, existing, started)
         return info
 
@@ -481,11 +519,21 @@ class CheckpointManager:
             versions=versions(),
         )
 
-    def _write(self, collected: Mapping[str, Any], manifest: Manifest) -> CheckpointInfo:
+    def _write(
+        self, collected: Mapping[str, Any], manifest: Manifest, folder: Any = None
+    ) -> CheckpointInfo:
         """Encode ``collected``, pick the checkpoint's name and commit it (manifest last).
-        Reads ``collected`` only; touches no committed checkpoint."""
+        Reads ``collected`` only; touches no committed checkpoint. ``folder``: already
+        encoded sub-folder files (``formats.sharded.Folder``: DCP shards) to add."""
         files, entries = native.encode(collected)
-        manifest = dataclasses.replace(manifest, files=native.file_entries(files), entries=entries)
+        layouts: dict[str, str] = {}
+        if folder is not None:
+            files.update(folder[0])
+            entries.update(folder[1])
+            layouts.update(folder[2])
+        manifest = dataclasses.replace(
+            manifest, files=native.file_entries(files), entries=entries, layouts=layouts
+        )
         step = manifest.step
         # Count every directory named for this step, committed or not: a damaged one
         # still occupies its name, and the new checkpoint must not collide with it.
@@ -638,7 +686,11 @@ class CheckpointManager:
         """
         verify = self.verify if verify is None else verify
         full = self._with_extra_state(state)
-        loaded = self._load(which, verify=verify, trust=trust)
+        group = self._group
+        if group is not None:  # rank 0 reads and verifies; every rank gets what it read
+            loaded = group.on_main(lambda: self._load(which, verify=verify, trust=trust), "restore")
+        else:
+            loaded = self._load(which, verify=verify, trust=trust)
         if loaded is None:
             return ResumeResult(False)
         info, data = loaded
@@ -646,7 +698,10 @@ class CheckpointManager:
             self._check_config(data)
         meta = data.meta.get("metadata")
         classes = meta.get("state_classes") if isinstance(meta, Mapping) else None
-        notes = apply_state(full, data.state, data.source, classes=classes, force=force)
+        saved = distmod.for_this_rank(full, data, group)  # this rank's RNG and position
+        notes = distmod.restore_apply(
+            group, lambda: apply_state(full, saved, data.source, classes=classes, force=force)
+        )
         for key in state:
             if not isinstance(state[key], torch.nn.Module):
                 state[key] = full[key]  # plain values were replaced in ``full``
@@ -806,8 +861,11 @@ class CheckpointManager:
 
 
 def _is_main_process() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return distmod.rank_and_size()[0] == 0
+
+
+def _dist_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _early_stopping_marks_best(state: Mapping[str, Any], step: int) -> bool:

@@ -122,12 +122,17 @@ class Manifest:
     metadata: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     format: str = FORMAT
+    # Sub-folder -> the layout of its files (``{"dcp/": "dcp"}``); written only when not
+    # empty, so manifests without a sub-folder stay readable by older versions.
+    layouts: dict[str, str] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         """The manifest as written; ConfigError (nothing written) when a value could not
         be read back: a non-finite metric, a step past the name width, a NaN in config..."""
         try:
             raw = asdict(self)
+            if not raw["layouts"]:
+                del raw["layouts"]
             _typed(raw)
             data = json.dumps(raw, indent=1, sort_keys=True, default=str, allow_nan=False)
             _typed(_parse(data.encode()))  # what a reader will see, by the reader's rules
@@ -179,6 +184,9 @@ _MAX_DEPTH = 64  # nesting of config and metadata values
 _HEX = re.compile(r"^[0-9a-f]+$")
 _FIELDS = ("format", "step", "files", "entries", "epoch", "metrics", "is_best", "created")
 _FIELDS += ("config", "config_hash", "metadata", "versions")
+_OPTIONAL = ("layouts",)
+# The layouts a sub-folder of a checkpoint may have (docs/FORMAT.md, "Sub-folders").
+LAYOUTS = ("dcp",)
 
 
 class _Invalid(ValueError):
@@ -295,11 +303,36 @@ def _plain(value: Any, what: str) -> None:
             todo.extend((v, depth + 1) for v in item)
 
 
-def _files(value: Any) -> dict[str, FileEntry]:
+def _layouts(value: Any) -> dict[str, str]:
+    """``{"folder/": layout}``: one plain folder name each, a layout this version reads."""
+    out: dict[str, str] = {}
+    for folder, layout in _object(value, "layouts").items():
+        try:
+            if not folder.endswith("/"):
+                raise UnsafeNameError(f"{folder!r} does not end with '/'")
+            check_member_name(folder[:-1])
+        except UnsafeNameError as exc:
+            raise _Invalid(f"unsafe folder name in layouts: {_clip(exc, 80)}") from None
+        if layout not in LAYOUTS:
+            raise _Invalid(f"layouts[{_clip(folder)!r}] is {_clip(layout)}, not one of {LAYOUTS}")
+        out[folder] = layout
+    return out
+
+
+def folder_of(name: str) -> str | None:
+    """``"dcp/"`` for a file name ``"dcp/__0_0.distcp"``; None for a top-level name."""
+    return name.split("/", 1)[0] + "/" if "/" in name else None
+
+
+def _files(value: Any, layouts: dict[str, str]) -> dict[str, FileEntry]:
     out: dict[str, FileEntry] = {}
     for name, entry in _object(value, "files").items():
         try:
-            check_member_name(name)
+            # One sub-folder level, and only a folder that ``layouts`` names.
+            check_member_name(name, allow_subdirs=True)
+            folder = folder_of(name)
+            if folder is not None and (name.count("/") > 1 or folder not in layouts):
+                raise UnsafeNameError(f"{name!r} lies in a sub-folder that layouts does not name")
         except UnsafeNameError as exc:
             raise _Invalid(f"unsafe file name: {_clip(exc, 80)}") from None
         if name == MANIFEST:
@@ -317,17 +350,22 @@ def _files(value: Any) -> dict[str, FileEntry]:
     return out
 
 
-def _entries(value: Any, files: dict[str, FileEntry]) -> dict[str, str]:
+def _entries(value: Any, files: dict[str, FileEntry], layouts: dict[str, str]) -> dict[str, str]:
     entries = _object(value, "entries")
     holders: dict[str, str] = {}
     for key, fname in entries.items():
         what = f"entries[{_clip(key)!r}]"
-        if _str(fname, what) not in files:
+        if _str(fname, what) in layouts:  # a folder: every state key it holds names it
+            continue
+        if fname not in files:
             raise _Invalid(f"{what} names {_clip(fname)!r}, a file the manifest does not list")
         # Only the shared state file holds several entries; any other file is one entry's.
         if fname != STATE_FILE and holders.setdefault(fname, key) != key:
             raise _Invalid(f"{_clip(fname)!r} is named by two entries")
-    unnamed = sorted(set(files) - set(entries.values()))
+    named = set(entries.values())
+    for folder in sorted(set(layouts) - named):
+        raise _Invalid(f"layouts names {_clip(folder)!r}, which no entry names")
+    unnamed = sorted(f for f in set(files) - named if folder_of(f) not in named)
     if unnamed:  # the writer lists only files it decodes from: a stray one was added later
         raise _Invalid(f"files lists {_clip(unnamed[0])!r}, which no entry names")
     return entries
@@ -336,7 +374,7 @@ def _entries(value: Any, files: dict[str, FileEntry]) -> dict[str, str]:
 def _typed(raw: Any) -> Manifest:
     """A Manifest from parsed JSON, every field checked (see docs/FORMAT.md)."""
     raw = _object(raw, "the manifest")
-    unknown = sorted(set(raw) - set(_FIELDS))
+    unknown = sorted(set(raw) - set(_FIELDS) - set(_OPTIONAL))
     if unknown:  # a newer format must change "format": an unknown field is not ignored
         raise _Invalid(f"unknown field {_clip(unknown[0])!r}")
     missing = [f for f in _FIELDS if f not in raw]
@@ -344,7 +382,8 @@ def _typed(raw: Any) -> Manifest:
         raise _Invalid(f"format {_clip(raw.get('format'))} is not {FORMAT!r}")
     if missing:
         raise _Invalid(f"no {missing[0]!r} field")
-    files = _files(raw["files"])
+    layouts = _layouts(raw.get("layouts", {}))
+    files = _files(raw["files"], layouts)
     metrics = _object(raw["metrics"], "metrics")
     config, config_hash_ = raw["config"], raw["config_hash"]
     if config is not None:
@@ -367,7 +406,7 @@ def _typed(raw: Any) -> Manifest:
     return Manifest(
         step=_int(raw["step"], "step", MAX_STEP),
         files=files,
-        entries=_entries(raw["entries"], files),
+        entries=_entries(raw["entries"], files, layouts),
         epoch=None if epoch is None else _int(epoch, "epoch", MAX_SIZE),
         metrics={k: _number(v, f"metrics[{_clip(k)!r}]") for k, v in metrics.items()},
         is_best=is_best,
@@ -380,4 +419,5 @@ def _typed(raw: Any) -> Manifest:
             for k, v in _object(raw["versions"], "versions").items()
         },
         format=FORMAT,
+        layouts=layouts,
     )

@@ -114,7 +114,11 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 
 
 def _has(state: dict[str, Any], test: Any) -> bool:
-    return any(isinstance(v, dict) and test(v) for v in state.values())
+    # One level down too: a ShardedState entry holds {"model": ..., "optimizer": ...}.
+    def found(v: Any) -> bool:
+        return isinstance(v, dict) and test(v)
+
+    return any(found(v) or (isinstance(v, dict) and any(map(found, v.values()))) for v in state.values())  # fmt: skip
 
 
 def _is_rng(v: dict[str, Any]) -> bool:

@@ -147,8 +147,8 @@ def open_file(storage: Storage, info: CheckpointInfo, fname: str) -> confined.Me
     entry = info.manifest.files.get(fname)
     if entry is None:
         raise CorruptCheckpointError(f"{info.url}: {fname} is not listed in the manifest")
-    try:  # the native layout has no sub-folders
-        check_member_name(fname)
+    try:  # one sub-folder level, which the manifest checked against its layouts
+        check_member_name(fname, allow_subdirs=True)
     except UnsafeNameError as exc:
         raise CorruptCheckpointError(f"{info.url}: {exc} in the manifest") from None
     try:

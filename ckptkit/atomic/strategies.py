@@ -39,6 +39,8 @@ class RenameCommit:
             for fname, data in files.items():
                 storage.write_bytes(join_key(tmp, fname), data)  # fsyncs each file
             storage.write_bytes(join_key(tmp, MANIFEST), manifest)
+            for folder in sorted({f.rsplit("/", 1)[0] for f in files if "/" in f}):
+                storage.sync_dir(join_key(tmp, folder))  # a layout's sub-folder (dcp/)
             storage.sync_dir(tmp)
             storage.rename(tmp, target)
             storage.sync_dir("")

@@ -174,23 +174,33 @@ def read_dcp(storage: Storage, key: str = "", *, trust: bool = False) -> Loaded:
     from ckptkit.formats.legacy import dict_checkpoint
 
     source = storage.url_of(key)
+    nested, count = read_nested(storage, key, trust=trust)
+    loaded = dict_checkpoint(nested, source)
+    loaded.kind = KIND
+    loaded.state = {k: _int_keyed(v) for k, v in loaded.state.items()}
+    loaded.notes.insert(0, f"a torch.distributed.checkpoint directory ({count} entries)")
+    return loaded
+
+
+def read_nested(
+    storage: Storage, key: str = "", *, trust: bool = False
+) -> tuple[dict[str, Any], int]:
+    """The DCP directory at ``key`` as saved (keys nested along the metadata's paths,
+    sharded tensors assembled), and its number of flat entries; the checks of
+    :func:`read_dcp`, none of its aliases."""
+    source = storage.url_of(key)
     meta_key = join_key(key, METADATA)
     data = confined.read_member(storage, meta_key, max_size=MAX_METADATA)
     meta = read_metadata(data, source=storage.url_of(meta_key))
     try:
         flat = _read_items(storage, key, meta, source, trust)
-        nested = _unflatten(flat, meta.get("planner_data"), source)
+        return _unflatten(flat, meta.get("planner_data"), source), len(flat)
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         # Well-formed records holding the wrong types (a hand-made or damaged .metadata).
         raise CorruptCheckpointError(
             f"{source}: malformed .metadata ({type(exc).__name__}: {str(exc)[:120]}): "
             "damaged or not written by torch.distributed.checkpoint"
         ) from None
-    loaded = dict_checkpoint(nested, source)
-    loaded.kind = KIND
-    loaded.state = {k: _int_keyed(v) for k, v in loaded.state.items()}
-    loaded.notes.insert(0, f"a torch.distributed.checkpoint directory ({len(flat)} entries)")
-    return loaded
 
 
 def _read_items(

@@ -96,7 +96,13 @@ def decode(
     decoded."""
     wanted = {k: f for k, f in manifest.entries.items() if keys is None or k in keys}
     out: dict[str, Any] = {}
-    for name in sorted(set(wanted.values())):
+    folders = {f for f in wanted.values() if f in manifest.layouts}
+    for folder in sorted(folders):  # a sub-folder of another layout (dcp/: sharded state)
+        from ckptkit.formats import sharded
+
+        held = {k for k, f in wanted.items() if f == folder}
+        out.update(sharded.decode(manifest, folder, held, read, source, verify=verify))
+    for name in sorted(set(wanted.values()) - folders):
         data = read(name)
         if verify:
             check_file(manifest, name, data, source)

@@ -186,6 +186,7 @@ class CkptkitCallback(TrainerCallback):
                 best_metric=key,
                 mode=mode,
                 save_on_epoch_end=False,
+                distributed=False,  # the Trainer's main process alone commits
             )
             if self.resumed_from is not None:
                 self._mgr.restored_from = next(

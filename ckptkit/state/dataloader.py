@@ -80,6 +80,10 @@ class ResumableDataLoader:
     detaches the old one from the position count.
     """
 
+    # Under torch.distributed the manager saves each rank's state (and maps the position
+    # when the world size changes: ``remap_state``).
+    ckptkit_per_rank = True
+
     def __init__(
         self,
         dataset: Dataset[Any],
@@ -250,6 +254,44 @@ class ResumableDataLoader:
         order = order[self.rank : total : self.world_size]
         self._order_cache = (key, order)
         return order
+
+
+def remap_state(state: Any, loader: ResumableDataLoader) -> tuple[Any, str | None]:
+    """``state`` saved at another world size, moved to ``loader``'s world size (and batch
+    size) at the same number of samples consumed in the epoch; and a note saying so.
+    Unchanged (no note) at the same world size, or when it is not a loader state
+    (``check_state_dict`` then says why)."""
+    keys = ("epoch", "batches_yielded", "world_size", "batch_size", "dataset_len", "drop_last")
+    if not isinstance(state, Mapping) or not all(k in state for k in keys):
+        return state, None
+    old_world, old_batch, done = state["world_size"], state["batch_size"], state["batches_yielded"]
+    numbers = (old_world, old_batch, done, state["dataset_len"])
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in numbers):
+        return state, None
+    if old_world == loader.world_size or old_world < 1 or old_batch < 1:
+        return state, None
+    n = state["dataset_len"]
+    per_rank = n // old_world if state["drop_last"] else math.ceil(n / old_world)
+    old_len = per_rank // old_batch if state["drop_last"] else math.ceil(per_rank / old_batch)
+    step = loader.batch_size * loader.world_size
+    if done >= old_len:  # the epoch was over: it is over here too
+        consumed, batches, again = n, len(loader), 0
+    else:
+        # Every rank takes every world_size-th sample of one order (the same at any world
+        # size), so b batches of every rank are the order's first b*batch*world samples.
+        consumed = done * old_batch * old_world
+        batches = min(consumed // step, len(loader))
+        again = consumed - batches * step
+    moved = {**state, "world_size": loader.world_size, "batch_size": loader.batch_size}
+    moved["batches_yielded"] = batches
+    note = (
+        f"the loader was saved at world_size={old_world} and resumes at "
+        f"world_size={loader.world_size}: epoch {state['epoch']} continues after the "
+        f"{consumed} samples consumed (batch {batches})"
+    )
+    if again:
+        note += f"; the last {again} of them are seen again"
+    return moved, note
 
 
 class _ResumeBatchSampler:

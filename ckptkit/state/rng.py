@@ -31,6 +31,10 @@ class RNGState:
     position, so pass the same kinds in the same order when resuming.
     """
 
+    # Under torch.distributed the manager saves every rank's RNG state and gives each
+    # rank its own back (docs/INTEGRATIONS.md, "torchrun / DDP / FSDP").
+    ckptkit_per_rank = True
+
     def __init__(self, generators: Sequence[Generator] = ()) -> None:
         for gen in generators:
             if not isinstance(gen, np.random.Generator | torch.Generator):

@@ -314,6 +314,11 @@ class CkptkitAccelerate:
                 f"CkptkitAccelerate needs an accelerate.Accelerator, got {type(accelerator).__name__}"
             )
         self.accelerator = accelerator
+        # The adapter runs its own collectives through accelerate (gather/broadcast, which
+        # also work on accelerate's non-torch.distributed backends), and every process
+        # reads on resume; the manager's own distributed mode would add a second set of
+        # collectives that these processes never enter in the same order.
+        manager_kwargs.setdefault("distributed", False)
         self.manager = CheckpointManager(url, **manager_kwargs)
         self._rng = _ProcessRNG(accelerator)
         self._counters = _AcceleratorCounters(accelerator)

@@ -18,13 +18,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.timeout(900),
-    pytest.mark.xfail(
-        strict=True, reason="issue 10.6: python -m bench has no --quick mode, no tables"
-    ),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[2]
 TABLES = ("save", "restore", "memory", "latest", "gs", "overhead", "summary")

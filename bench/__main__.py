@@ -1,21 +1,23 @@
-"""Checkpoint benchmarks: every figure of issue 10 measured side by side in one run, each
-table with its targets marked PASS/FAIL; they are written under bench/results/.
+"""Checkpoint benchmarks, every figure side by side in one run, targets marked PASS/FAIL.
+
+Each section writes a markdown table under bench/results/ (or --out), plus summary.md.
 
     python -m bench                               # 100 MB, 500 MB and 1 GB, 5 repetitions
     python -m bench --sizes 100,500 --reps 5
     python -m bench --only save,restore --sizes 100
-    python -m bench --quick --out /tmp/b          # tiny sizes, 1 repetition: seconds
+    python -m bench --quick --out /tmp/b          # tiny state, 1 repetition: does it all run?
 
-Sections (``--only``): save, restore, memory, latest, gs, overhead. The older,
-separate benchmarks run by name too (``--only timellm_step``: resume_position,
-timellm_checkpoint, timellm_step), each writing its own table; the reliability soak is
-``python -m bench.soak`` (half an hour; it writes docs/RELIABILITY.md).
+Sections (``--only``): save, restore, memory, latest, gs, overhead (all by default).
+The separate ``bench/bench_<name>.py`` benchmarks run by name (``--only timellm_step``),
+each writing its own table; the reliability soak is ``python -m bench.soak`` (it writes
+docs/RELIABILITY.md). See bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import sys
 import tempfile
 import time
@@ -24,10 +26,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import _gcs
-from bench._harness import RESULTS, Machine, Target, targets_table, write
+from bench._harness import RESULTS, Machine, Target, table, targets_in, targets_table, write
 
 SECTIONS = ("save", "restore", "memory", "latest", "gs", "overhead")
-OTHERS = ("resume_position", "timellm_checkpoint", "timellm_step")
+# The separate benchmarks: every bench_<name>.py module, run by name with --only <name>.
+OTHERS = tuple(
+    sorted(
+        m.name.removeprefix("bench_")
+        for m in pkgutil.iter_modules([str(Path(__file__).parent)])
+        if m.name.startswith("bench_")
+    )
+)
 
 
 def _csv(text: str) -> list[str]:
@@ -43,9 +52,20 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--sizes", default="100,500,1000", help="state sizes in MB")
     parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 repetition")
-    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
-    parser.add_argument("--out", type=Path, default=None, help="where the tables go")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny state, 1 repetition, fewer checkpoints: checks that everything runs "
+        "(tables go to a temp dir unless --out)",
+    )
+    parser.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated, from {', '.join(SECTIONS + OTHERS)} (default: {', '.join(SECTIONS)})",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where the tables go (default: bench/results/)"
+    )
     parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
     args = parser.parse_args(argv)
     args.only = _csv(args.only)
@@ -74,13 +94,11 @@ class Run:
     def __init__(self, args: argparse.Namespace, argv: list[str]) -> None:
         self.args = args
         self.machine = Machine.now(argv)
-        self.targets: dict[str, list[Target]] = {}
         # A quick run checks that every row works, not how fast: no warm-up round.
         self.warmup = not args.quick
         self.scratch = Path(tempfile.mkdtemp(prefix="ckptkit-bench-", dir=args.dir))
 
     def section(self, name: str, title: str, blocks: list[str], targets: list[Target]) -> None:
-        self.targets[name] = targets
         body = ["## Targets", targets_table(targets), *blocks] if targets else blocks
         path = write(self.args.out, name, title, self.machine, body)
         print(f"wrote {path}", flush=True)
@@ -118,7 +136,7 @@ def _save_restore(run: Run) -> None:
     if restore:
         blocks, targets = save_restore.restore_tables(results)
         run.section(
-            "restore", "Restore: ckptkit against torch.load, safetensors, DCP", blocks, targets
+            "restore", "Restore: ckptkit against torch.load and safetensors", blocks, targets
         )
 
 
@@ -129,10 +147,11 @@ def _memory(run: Run) -> None:
     results = {size: memory.measure(size, together=run.args.quick) for size in run.args.sizes}
     blocks, targets = memory.tables(results)
     note = (
-        "One save of each kind per size, each in a fresh process after one warm-up save "
-        "(imports and first-use buffers are not counted): the growth of its peak RSS, plus "
-        "the largest PSS of the processes it forks, sampled while the save runs. One "
-        "measurement per cell: memory does not vary like time."
+        "One save of each kind per size, each in a fresh process, after a warm-up save of a "
+        "tiny state the same way (imports are not counted; buffers a save allocates are): "
+        "the growth of the process's peak RSS, plus the largest PSS of the processes it "
+        "forks, sampled while the save runs; an async save is measured until committed. "
+        "One measurement per cell: memory does not vary like time."
     )
     run.section("memory", "Peak extra memory during a save", [note, *blocks], targets)
 
@@ -185,12 +204,23 @@ def _overhead(run: Run) -> None:
 
 
 def _summary(run: Run) -> None:
-    rows = [t for targets in run.targets.values() for t in targets]
+    """summary.md: the targets of every section table in the output folder (those of
+    this run and, with ``--only``, those an earlier run left), each with its table."""
+    rows, verdicts = [], []
+    for name in SECTIONS:
+        path = run.args.out / f"{name}.md"
+        if not path.exists():
+            continue
+        for target, measured, verdict in targets_in(path.read_text()):
+            rows.append((f"[{name}]({name}.md)", target, measured, verdict))
+            verdicts.append(verdict.strip("*"))
     if not rows:
         return
-    counts = {v: sum(t.verdict == v for t in rows) for v in ("PASS", "FAIL", "n/a")}
-    line = ", ".join(f"{n} {v}" for v, n in counts.items())
-    run.section("summary", f"Summary of the targets ({line})", [], rows)
+    counts = ", ".join(f"{verdicts.count(v)} {v}" for v in ("PASS", "FAIL", "n/a"))
+    note = "Collected from the tables in this folder; each names the run that measured it."
+    body = [note, table(["table", "target", "measured", "verdict"], rows)]
+    path = write(run.args.out, "summary", f"Targets: {counts}", run.machine, body)
+    print(f"wrote {path}", flush=True)
 
 
 def _other(name: str) -> None:

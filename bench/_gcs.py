@@ -1,5 +1,6 @@
-"""A gcp-storage-emulator for the ``gs://`` benchmarks: the tests' own server
-(``tests/gcs_emulator.py``), started once per benchmark run."""
+"""A gcp-storage-emulator for the ``gs://`` benchmarks, started once per benchmark run:
+the soak's (``bench/soak/gcs.py``), which serves each connection in its own thread, as
+GCS does, so that parallel uploads are not queued behind each other by the server."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ class Server:
 
 @contextlib.contextmanager
 def server() -> Iterator[Server]:
-    from tests.gcs_emulator import Emulator
+    from bench.soak.gcs import Emulator
 
     emulator = Emulator().start()
     saved = os.environ.get("STORAGE_EMULATOR_HOST")

@@ -115,6 +115,19 @@ def targets_table(targets: Sequence[Target]) -> str:
     )
 
 
+def targets_in(text: str) -> list[tuple[str, str, str]]:
+    """The (target, measured, verdict) rows of the targets table in a written table."""
+    rows, inside = [], False
+    for line in text.splitlines():
+        if line.startswith("## "):
+            inside = line == "## Targets"
+        elif inside and line.startswith("| ") and not line.startswith("| target |"):
+            cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+            if len(cells) == 3:
+                rows.append((cells[0], cells[1], cells[2]))
+    return rows
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(

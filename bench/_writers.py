@@ -13,7 +13,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -143,10 +142,10 @@ def dcp_save(model: Model, opt: Opt, root: Path) -> None:
     import torch.distributed.checkpoint as dcp
 
     target = root / "dcp"
-    shutil.rmtree(target, ignore_errors=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        # FileSystemWriter fsyncs every file it writes (sync_files=True, its default).
+        # The default FileSystemWriter: one file per rank, fsynced (sync_files=True), the
+        # previous checkpoint overwritten in place (overwrite=True), as torch.save does.
         dcp.save(_payload(model, opt), checkpoint_id=str(target), **_dcp_kwargs(dcp.save))
     fsync_file(target)
 

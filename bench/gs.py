@@ -55,7 +55,8 @@ def tables(r: GsResult | None, missing: str | None) -> tuple[list[str], list[Tar
     block = table(["upload", "time: median (min–max)", "MB/s", "speed vs pipe"], rows, "lrrr")
     note = (
         f"{mb(r.nbytes)} of GPT-2-shaped state + AdamW, {r.reps} interleaved repetitions, "
-        "gcp-storage-emulator on 127.0.0.1 (in memory); the ckptkit run keeps one checkpoint."
+        "gcp-storage-emulator on 127.0.0.1 (in memory, a thread per connection); the ckptkit "
+        "run keeps one checkpoint."
     )
     v = pipe.median / ours.median
     return [note, block], [Target(goal, f"{v:.2f}×", v >= 0.9)]

@@ -1,8 +1,8 @@
 """Peak extra memory of one save, each measured in a fresh process.
 
-A probe process (``python -m bench.memory --probe METHOD --mb N --dir D``) builds the
-state, saves it once untimed (so lazy imports and first-use buffers are not counted),
-resets its peak RSS to the current RSS (``/proc/self/clear_refs``), saves again and
+A probe process (``python -m bench.memory --probe METHOD --mb N --dir D``) saves a tiny
+state the same way first (so that lazy imports are not counted), builds the state,
+resets its peak RSS to the current RSS (``/proc/self/clear_refs``), saves it and
 reports:
 
 - the growth of its own peak RSS (``VmHWM`` minus the RSS before the save);
@@ -66,21 +66,27 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _pss_kb(pid: int) -> int:
+def _rollup_kb(pid: int) -> tuple[int, int]:
+    """(PSS, private) of a process, in kB; zeros once it has exited."""
+    pss = private = 0
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
             if line.startswith("Pss:"):
-                return int(line.split()[1])
+                pss = int(line.split()[1])
+            elif line.startswith(("Private_Clean:", "Private_Dirty:")):
+                private += int(line.split()[1])
     except OSError:  # it exited between the listing and the read
         pass
-    return 0
+    return pss, private
 
 
 class ChildPss:
-    """Samples the summed PSS of this process's children in a thread; keeps the peak."""
+    """Samples the summed PSS (and private memory) of this process's children in a
+    thread; keeps the peaks."""
 
     def __init__(self, every: float = 0.005) -> None:
         self.peak_kb = 0
+        self.peak_private_kb = 0
         self._every = every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -88,7 +94,9 @@ class ChildPss:
     def _run(self) -> None:
         me = os.getpid()
         while not self._stop.is_set():
-            self.peak_kb = max(self.peak_kb, sum(_pss_kb(c) for c in _children(me)))
+            found = [_rollup_kb(c) for c in _children(me)]
+            self.peak_kb = max(self.peak_kb, sum(p for p, _ in found))
+            self.peak_private_kb = max(self.peak_private_kb, sum(q for _, q in found))
             self._stop.wait(self._every)
 
     def __enter__(self) -> ChildPss:
@@ -128,11 +136,13 @@ def _saver(method: str, model: Any, opt: Any, root: Path, stack: ExitStack) -> A
 def probe(method: str, megabytes: float, root: Path) -> dict[str, Any]:
     from bench import _state
 
-    root.mkdir(parents=True, exist_ok=True)
-    model, opt = _state.build(megabytes)
     with ExitStack() as stack:
-        save = _saver(method, model, opt, root, stack)
-        save()  # warm: imports, first-use allocations, the first checkpoint to rotate
+        # Warm up on a tiny state: imports and first-use code paths are not counted.
+        (root / "warm").mkdir(parents=True, exist_ok=True)
+        _saver(method, *_state.build(0.5), root / "warm", stack)()
+        model, opt = _state.build(megabytes)
+        (root / "real").mkdir(parents=True, exist_ok=True)
+        save = _saver(method, model, opt, root / "real", stack)
         gc.collect()
         try:
             Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
@@ -147,6 +157,7 @@ def probe(method: str, megabytes: float, root: Path) -> dict[str, Any]:
         "state_bytes": _state.nbytes(model, opt),
         "growth_bytes": max(0, peak_kb - before_kb) * 1024,
         "child_pss_bytes": children.peak_kb * 1024,
+        "child_private_bytes": children.peak_private_kb * 1024,
         "child_maxrss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
         "peak_reset": reset,
     }
@@ -159,6 +170,7 @@ class MemoryResult:
     state_bytes: int
     growth_bytes: int
     child_pss_bytes: int
+    child_private_bytes: int
     child_maxrss_bytes: int
     peak_reset: bool
 
@@ -202,7 +214,7 @@ def tables(results: dict[float, dict[str, MemoryResult | None]]) -> tuple[list[s
         rows = []
         for method, r in per_method.items():
             if r is None:
-                rows.append([METHODS[method], NA, "", "", ""])
+                rows.append([METHODS[method], NA, "", "", "", ""])
                 continue
             total = r.growth_bytes + r.child_pss_bytes
             rows.append(
@@ -211,6 +223,7 @@ def tables(results: dict[float, dict[str, MemoryResult | None]]) -> tuple[list[s
                     mb(r.growth_bytes),
                     mb(r.child_pss_bytes),
                     f"{mb(total)} ({total / state:.0%})",
+                    mb(r.child_private_bytes),
                     mb(r.child_maxrss_bytes),
                 ]
             )
@@ -221,11 +234,12 @@ def tables(results: dict[float, dict[str, MemoryResult | None]]) -> tuple[list[s
                     "save",
                     "peak RSS growth",
                     "children's peak PSS",
-                    "extra memory (share of the state)",
+                    "extra memory = growth + PSS (share of the state)",
+                    "children's private memory",
                     "children's ru_maxrss",
                 ],
                 rows,
-                "lrrrr",
+                "lrrrrr",
             ),
         ]
         if not all(r.peak_reset for r in known):

@@ -70,7 +70,6 @@ def test_every_table_and_row_is_written(quick: Path) -> None:
         "restore": [
             save_restore.T_LOAD,
             save_restore.ST_LOAD,
-            save_restore.DCP_LOAD,
             save_restore.VERIFIED,
             save_restore.UNVERIFIED,
         ],
@@ -102,7 +101,6 @@ def test_restored_bytes_equal_the_saved(quick: Path) -> None:
     for row in (
         save_restore.T_LOAD,
         save_restore.ST_LOAD,
-        save_restore.DCP_LOAD,
         save_restore.VERIFIED,
         save_restore.UNVERIFIED,
     ):

@@ -132,7 +132,7 @@ def tables(r: OverheadResult) -> tuple[list[str], list[Target]]:
         [
             f"idle maybe_save, one call ({r.reps} × {r.calls_per_sample:,} calls)",
             r.call.show("µs", 1e6, 1),
-            f"{share:.3%} of a step",
+            f"{share * 100:.2g} % of a step",
         ],
         [BARE, bare.show("ms", 1e3, 1), ""],
         [WITH, with_.show("ms", 1e3, 1), f"{ab:+.2%} (A/B, noisy)"],
@@ -168,7 +168,9 @@ def tables(r: OverheadResult) -> tuple[list[str], list[Target]]:
         "a save, the steps, then wait(), so all of an async save's cost is inside; against "
         "the same steps without a save."
     )
-    target = Target("idle maybe_save < 1 % of a training step", f"{share:.3%}", share < 0.01)
+    target = Target(
+        "idle maybe_save < 1 % of a training step", f"{share * 100:.2g} %", share < 0.01
+    )
     return ["## Per step", note, step_block, "## Over a save interval", inote, interval_block], [
         target
     ]

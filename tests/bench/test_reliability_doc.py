@@ -31,8 +31,9 @@ def test_reliability_doc_comes_from_a_soak_run() -> None:
 
 def test_readme_documents_the_soak_and_python_m_bench_leaves_it_out() -> None:
     assert "python -m bench.soak" in (REPO / "README.md").read_text()
-    from bench.__main__ import chosen
+    from bench.__main__ import OTHERS, parse
 
-    assert chosen([]) and "soak" not in chosen([]), (
+    default = parse([]).only
+    assert default and "soak" not in default and "soak" not in OTHERS, (
         "the soak is long: not part of `python -m bench`"
     )

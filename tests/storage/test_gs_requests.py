@@ -60,7 +60,8 @@ def requests(monkeypatch: pytest.MonkeyPatch) -> Iterator[Requests]:
 
 
 # == uploads ========================================================================
-@pytest.mark.xfail(strict=True, reason="uploads ramp from 256 KiB to 8 MiB parts, every time")
+
+
 def test_large_upload_goes_in_few_parts(gcs_bucket: str, requests: Requests) -> None:
     """Parts grow quickly to the largest size, and the next upload starts at the speed
     the last one saw: every part costs the store a round trip (and the emulator a copy
@@ -76,7 +77,6 @@ def test_large_upload_goes_in_few_parts(gcs_bucket: str, requests: Requests) -> 
     assert second == 1, requests.seen
 
 
-@pytest.mark.xfail(strict=True, reason="no upload core taking chunks yet")
 def test_upload_of_chunks_round_trips_at_every_boundary(gcs_bucket: str) -> None:
     """The one upload core that write_bytes and a streaming write share: chunks of any
     size in, known or unknown total, objects byte-identical out, no part misplaced."""

@@ -8,14 +8,24 @@ through any code path, is seen.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+import ckptkit
+from ckptkit import CheckpointManager
+from ckptkit import run as runmod
+from ckptkit.manifest import MANIFEST, checkpoint_name
+from ckptkit.storage.base import join_key
 from ckptkit.storage.fsspec_backend import MIN_PART, FsspecStorage
+from ckptkit.storage.registry import open_storage
 from tests.gcs_emulator import emulator_installed
 
 pytestmark = [
@@ -97,3 +107,96 @@ def test_upload_of_chunks_round_trips_at_every_boundary(gcs_bucket: str) -> None
             st._upload(key, st._p(key), iter(chunks), total)
             assert st.size(key) == len(whole), key
             assert st.read_bytes(key) == whole, key
+
+
+# == latest() at 10 and 1,000 checkpoints ============================================
+@dataclass
+class ManifestReads:
+    """Manifests opened for reading, through any storage (``open_member`` is the one
+    way a checkpoint file is read), by checkpoint name."""
+
+    names: list[str] = field(default_factory=list)
+
+    def take(self) -> list[str]:
+        out, self.names[:] = list(self.names), []
+        return out
+
+
+@pytest.fixture
+def manifest_reads(monkeypatch: pytest.MonkeyPatch) -> ManifestReads:
+    from ckptkit.storage.local import LocalStorage
+
+    log = ManifestReads()
+    for cls in (LocalStorage, FsspecStorage):
+        real = cls.open_member
+
+        def counted(self: Any, key: str, *args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            if key.endswith(MANIFEST):
+                log.names.append(key.rsplit("/", 2)[-2] if "/" in key else "")
+            return _real(self, key, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "open_member", counted)
+    return log
+
+
+def run_of(url: str, n: int) -> None:
+    """A run of ``n`` checkpoints: step ``n`` saved for real (the latest), steps 1..n-1
+    only a manifest each (cheap to make; damaged, so a reader that reached one would
+    say so)."""
+    with CheckpointManager(url, keep_last=None) as mgr:
+        mgr.save(n, {"w": torch.zeros(3)}, {"loss": 1.0})
+    storage = open_storage(url)
+    manifest = runmod.read_manifest(storage, checkpoint_name(n))
+    older = {
+        join_key(checkpoint_name(s), MANIFEST): dataclasses.replace(manifest, step=s).to_bytes()
+        for s in range(1, n)
+    }
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda kv: storage.write_bytes(*kv), older.items()))
+
+
+def run_url(kind: str, tmp_path: Path, request: pytest.FixtureRequest, n: int) -> str:
+    if kind == "gs":
+        return f"gs://{request.getfixturevalue('gcs_bucket')}/runs/n{n}"
+    return str(tmp_path / f"n{n}")
+
+
+@pytest.mark.xfail(strict=True, reason="latest() reads every manifest of the run")
+@pytest.mark.parametrize("kind", ["local", "gs"])
+def test_latest_reads_a_constant_number_of_manifests(
+    kind: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    manifest_reads: ManifestReads,
+    requests: Requests,
+) -> None:
+    """``latest()``, ``restore``/``resume`` of the latest and ``ckptkit.load(run)`` list the
+    names, then read manifests from the newest back only until one is valid: the same
+    few reads at 10 and at 1,000 checkpoints (and one listing request per 1,000)."""
+    seen: dict[int, dict[str, list[str]]] = {}
+    lists: dict[int, int] = {}
+    for n in (10, 1000):
+        url = run_url(kind, tmp_path, request, n)
+        run_of(url, n)
+        reads: dict[str, list[str]] = {}
+        manifest_reads.take()
+        requests.clear()
+        with CheckpointManager(url, readonly=True) as mgr:
+            assert mgr.latest().step == n
+            reads["latest"] = manifest_reads.take()
+            lists[n] = sum(1 for m, p in requests.seen if m == "GET" and p.endswith("/o"))
+            assert mgr.restore({"w": torch.ones(3)}).step == n
+            reads["restore"] = manifest_reads.take()
+            assert mgr.restore({"w": torch.ones(3)}, n).step == n
+            reads["restore(step)"] = manifest_reads.take()
+        assert ckptkit.load(url)["w"].tolist() == [0.0, 0.0, 0.0]
+        reads["load"] = manifest_reads.take()
+        with CheckpointManager(url) as mgr:
+            manifest_reads.take()  # opening a writer is not what this counts
+            assert mgr.resume({"w": torch.ones(3)}).step == n
+            reads["resume"] = manifest_reads.take()
+        seen[n] = reads
+    assert seen[10] == seen[1000]
+    assert all(names == [checkpoint_name(n)] for names in seen[1000].values()), seen[1000]
+    if kind == "gs":
+        assert lists[1000] <= lists[10] + 1, requests.seen

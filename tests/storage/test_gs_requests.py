@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,12 +146,11 @@ def run_of(url: str, n: int) -> None:
         mgr.save(n, {"w": torch.zeros(3)}, {"loss": 1.0})
     storage = open_storage(url)
     manifest = runmod.read_manifest(storage, checkpoint_name(n))
-    older = {
-        join_key(checkpoint_name(s), MANIFEST): dataclasses.replace(manifest, step=s).to_bytes()
-        for s in range(1, n)
-    }
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda kv: storage.write_bytes(*kv), older.items()))
+    # One by one: the emulator takes longer per object the more it holds (~25 s for
+    # 1,000), and parallel writes only make it slower.
+    for s in range(1, n):
+        data = dataclasses.replace(manifest, step=s).to_bytes()
+        storage.write_bytes(join_key(checkpoint_name(s), MANIFEST), data)
 
 
 def run_url(kind: str, tmp_path: Path, request: pytest.FixtureRequest, n: int) -> str:
@@ -161,8 +159,7 @@ def run_url(kind: str, tmp_path: Path, request: pytest.FixtureRequest, n: int) -
     return str(tmp_path / f"n{n}")
 
 
-@pytest.mark.xfail(strict=True, reason="latest() reads every manifest of the run")
-@pytest.mark.parametrize("kind", ["local", "gs"])
+@pytest.mark.parametrize("kind", ["local", pytest.param("gs", marks=pytest.mark.slow)])
 def test_latest_reads_a_constant_number_of_manifests(
     kind: str,
     tmp_path: Path,
@@ -196,7 +193,11 @@ def test_latest_reads_a_constant_number_of_manifests(
             assert mgr.resume({"w": torch.ones(3)}).step == n
             reads["resume"] = manifest_reads.take()
         seen[n] = reads
-    assert seen[10] == seen[1000]
-    assert all(names == [checkpoint_name(n)] for names in seen[1000].values()), seen[1000]
+    for n, reads in seen.items():  # only the latest's manifest, at either size
+        assert all(set(names) == {checkpoint_name(n)} for names in reads.values()), reads
+    assert {op: len(r) for op, r in seen[10].items()} == {
+        op: len(r) for op, r in seen[1000].items()
+    }
     if kind == "gs":
         assert lists[1000] <= lists[10] + 1, requests.seen
+

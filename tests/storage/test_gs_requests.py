@@ -201,3 +201,39 @@ def test_latest_reads_a_constant_number_of_manifests(
     if kind == "gs":
         assert lists[1000] <= lists[10] + 1, requests.seen
 
+
+# == a save's own bookkeeping ==========================================================
+@pytest.mark.xfail(strict=True, reason="every save re-reads every manifest of the run")
+@pytest.mark.parametrize("kind", ["local", "gs"])
+def test_saves_read_each_manifest_of_the_run_once(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, manifest_reads: ManifestReads
+) -> None:
+    """Rotation (keep_last + keep_best, which needs every checkpoint's metrics) and
+    revision naming use what the writer read once (the manifests a previous writer
+    left, read at its first save) and what it committed itself: no manifest is read
+    again, however many saves. Still right about the previous writer's checkpoints:
+    its best one is kept, its damaged one is neither read twice nor touched."""
+    url = run_url(kind, tmp_path, request, 5)
+    with CheckpointManager(url, keep_last=None, best_metric="loss") as old:
+        for step, loss in ((1, 3.0), (2, 0.5), (3, 2.0), (5, 2.5)):  # the best: step 2
+            old.save(step, {"w": torch.full((3,), float(step))}, {"loss": loss})
+    storage = open_storage(url)
+    storage.write_bytes(join_key(checkpoint_name(4), MANIFEST), b"{not json")  # damaged
+    previous = {checkpoint_name(s) for s in (1, 2, 3, 4, 5)}
+
+    per_save: list[list[str]] = []
+    with CheckpointManager(url, keep_last=4, keep_best=1, best_metric="loss") as mgr:
+        manifest_reads.take()
+        for step in range(6, 18):
+            mgr.save(step, {"w": torch.full((3,), float(step))}, {"loss": 1.0 + step})
+            per_save.append(manifest_reads.take())
+        mgr.save(17, {"w": torch.zeros(3)}, {"loss": 9.0})  # a re-save: a new revision
+        per_save.append(manifest_reads.take())
+    assert set(per_save[0]) == previous, per_save[0]  # each read once, at the first save
+    assert all(reads == [] for reads in per_save[1:]), per_save
+
+    with pytest.warns(UserWarning, match="step-000000000004"):  # still there, still damaged
+        kept = [c.name for c in CheckpointManager(url, readonly=True).list()]
+    assert kept == [checkpoint_name(2)] + [checkpoint_name(s) for s in (14, 15, 16)] + [
+        checkpoint_name(17, 1)
+    ]

@@ -189,6 +189,12 @@ class CheckpointManager:
         self.stop_reason: str | None = None
         self._stop_after_save = False
         self._uncommitted: list[CheckpointInfo] = []
+        # What this writer knows of the run, for its own bookkeeping (rotation): the
+        # committed checkpoints by name, read once (at the first save, so a previous
+        # writer's are included) plus those it commits; and the names read that have no
+        # usable manifest. None until first needed: a new manager starts afresh.
+        self._known: dict[str, CheckpointInfo] | None = None
+        self._unusable: set[str] = set()
         self._pm = get_plugin_manager()
 
         self.retention: list[RetentionPolicy] = list(retention or [])
@@ -451,7 +457,7 @@ class CheckpointManager:
         if epoch is None and isinstance(state.get("epoch"), int):
             epoch = int(state["epoch"])
         manifest = self._manifest(step, full, metrics, epoch)
-        existing = self.list()
+        existing = self._committed_for_rotation()
         info = self._write(collected, manifest)
         self._finish(info, existing, started)
         return info
@@ -506,9 +512,30 @@ class CheckpointManager:
             raise
         return CheckpointInfo(name=name, url=self.storage.url_of(name), manifest=manifest)
 
+    def _committed_for_rotation(self) -> list[CheckpointInfo]:
+        """The run's committed checkpoints, oldest first, as retention needs them (with
+        their metrics): one listing of names, and a manifest read only for a name this
+        manager has not seen yet (all of them the first time; later, only another
+        process's). A name gone from the listing is forgotten. The writer holds the run
+        lock, so a checkpoint it knows does not change under it."""
+        names = runmod.checkpoint_names(self.storage)
+        if self._known is None:
+            self._known, self._unusable = {}, set()
+        new = [n for n in names if n not in self._known and n not in self._unusable]
+        found = runmod.scan(self.storage, new)
+        self._known.update((c.name, c) for c in found.committed)
+        self._unusable.update(set(new) - {c.name for c in found.committed})
+        listed = set(names)
+        for name in [n for n in self._known if n not in listed]:
+            del self._known[name]
+        self._unusable &= listed
+        return [self._known[n] for n in names if n in self._known]
+
     def _finish(self, info: CheckpointInfo, existing: list[CheckpointInfo], started: float) -> None:
         """After a commit: hooks, triggers, retention (``existing``: the committed
         checkpoints listed before the save)."""
+        if self._known is not None:
+            self._known[info.name] = info
         self._pm.hook.ckptkit_after_save(manager=self, info=info)
         self._uncommitted.append(info)
         if not getattr(self.storage, "write_behind", False):
@@ -570,6 +597,8 @@ class CheckpointManager:
             return False
         if False in self._pm.hook.ckptkit_before_delete(manager=self, info=info):
             return False
+        if self._known is not None:  # before: a failed delete leaves it half-deleted
+            self._known.pop(info.name, None)
         self.storage.delete(join_key(info.name, MANIFEST))
         self.storage.delete(info.name, recursive=True)
         return True

@@ -495,10 +495,12 @@ class FsspecStorage:
     def open_member(
         self, key: str, *, size: int | None = None, max_size: int | None = None
     ) -> Member:
-        """Check the object's size now (one metadata request); reading fetches at most
-        that size + 1 bytes (object stores have no links to refuse)."""
+        """Check the object's size now (one metadata request, fresh: not from a cached
+        listing); reading fetches at most that size + 1 bytes, without asking the size
+        again (object stores have no links to refuse)."""
         url = self.url_of(key)
         confined.key_parts(key, url)
+        self._fs.invalidate_cache(self._p(key))
         info = self._info(key)
         if info is None:
             raise self._not_found(key)
@@ -512,7 +514,7 @@ class FsspecStorage:
             try:
                 if not self._remote:
                     return self._call(key, "cat_file", path, start=0, end=limit)
-                return self._read_ranges(key, path, limit=limit)
+                return self._read_ranges(key, path, limit=limit, size=actual)
             except FileNotFoundError:
                 raise self._not_found(key) from None
 
@@ -527,14 +529,18 @@ class FsspecStorage:
         except FileNotFoundError:
             raise self._not_found(key) from None
 
-    def _read_ranges(self, key: str, path: str, *, limit: int | None = None) -> bytes:
+    def _read_ranges(
+        self, key: str, path: str, *, limit: int | None = None, size: int | None = None
+    ) -> bytes:
         """Read in ranges sized to the speed seen so far: each must arrive within
         ``timeout``, so a large file on a slow link is read and a silent server is not
         waited for. The size is asked first, fresh (a cached one may be stale), and no
         range goes past it (the emulator drops a byte from such ranges). With ``limit``,
-        at most that many bytes are fetched (a confined read's bound)."""
-        self._fs.invalidate_cache(path)
-        size = int(self._call(key, "info", path)["size"])
+        at most that many bytes are fetched (a confined read's bound). ``size``: the
+        size just asked (by :meth:`open_member`), not asked again."""
+        if size is None:
+            self._fs.invalidate_cache(path)
+            size = int(self._call(key, "info", path)["size"])
         if limit is not None:
             size = min(size, limit)
         if size <= MIN_PART:  # one request, whatever the object is by then

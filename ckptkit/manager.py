@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -197,6 +197,12 @@ class CheckpointManager:
         self.stop_reason: str | None = None
         self._stop_after_save = False
         self._uncommitted: list[CheckpointInfo] = []
+        # What this writer knows of the run, for its own bookkeeping (rotation): the
+        # committed checkpoints by name, read once (at the first save, so a previous
+        # writer's are included) plus those it commits; and the names read that have no
+        # usable manifest. None until first needed: a new manager starts afresh.
+        self._known: dict[str, CheckpointInfo] | None = None
+        self._unusable: set[str] = set()
         self._pm = get_plugin_manager()
 
         self.retention: list[RetentionPolicy] = list(retention or [])
@@ -293,18 +299,20 @@ class CheckpointManager:
         sizes only without (cheap, but a damaged byte goes unnoticed until restore).
         """
         verify = self.verify if verify is None else verify
-        info, skipped = self._newest_valid(self.list(), verify)
+        # Newest first, each manifest read only when reached: constant cost in the
+        # number of checkpoints (one listing, then the newest few).
+        info, skipped = self._newest_valid(runmod.newest_first(self.storage), verify)
         for problem in skipped.values():
             warn(f"skipping {problem}")
         return info
 
     def _newest_valid(
-        self, checkpoints: list[CheckpointInfo], verify: bool
+        self, newest_first: Iterable[CheckpointInfo], verify: bool
     ) -> tuple[CheckpointInfo | None, dict[str, str]]:
-        """The newest of ``checkpoints`` that passes the check, and the problem of each
-        newer one it skipped, by name: one rule for ``latest()``, ``status()`` and resume."""
+        """The first of ``newest_first`` that passes the check, and the problem of each
+        one before it, by name: one rule for ``latest()``, ``status()`` and resume."""
         skipped: dict[str, str] = {}
-        for info in reversed(checkpoints):
+        for info in newest_first:
             try:
                 if verify:  # the restore's own read: sizes, sha256 and a full decode
                     runmod.read_state(self.storage, info, verify=True)
@@ -350,8 +358,11 @@ class CheckpointManager:
         - ``best`` (and ``is_best``): the one ``best()`` ranks first among the complete.
         """
         verify = self.verify if verify is None else verify
-        committed = runmod.list_checkpoints(self.storage, quiet=True)
-        latest, skipped = self._newest_valid(committed, verify)
+        # Every row shows its manifest, so all are read here (once: one listing, one
+        # read each); ``latest`` is the same rule on them as ``latest()``.
+        names = runmod.checkpoint_names(self.storage)
+        committed = runmod.scan(self.storage, names).committed
+        latest, skipped = self._newest_valid(reversed(committed), verify)
         # With verify, the newest checkpoints down to latest were read in full.
         hashed = set(skipped) if verify else set()
         if verify and latest is not None:
@@ -359,8 +370,7 @@ class CheckpointManager:
         by_name = {c.name: c for c in committed}
         rows: list[dict[str, Any]] = []
         complete: list[CheckpointInfo] = []
-        names = [n for n in self.storage.listdir("") if parse_name(n) is not None]
-        for name in sorted(names, key=lambda n: parse_name(n) or (0, 0)):
+        for name in names:
             info = by_name.get(name)
             row = self._status_row(name, info, skipped.get(name))
             if info is not None:
@@ -480,7 +490,7 @@ class CheckpointManager:
         if epoch is None and isinstance(state.get("epoch"), int):
             epoch = int(state["epoch"])
         manifest = self._manifest(step, full, metrics, epoch)
-        existing = self.list()
+        existing = self._committed_for_rotation()
         folder = None
         if sharded_keys:  # ShardedState: through DCP
             from ckptkit.formats import sharded
@@ -550,9 +560,30 @@ class CheckpointManager:
             raise
         return CheckpointInfo(name=name, url=self.storage.url_of(name), manifest=manifest)
 
+    def _committed_for_rotation(self) -> list[CheckpointInfo]:
+        """The run's committed checkpoints, oldest first, as retention needs them (with
+        their metrics): one listing of names, and a manifest read only for a name this
+        manager has not seen yet (all of them the first time; later, only another
+        process's). A name gone from the listing is forgotten. The writer holds the run
+        lock, so a checkpoint it knows does not change under it."""
+        names = runmod.checkpoint_names(self.storage)
+        if self._known is None:
+            self._known, self._unusable = {}, set()
+        new = [n for n in names if n not in self._known and n not in self._unusable]
+        found = runmod.scan(self.storage, new)
+        self._known.update((c.name, c) for c in found.committed)
+        self._unusable.update(set(new) - {c.name for c in found.committed})
+        listed = set(names)
+        for name in [n for n in self._known if n not in listed]:
+            del self._known[name]
+        self._unusable &= listed
+        return [self._known[n] for n in names if n in self._known]
+
     def _finish(self, info: CheckpointInfo, existing: list[CheckpointInfo], started: float) -> None:
         """After a commit: hooks, triggers, retention (``existing``: the committed
         checkpoints listed before the save)."""
+        if self._known is not None:
+            self._known[info.name] = info
         self._pm.hook.ckptkit_after_save(manager=self, info=info)
         self._uncommitted.append(info)
         if not getattr(self.storage, "write_behind", False):
@@ -614,6 +645,8 @@ class CheckpointManager:
             return False
         if False in self._pm.hook.ckptkit_before_delete(manager=self, info=info):
             return False
+        if self._known is not None:  # before: a failed delete leaves it half-deleted
+            self._known.pop(info.name, None)
         self.storage.delete(join_key(info.name, MANIFEST))
         self.storage.delete(info.name, recursive=True)
         return True
@@ -790,9 +823,8 @@ class CheckpointManager:
     def _load(
         self, which: str | int, *, verify: bool, trust: bool
     ) -> tuple[CheckpointInfo | None, Loaded] | None:
-        checkpoints = self.list()
-        if which == "latest":
-            for info in reversed(checkpoints):
+        if which == "latest":  # newest first: only the manifests down to a valid one
+            for info in runmod.newest_first(self.storage):
                 try:
                     return info, self._read(info, verify)
                 except CorruptCheckpointError as exc:
@@ -806,23 +838,30 @@ class CheckpointManager:
                 )
             return best, self._read(best, verify)
         if isinstance(which, int) or str(which).isdigit() or parse_name(str(which)):
-            info = runmod.find(checkpoints, which, self.url, self.storage)
+            info = runmod.find_checkpoint(self.storage, which, self.url)
             return info, self._read(info, verify)
-        own = self._own_checkpoint(checkpoints, str(which))
+        own = self._own_checkpoint(str(which))
         if own is not None:  # a path into this run: protect it from rotation like any other
             return own, self._read(own, verify)
         from ckptkit.reader import read_checkpoint
 
         return None, read_checkpoint(str(which), verify=verify, trust=trust)
 
-    def _own_checkpoint(self, checkpoints: list[CheckpointInfo], url: str) -> CheckpointInfo | None:
+    def _own_checkpoint(self, url: str) -> CheckpointInfo | None:
+        """The committed checkpoint of this run that ``url`` names, if any (only its
+        manifest is read)."""
+
         def where(u: str) -> str:
             return (
                 os.path.realpath(u.removeprefix("file://")) if scheme_of(u) in ("", "file") else u
             )
 
         target = where(url.rstrip("/"))
-        return next((c for c in checkpoints if where(c.url) == target), None)
+        names = runmod.checkpoint_names(self.storage)
+        name = next((n for n in names if where(self.storage.url_of(n)) == target), None)
+        if name is None:
+            return None
+        return next(runmod.newest_first(self.storage, [name], quiet=True), None)
 
     def _read(self, info: CheckpointInfo, verify: bool) -> Loaded:
         return runmod.read(self.storage, info, verify=verify)

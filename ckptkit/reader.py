@@ -47,7 +47,7 @@ def read_checkpoint(url: str, *, verify: bool = True, trust: bool = False) -> Lo
     storage = open_storage(url)
     if storage.exists(MANIFEST):
         return _native_dir(storage, "", verify)
-    for info in reversed(runmod.list_checkpoints(storage)):
+    for info in runmod.newest_first(storage):  # reads manifests only down to a valid one
         try:
             return runmod.read(storage, info, verify=verify)
         except CorruptCheckpointError as exc:

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,16 +185,22 @@ class Scan:
     damaged: dict[str, str]
 
 
-def scan(storage: Storage) -> Scan:
-    """Every ``step-*`` directory of the run with a manifest, good or damaged (one listing
-    of the run root + one manifest read each). Directories without a manifest are
-    interrupted saves: in neither list."""
+def checkpoint_names(storage: Storage) -> list[str]:
+    """The run's checkpoint directory names, oldest first by (step, revision): one fresh
+    listing of the run root (on an object store, one request per 1,000 entries), no
+    manifest read. Committed or not: only a manifest says."""
     storage.invalidate()
+    names = [n for n in storage.listdir("") if parse_name(n) is not None]
+    return sorted(names, key=lambda n: parse_name(n) or (0, 0))
+
+
+def scan(storage: Storage, names: list[str] | None = None) -> Scan:
+    """Every ``step-*`` directory of the run (``names``, else listed) with a manifest,
+    good or damaged: one manifest read each. Directories without a manifest are
+    interrupted saves: in neither list."""
     committed: list[CheckpointInfo] = []
     damaged: dict[str, str] = {}
-    for name in storage.listdir(""):
-        if parse_name(name) is None:
-            continue
+    for name in checkpoint_names(storage) if names is None else names:
         try:
             manifest = _manifest_of(storage, name)
         except CorruptCheckpointError as exc:
@@ -201,7 +208,6 @@ def scan(storage: Storage) -> Scan:
             continue
         if manifest is not None:
             committed.append(CheckpointInfo(name=name, url=storage.url_of(name), manifest=manifest))
-    committed.sort(key=lambda c: parse_name(c.name) or (0, 0))
     return Scan(committed, damaged)
 
 
@@ -214,6 +220,54 @@ def list_checkpoints(storage: Storage, *, quiet: bool = False) -> list[Checkpoin
     return found.committed
 
 
+def newest_first(
+    storage: Storage, names: list[str] | None = None, *, quiet: bool = False
+) -> Iterator[CheckpointInfo]:
+    """Committed checkpoints, newest first, each manifest read only once the iteration
+    gets to it: finding the newest valid checkpoint costs one listing and the manifests
+    from the newest down to it, however many checkpoints the run holds. The name order
+    is the commit order (a re-save of a step gets a higher revision), so nothing but
+    the manifests themselves is trusted. A damaged one passed is skipped with a warning
+    (unless ``quiet``); one without a manifest (an interrupted save) silently."""
+    for name in reversed(checkpoint_names(storage) if names is None else names):
+        try:
+            manifest = _manifest_of(storage, name)
+        except CorruptCheckpointError as exc:
+            if not quiet:
+                warn(f"skipping {exc}")
+            continue
+        if manifest is not None:
+            yield CheckpointInfo(name=name, url=storage.url_of(name), manifest=manifest)
+
+
+def find_checkpoint(storage: Storage, which: str | int, url: str) -> CheckpointInfo:
+    """The checkpoint of the run at step ``which`` (its newest committed revision) or
+    named ``which``, reading only the manifests of the directories it names. Asking for
+    a damaged one raises CorruptCheckpointError naming the damage, not "not found"."""
+    by_step = isinstance(which, int) or (isinstance(which, str) and which.isdigit())
+
+    def wanted(name: str) -> bool:
+        parsed = parse_name(name)
+        return name == which if not by_step else parsed is not None and parsed[0] == int(which)
+
+    names = [n for n in checkpoint_names(storage) if wanted(n)]
+    damaged: dict[str, str] = {}
+    for name in reversed(names):
+        try:
+            manifest = _manifest_of(storage, name)
+        except CorruptCheckpointError as exc:
+            damaged[name] = str(exc)
+            continue
+        if manifest is not None:
+            return CheckpointInfo(name=name, url=storage.url_of(name), manifest=manifest)
+    if damaged:  # the newest damaged revision (the first met), as a good match would be
+        raise CorruptCheckpointError(next(iter(damaged.values())))
+    steps = ", ".join(str(c.step) for c in list_checkpoints(storage, quiet=True)[-10:])
+    raise CheckpointNotFoundError(
+        f"{url}: no checkpoint {which!r} (steps available: {steps or 'none'})"
+    )
+
+
 def read_state(
     storage: Storage, info: CheckpointInfo, *, verify: bool = True, keys: set[str] | None = None
 ) -> dict[str, Any]:
@@ -222,29 +276,6 @@ def read_state(
     return native.decode(
         info.manifest, lambda f: read_file(storage, info, f), info.url, verify=verify, keys=keys
     )
-
-
-def find(
-    checkpoints: list[CheckpointInfo], which: str | int, url: str, storage: Storage | None = None
-) -> CheckpointInfo:
-    """A checkpoint of the run by step number or directory name. With ``storage``, asking
-    for a damaged one raises CorruptCheckpointError naming the damage, not "not found"."""
-    by_step = isinstance(which, int) or (isinstance(which, str) and which.isdigit())
-
-    def wanted(name: str) -> bool:
-        parsed = parse_name(name)
-        return name == which if not by_step else parsed is not None and parsed[0] == int(which)
-
-    matches = [c for c in checkpoints if wanted(c.name)]
-    if not matches and storage is not None:
-        damaged = scan(storage).damaged
-        hits = sorted((n for n in damaged if wanted(n)), key=lambda n: parse_name(n) or (0, 0))
-        if hits:  # the newest revision, as a good match would be
-            raise CorruptCheckpointError(damaged[hits[-1]])
-    if not matches:
-        steps = ", ".join(str(c.step) for c in checkpoints[-10:]) or "none"
-        raise CheckpointNotFoundError(f"{url}: no checkpoint {which!r} (steps available: {steps})")
-    return matches[-1]
 
 
 def as_loaded(state: dict[str, Any], source: str, manifest: Manifest) -> Loaded:

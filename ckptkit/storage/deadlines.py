@@ -124,13 +124,41 @@ class Health:
             self.down = not up
 
 
+# How much larger one part may be than the one before: the speed a small part shows is
+# mostly latency (an underestimate), so growth is bounded by this rather than by it.
+GROWTH = 16
+
+
 def next_part(done: int, seconds: float, current: int, *, limit: float, lo: int, hi: int) -> int:
     """The size of the next part of a transfer: what the last one's speed moves in a
-    quarter of ``limit``, at most 4x the last part, within ``[lo, hi]``, a multiple of
-    ``lo`` (GCS resumable uploads need multiples of 256 KiB)."""
+    quarter of ``limit``, at most ``GROWTH`` times the last part, within ``[lo, hi]``, a
+    multiple of ``lo`` (GCS resumable uploads need multiples of 256 KiB)."""
     rate = done / max(seconds, 1e-3)
-    size = min(int(rate * limit / 4), 4 * current, hi)
+    size = min(int(rate * limit / 4), GROWTH * current, hi)
     return max(lo, size // lo * lo)
 
 
-__all__ = ["Clock", "Health", "Timeouts", "next_part"]
+class Pace:
+    """The speed the last upload part moved at, shared by a storage and its children:
+    the next upload's first part is sized to it (what a quarter of the limit moves)
+    instead of ramping up from the smallest part again, file after file."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rate: float | None = None  # bytes per second
+
+    def observe(self, nbytes: int, seconds: float) -> None:
+        if nbytes > 0:
+            with self._lock:
+                self._rate = nbytes / max(seconds, 1e-3)
+
+    def first_part(self, *, limit: float, lo: int, hi: int) -> int:
+        """``lo`` until a part was seen; then what that speed moves in ``limit / 4``."""
+        with self._lock:
+            rate = self._rate
+        if rate is None:
+            return lo
+        return max(lo, min(int(rate * limit / 4), hi) // lo * lo)
+
+
+__all__ = ["Clock", "Health", "Pace", "Timeouts", "next_part"]

@@ -36,7 +36,7 @@ import random
 import re
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
@@ -44,10 +44,11 @@ from ckptkit.errors import CkptError, MissingDependencyError, StorageError, inst
 from ckptkit.storage import confined
 from ckptkit.storage.base import Storage, join_key
 from ckptkit.storage.confined import Member
-from ckptkit.storage.deadlines import Clock, Health, Timeouts, next_part
+from ckptkit.storage.deadlines import Clock, Health, Pace, Timeouts, next_part
 from ckptkit.storage.registry import scheme_of
 
 T = TypeVar("T")
+Buffer = bytes | bytearray | memoryview  # what an upload takes
 
 # Protocols whose first path component is a bucket (never created or removed by us).
 _BUCKETED = frozenset({"gs", "gcs", "s3", "s3a", "az", "abfs", "abfss", "oci", "oss"})
@@ -218,6 +219,81 @@ def _root_path(protocol: str, fs: Any, base: str, url: str) -> str:
     return fs._strip_protocol(base).rstrip("/")
 
 
+# -- resumable uploads ----------------------------------------------------------------
+_CTYPE = "application/octet-stream"
+
+
+async def _initiate_upload(fs: Any, bucket: str, name: str) -> str:
+    from gcsfs.core import initiate_upload
+
+    return str(await initiate_upload(fs, bucket, name, _CTYPE))
+
+
+async def _put_part(
+    fs: Any, location: str, data: Buffer, offset: int, total: int | None
+) -> dict[str, Any] | None:
+    """Send one part of a resumable upload at ``offset``; ``total`` (the object's size)
+    on the last part only, which finalizes the object (its JSON is returned). gcsfs's
+    ``upload_chunk`` needs the total on every part, which a stream does not know."""
+    n = len(data)
+    end = "*" if total is None else str(total)
+    head = {
+        "Content-Range": f"bytes {offset}-{offset + n - 1}/{end}" if n else f"bytes */{end}",
+        "Content-Type": _CTYPE,
+        "Content-Length": str(n),
+    }
+    headers, text = await fs._call("POST", location, headers=head, data=data)
+    if "Range" in headers:  # the server kept less than sent: send the rest again
+        kept = int(headers["Range"].split("-")[1]) + 1
+        if kept < offset + n:
+            return await _put_part(fs, location, data[kept - offset :], kept, total)
+    return json.loads(text) if text else None
+
+
+class _Parts:
+    """Cuts a stream of chunks into parts of the sizes asked for, reading one chunk
+    ahead to know whether a part is the last. A part inside one chunk is a slice of it
+    (no copy); one spanning chunks is joined into a new buffer."""
+
+    def __init__(self, chunks: Iterable[Buffer]) -> None:
+        self._chunks = iter(chunks)
+        self._pending: list[memoryview] = []
+        self._buffered = 0
+        self._ended = False
+
+    def take(self, n: int) -> tuple[Buffer, bool]:
+        """The next part (``n`` bytes, fewer only when last) and whether it is the last."""
+        while self._buffered <= n and not self._ended:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                self._ended = True
+            elif len(view := memoryview(chunk).cast("B")):
+                self._pending.append(view)
+                self._buffered += len(view)
+        want = min(n, self._buffered)
+        last = self._ended and self._buffered <= n
+        self._buffered -= want
+        if not self._pending:
+            return b"", last
+        if len(self._pending[0]) >= want:
+            head = self._pending[0]
+            self._pending[0] = head[want:]
+            if not len(self._pending[0]):
+                self._pending.pop(0)
+            return head[:want], last
+        out, filled = bytearray(want), 0
+        while filled < want:
+            head = self._pending[0]
+            take = min(len(head), want - filled)
+            out[filled : filled + take] = head[:take]
+            filled += take
+            if take == len(head):
+                self._pending.pop(0)
+            else:
+                self._pending[0] = head[take:]
+        return out, last
+
+
 class FsspecStorage:
     """A directory on any fsspec filesystem; writes are synchronous and retried.
 
@@ -232,7 +308,9 @@ class FsspecStorage:
     commit = "marker"
     attempts = 4  # tries per call, counting the first
     backoff = 0.5  # seconds before the first retry; doubles each time
-    part_size = 8 << 20  # the largest part of an upload or a streamed write
+    # The largest part of an upload or a streamed write: each part is a round trip (and
+    # a copy of the whole upload so far on the emulator), so parts are large.
+    part_size = 64 << 20
     range_size = 64 << 20  # the largest range of a ranged read (fewer round trips)
 
     def __init__(self, url: str, **storage_options: Any) -> None:
@@ -252,6 +330,7 @@ class FsspecStorage:
         self._root = _root_path(protocol, self._fs, base, url)
         self._bucket_ok = protocol not in _BUCKETED
         self._health = Health()  # shared with children (copy.copy)
+        self._pace = Pace()  # likewise
         # Network filesystems get deadlines, ranged reads and acknowledged uploads;
         # in-process ones (memory://) are called directly.
         self._remote = bool(getattr(self._fs, "async_impl", False))
@@ -416,10 +495,12 @@ class FsspecStorage:
     def open_member(
         self, key: str, *, size: int | None = None, max_size: int | None = None
     ) -> Member:
-        """Check the object's size now (one metadata request); reading fetches at most
-        that size + 1 bytes (object stores have no links to refuse)."""
+        """Check the object's size now (one metadata request, fresh: not from a cached
+        listing); reading fetches at most that size + 1 bytes, without asking the size
+        again (object stores have no links to refuse)."""
         url = self.url_of(key)
         confined.key_parts(key, url)
+        self._fs.invalidate_cache(self._p(key))
         info = self._info(key)
         if info is None:
             raise self._not_found(key)
@@ -433,7 +514,7 @@ class FsspecStorage:
             try:
                 if not self._remote:
                     return self._call(key, "cat_file", path, start=0, end=limit)
-                return self._read_ranges(key, path, limit=limit)
+                return self._read_ranges(key, path, limit=limit, size=actual)
             except FileNotFoundError:
                 raise self._not_found(key) from None
 
@@ -448,14 +529,18 @@ class FsspecStorage:
         except FileNotFoundError:
             raise self._not_found(key) from None
 
-    def _read_ranges(self, key: str, path: str, *, limit: int | None = None) -> bytes:
+    def _read_ranges(
+        self, key: str, path: str, *, limit: int | None = None, size: int | None = None
+    ) -> bytes:
         """Read in ranges sized to the speed seen so far: each must arrive within
         ``timeout``, so a large file on a slow link is read and a silent server is not
         waited for. The size is asked first, fresh (a cached one may be stale), and no
         range goes past it (the emulator drops a byte from such ranges). With ``limit``,
-        at most that many bytes are fetched (a confined read's bound)."""
-        self._fs.invalidate_cache(path)
-        size = int(self._call(key, "info", path)["size"])
+        at most that many bytes are fetched (a confined read's bound). ``size``: the
+        size just asked (by :meth:`open_member`), not asked again."""
+        if size is None:
+            self._fs.invalidate_cache(path)
+            size = int(self._call(key, "info", path)["size"])
         if limit is not None:
             size = min(size, limit)
         if size <= MIN_PART:  # one request, whatever the object is by then
@@ -531,13 +616,12 @@ class FsspecStorage:
     # -- writes -----------------------------------------------------------------
     def write_bytes(self, key: str, data: bytes) -> None:
         """Write ``data`` at ``key``. On GCS anything over 256 KiB is a resumable upload
-        in parts sized to the observed speed, each acknowledged by the server within
-        ``write_timeout``; elsewhere parts of :attr:`part_size` are streamed. Either way
+        (:meth:`_upload`); elsewhere parts of :attr:`part_size` are streamed. Either way
         the object only appears once complete."""
         path = self._p(key)
         try:
             if self._resumable() and len(data) > MIN_PART:
-                self._upload(key, path, memoryview(data))
+                self._upload(key, path, (data,), len(data))
             elif len(data) <= self.part_size:
                 self._call(key, "pipe_file", path, bytes(data), write=True)
             else:
@@ -550,47 +634,56 @@ class FsspecStorage:
     def _resumable(self) -> bool:
         return self._remote and self.protocol in ("gs", "gcs") and hasattr(self._fs, "_call")
 
-    def _upload(self, key: str, path: str, data: memoryview) -> None:
-        """A GCS resumable upload; it fails once no part was acknowledged for
-        ``write_timeout`` (retries included), however long the whole upload takes."""
-        from gcsfs.core import initiate_upload, upload_chunk
+    def _upload(
+        self, key: str, path: str, chunks: Iterable[Buffer], size: int | None = None
+    ) -> None:
+        """The one GCS upload: ``chunks`` (any bytes-like objects, any sizes; ``size``
+        their total when known) become one object, sent as a resumable upload in parts.
 
+        Parts are sized to the speed seen (the first to the last upload's speed, then
+        what a quarter of ``write_timeout`` moves, up to :attr:`part_size`): few round
+        trips on a fast link, each part acknowledged in time on a slow one. The upload
+        fails once no part was acknowledged for ``write_timeout`` (retries included),
+        however long the whole upload takes. A chunk holding a whole part is sent
+        without a copy (``write_bytes`` never copies its buffer); smaller chunks are
+        joined into a part, so a stream holds at most one part and one chunk."""
         bucket, name, _ = self._fs.split_path(path)
         # gcsfs's own writers do this; a cached listing of the parent would hide the
         # new object from info()/exists().
         self._fs.invalidate_cache(path)
-        ctype = "application/octet-stream"
         clock = self._health.clock(self.timeouts.write_timeout)
+        hi = max(MIN_PART, self.part_size // MIN_PART * MIN_PART)
         location = self._call(
-            key, initiate_upload, self._fs, bucket, name, ctype, write=True, clock=clock
+            key, _initiate_upload, self._fs, bucket, name, write=True, clock=clock
         )
         clock.progress()
-        offset, part, result = 0, MIN_PART, None
-        while offset < len(data):
-            chunk = data[offset : offset + part]
+        parts = _Parts(chunks)
+        offset, result = 0, None
+        part = self._pace.first_part(limit=clock.limit, lo=MIN_PART, hi=hi)
+        while True:
+            chunk, last = parts.take(part)
+            total = offset + len(chunk) if last else None
+            if size is not None and (offset + len(chunk) > size or (last and total != size)):
+                raise StorageError(
+                    f"{self.url_of(key)}: the data is not the {size} bytes announced "
+                    "(it changed while being written); write it again"
+                )
             started = time.monotonic()
             result = self._call(
-                key,
-                upload_chunk,
-                *(self._fs, location, chunk, offset, len(data), ctype),
-                write=True,
-                clock=clock,
+                key, _put_part, self._fs, location, chunk, offset, total, write=True, clock=clock
             )
+            seconds = time.monotonic() - started
             clock.progress()
+            self._pace.observe(len(chunk), seconds)
             offset += len(chunk)
-            part = next_part(
-                len(chunk),
-                time.monotonic() - started,
-                part,
-                limit=clock.limit,
-                lo=MIN_PART,
-                hi=max(MIN_PART, self.part_size),
-            )
+            if last:
+                break
+            part = next_part(len(chunk), seconds, part, limit=clock.limit, lo=MIN_PART, hi=hi)
         self._fs.invalidate_cache(path)
-        if not isinstance(result, dict) or int(result.get("size", -1)) != len(data):
+        if not isinstance(result, dict) or int(result.get("size", -1)) != offset:
             raise StorageError(
                 f"{self.url_of(key)}: the upload ended without the server confirming "
-                f"{len(data)} bytes; write it again"
+                f"{offset} bytes; write it again"
             )
 
     def _parts(self, data: bytes) -> Iterator[memoryview]:

@@ -171,7 +171,7 @@ def save(
             saved_epoch = int(state["epoch"])
         manifest = mgr._manifest(step, full, metrics, saved_epoch)
         manifest.metadata["world_size"] = group.world_size
-        existing = mgr.list()
+        existing = mgr._committed_for_rotation()
         info = mgr._write(rest, manifest, folder)
         mgr._finish(info, existing, started)
         return info

@@ -36,7 +36,7 @@ import random
 import re
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
@@ -218,6 +218,36 @@ def _root_path(protocol: str, fs: Any, base: str, url: str) -> str:
     return fs._strip_protocol(base).rstrip("/")
 
 
+class _Parts:
+    """A stream of buffers read back as parts of the sizes asked for: a slice of the
+    caller's buffer when one holds the whole part, else one copy of at most a part."""
+
+    def __init__(self, chunks: Iterable[memoryview]) -> None:
+        self._chunks = iter(chunks)
+        self._view = memoryview(b"")
+
+    def _fill(self) -> bool:
+        while not self._view:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return False
+            self._view = memoryview(chunk).cast("B")
+        return True
+
+    def take(self, n: int) -> memoryview:
+        if not self._fill():
+            return memoryview(b"")
+        if len(self._view) >= n:
+            part, self._view = self._view[:n], self._view[n:]
+            return part
+        buf = bytearray()
+        while len(buf) < n and self._fill():
+            k = n - len(buf)
+            buf += self._view[:k]
+            self._view = self._view[k:]
+        return memoryview(buf)
+
+
 class FsspecStorage:
     """A directory on any fsspec filesystem; writes are synchronous and retried.
 
@@ -230,6 +260,7 @@ class FsspecStorage:
     """
 
     commit = "marker"
+    parallel_writes = 4  # files of one checkpoint uploaded at once (atomic/strategies.py)
     attempts = 4  # tries per call, counting the first
     backoff = 0.5  # seconds before the first retry; doubles each time
     part_size = 8 << 20  # the largest part of an upload or a streamed write
@@ -550,9 +581,26 @@ class FsspecStorage:
     def _resumable(self) -> bool:
         return self._remote and self.protocol in ("gs", "gcs") and hasattr(self._fs, "_call")
 
-    def _upload(self, key: str, path: str, data: memoryview) -> None:
-        """A GCS resumable upload; it fails once no part was acknowledged for
-        ``write_timeout`` (retries included), however long the whole upload takes."""
+    def write_stream(self, key: str, chunks: Iterable[memoryview], size: int | None = None) -> None:
+        """Write ``chunks``. On GCS, given its ``size``, a resumable upload that holds at
+        most one part in memory; elsewhere (memory://, other stores) the chunks are
+        joined and written with :meth:`write_bytes`, whose retries need the whole object."""
+        if self._resumable() and size is not None and size > MIN_PART:
+            try:
+                self._upload(key, self._p(key), _Parts(chunks), size)
+            except FileNotFoundError as exc:
+                if self._bucket_missing():
+                    raise self._missing_bucket_error() from None
+                raise self._error(key, exc) from exc
+        else:
+            self.write_bytes(key, b"".join(chunks))
+
+    def _upload(
+        self, key: str, path: str, data: memoryview | _Parts, total: int | None = None
+    ) -> None:
+        """A GCS resumable upload of ``data`` (``total`` bytes, when a stream); it fails
+        once no part was acknowledged for ``write_timeout`` (retries included), however
+        long the whole upload takes. A part is retried from its own buffer."""
         from gcsfs.core import initiate_upload, upload_chunk
 
         bucket, name, _ = self._fs.split_path(path)
@@ -565,14 +613,18 @@ class FsspecStorage:
             key, initiate_upload, self._fs, bucket, name, ctype, write=True, clock=clock
         )
         clock.progress()
+        reader = data if isinstance(data, _Parts) else _Parts([data])
+        total = len(data) if total is None else total
         offset, part, result = 0, MIN_PART, None
-        while offset < len(data):
-            chunk = data[offset : offset + part]
+        while offset < total:
+            chunk = reader.take(part)
+            if not chunk:
+                raise StorageError(f"{self.url_of(key)}: the data ended before {total} bytes")
             started = time.monotonic()
             result = self._call(
                 key,
                 upload_chunk,
-                *(self._fs, location, chunk, offset, len(data), ctype),
+                *(self._fs, location, chunk, offset, total, ctype),
                 write=True,
                 clock=clock,
             )
@@ -587,10 +639,10 @@ class FsspecStorage:
                 hi=max(MIN_PART, self.part_size),
             )
         self._fs.invalidate_cache(path)
-        if not isinstance(result, dict) or int(result.get("size", -1)) != len(data):
+        if not isinstance(result, dict) or int(result.get("size", -1)) != total:
             raise StorageError(
                 f"{self.url_of(key)}: the upload ended without the server confirming "
-                f"{len(data)} bytes; write it again"
+                f"{total} bytes; write it again"
             )
 
     def _parts(self, data: bytes) -> Iterator[memoryview]:

@@ -163,6 +163,7 @@ class _Encoder:
     def __init__(self) -> None:
         self.files: dict[str, _Tensors] = {}
         self.seen: dict[tuple[Any, ...], list[str]] = {}
+        self.current = _Tensors("")  # the file of the entry being encoded
 
     def entry(self, key: str, value: Any) -> Any:
         fname = f"{key}{TENSORS}" if _SAFE_FILENAME.match(key) else ""
@@ -243,8 +244,9 @@ def encode(state: Mapping[str, Any]) -> tuple[dict[str, Payload], dict[str, str]
     enc = _Encoder()
     tree = {"format": FORMAT, "entries": {k: enc.entry(k, v) for k, v in state.items()}}
     files: dict[str, Payload] = {f: t.payload() for f, t in enc.files.items()}
-    text = json.dumps(tree, separators=(",", ":"), allow_nan=False).encode()
-    files[TREE_FILE] = lambda: iter([memoryview(text)])
+    if state:  # an empty state is a checkpoint of no files
+        text = json.dumps(tree, separators=(",", ":"), allow_nan=False).encode()
+        files[TREE_FILE] = lambda: iter([memoryview(text)])
     return files, dict.fromkeys(state, TREE_FILE)
 
 
@@ -327,7 +329,10 @@ def _read_tree(
             raise CorruptCheckpointError(
                 f"{where}: refers to tensor {missing[0][:60]!r}, which {fname} does not hold"
             )
-    return {k: _decode(entries[k], tensors, where) for k in keys}
+    try:
+        return {k: _decode(entries[k], tensors, where) for k in keys}
+    except RecursionError:
+        raise CorruptCheckpointError(f"{where}: nested too deeply (damaged)") from None
 
 
 def _strict_json(data: bytes, where: str) -> Any:
@@ -439,7 +444,12 @@ def read_tensors(
             hasher.update(text)
         out: dict[str, torch.Tensor] = {}
         for name, dtype, shape, begin, end in plan:
-            t = torch.empty(shape, dtype=dtype)
+            try:
+                t = torch.empty(shape, dtype=dtype)
+            except (RuntimeError, ValueError, TypeError, OverflowError):  # sizes overflow
+                raise CorruptCheckpointError(
+                    f"{where}: tensor {name[:60]!r} has an impossible shape"
+                ) from None
             if end > begin:
                 view = _bytes_of(t)
                 for a in range(0, end - begin, CHUNK):
@@ -476,7 +486,11 @@ def _plan(
         shape, offsets = info["shape"], info["data_offsets"]
         if dtype is None:
             raise bad(f"tensor {name[:60]!r} has an unknown dtype")
-        if not (isinstance(shape, list) and all(_is_int(x) for x in shape)):
+        if not (
+            isinstance(shape, list)
+            and len(shape) <= 64
+            and all(_is_int(x) and x < 1 << 62 for x in shape)
+        ):
             raise bad(f"tensor {name[:60]!r} has a malformed shape")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
             raise bad(f"tensor {name[:60]!r} has malformed data offsets")

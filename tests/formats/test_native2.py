@@ -381,3 +381,39 @@ def test_gcs_save_streams_in_parts_and_restores(gcs_bucket, monkeypatch):
     assert {"model.safetensors", "ema.safetensors", "opt.safetensors"} <= set(info.manifest.files)
     loaded = ckptkit.load(info.url)
     assert equal(loaded, state)
+
+
+def _deep(text: str) -> str:
+    tree = json.loads(text)
+    value = tree["entries"]["extra"]
+    for _ in range(900):  # parses, but deeper than a recursive decoder can go
+        value = [value]
+    tree["entries"]["extra"] = value
+    return json.dumps(tree)
+
+
+def test_deeply_nested_state_tree_is_corrupt_not_a_crash(tmp_path):
+    _, ckpt = save(tmp_path)
+    _edit_tree(ckpt, _deep)
+    with pytest.raises(CorruptCheckpointError, match="state.json"):
+        ckptkit.load(ckpt)
+
+
+def test_an_empty_tensor_of_impossible_shape_is_corrupt(tmp_path):
+    _, ckpt = save(tmp_path)
+    path = os.path.join(ckpt, "extra.safetensors")
+    header, body = _header(path)
+    empty = next(k for k in _tensors(header) if 0 in header[k]["shape"])
+    header[empty]["shape"] = [0, 10**30]
+    _write_header(path, header, body)
+    rewrite_manifest(ckpt)
+    with pytest.raises(CorruptCheckpointError, match="extra.safetensors"):
+        ckptkit.load(ckpt)
+
+
+def test_an_empty_state_saves_and_restores(tmp_path):
+    run = str(tmp_path / "run")
+    with CheckpointManager(run) as mgr:
+        info = mgr.save(1, {})
+        assert info.manifest.files == {}
+        assert mgr.restore({}).step == 1

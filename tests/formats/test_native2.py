@@ -417,3 +417,26 @@ def test_an_empty_state_saves_and_restores(tmp_path):
         info = mgr.save(1, {})
         assert info.manifest.files == {}
         assert mgr.restore({}).step == 1
+
+
+def test_object_store_uploads_a_checkpoints_files_in_parallel(monkeypatch):
+    """On an object store (marker commit) the files of one save are uploaded at once: two
+    uploads must meet at a barrier, which a one-by-one commit never reaches."""
+    import threading
+
+    from ckptkit.storage.fsspec_backend import FsspecStorage
+
+    barrier = threading.Barrier(2, timeout=30)
+    real = FsspecStorage.write_stream
+
+    def meeting(self, key, chunks, size=None):
+        if key.endswith(".safetensors"):
+            barrier.wait()
+        return real(self, key, chunks, size)
+
+    monkeypatch.setattr(FsspecStorage, "write_stream", meeting)
+    url = f"memory://parallel-{os.getpid()}/run"
+    state = {"a": {"x": torch.ones(3)}, "b": {"y": torch.zeros(2)}}
+    with CheckpointManager(url, keep_last=None) as mgr:
+        info = mgr.save(1, state)
+    assert equal(ckptkit.load(info.url), state)

@@ -317,7 +317,7 @@ def _read_tree(
     for fname in refs:
         if fname not in listed:
             raise CorruptCheckpointError(
-                f"{where}: refers to {fname!r}, which the manifest does not list"
+                f"{where}: refers to {fname[:60]!r}, which the manifest does not list"
             )
     if full and listed - set(refs):
         stray = sorted(listed - set(refs))[0]

@@ -216,21 +216,14 @@ class LocalStorage:
             os.close(dir_fd)
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        try:
-            fd = self._create(key, exclusive=False)
-            assert fd is not None
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as exc:
-            if isinstance(exc, StorageError):
-                raise
-            raise storage_error(self.url_of(key), exc) from exc
+        self._write(key, [memoryview(data)])
 
     def write_stream(self, key: str, chunks: Iterable[memoryview], size: int | None = None) -> None:
         """Write ``chunks`` straight from the caller's memory (``os.write`` loop), then
         fsync: no copy of the object is ever held."""
+        self._write(key, chunks)
+
+    def _write(self, key: str, chunks: Iterable[memoryview]) -> None:
         try:
             fd = self._create(key, exclusive=False)
             assert fd is not None

@@ -32,6 +32,7 @@ from ckptkit.lock import RunLock
 from ckptkit.manifest import (
     MANIFEST,
     MAX_STEP,
+    FileEntry,
     Manifest,
     checkpoint_name,
     config_hash,
@@ -61,6 +62,7 @@ from ckptkit.storage.registry import open_storage, scheme_of
 # EX_TEMPFAIL from sysexits.h, which schedulers' retry loops can test for.
 EXIT_RESUMABLE = 75
 RUN_INFO = "run.json"
+_PLACEHOLDER = FileEntry(size=0, xxh3="0" * 32)  # stands for a file not written yet
 
 
 class ResumeResult(int):
@@ -295,7 +297,7 @@ class CheckpointManager:
         files pass the check, newer damaged ones skipped with a warning naming them.
 
         The check is the restore's own read with ``verify`` (the manager's ``verify``,
-        True by default): sizes, sha256 and a decode of every file, so it reads them;
+        True by default): sizes, hashes and a decode of every file, so it reads them;
         sizes only without (cheap, but a damaged byte goes unnoticed until restore).
         """
         verify = self.verify if verify is None else verify
@@ -314,7 +316,7 @@ class CheckpointManager:
         skipped: dict[str, str] = {}
         for info in newest_first:
             try:
-                if verify:  # the restore's own read: sizes, sha256 and a full decode
+                if verify:  # the restore's own read: sizes, hashes and a full decode
                     runmod.read_state(self.storage, info, verify=True)
                 else:
                     runmod.check_sizes(self.storage, info)
@@ -351,7 +353,7 @@ class CheckpointManager:
         - ``status``: ``complete``, ``incomplete`` (no manifest: an interrupted save,
           never committed) or ``corrupt`` (a manifest that does not parse, or files that
           do not match it), with the ``problem`` named;
-        - ``checked``: what was checked: ``"sha256"`` (every byte: the newest
+        - ``checked``: what was checked: ``"hash"`` (every byte: the newest
           checkpoints, down to the one a resume restores, when ``verify``), ``"sizes"``
           (the others) or ``"manifest"`` (a directory without a usable manifest);
         - ``latest``: exactly the checkpoint ``latest(verify=verify)`` returns;
@@ -374,7 +376,7 @@ class CheckpointManager:
             info = by_name.get(name)
             row = self._status_row(name, info, skipped.get(name))
             if info is not None:
-                row["checked"] = "sha256" if name in hashed else "sizes"
+                row["checked"] = "hash" if name in hashed else "sizes"
                 if row["status"] == "complete":
                     complete.append(info)
             rows.append(row)
@@ -532,33 +534,40 @@ class CheckpointManager:
     def _write(
         self, collected: Mapping[str, Any], manifest: Manifest, folder: Any = None
     ) -> CheckpointInfo:
-        """Encode ``collected``, pick the checkpoint's name and commit it (manifest last).
+        """Plan ``collected``'s files, pick the checkpoint's name and commit it: the tensors
+        are streamed from their own memory, hashed as they are written, manifest last.
         Reads ``collected`` only; touches no committed checkpoint. ``folder``: already
         encoded sub-folder files (``formats.sharded.Folder``: DCP shards) to add."""
-        files, entries = native.encode(collected)
+        files, entries = native.encode(collected)  # refuses what cannot be saved: no write yet
         layouts: dict[str, str] = {}
         if folder is not None:
             files.update(folder[0])
             entries.update(folder[1])
             layouts.update(folder[2])
-        manifest = dataclasses.replace(
-            manifest, files=native.file_entries(files), entries=entries, layouts=layouts
-        )
+        manifest = dataclasses.replace(manifest, entries=entries, layouts=layouts)
+        # Refuse a manifest no reader would accept before writing anything (a NaN metric...).
+        dataclasses.replace(manifest, files={f: _PLACEHOLDER for f in files}).to_bytes()
         step = manifest.step
         # Count every directory named for this step, committed or not: a damaged one
         # still occupies its name, and the new checkpoint must not collide with it.
         taken = [p for n in self.storage.listdir("") if (p := parse_name(n)) and p[0] == step]
         name = checkpoint_name(step, 1 + max((rev for _, rev in taken), default=-1))
         wrote_run_info = self._write_run_info()
+        written: list[Manifest] = []
+
+        def final(entries: dict[str, FileEntry]) -> bytes:
+            written.append(dataclasses.replace(manifest, files=entries))
+            return written[-1].to_bytes()
+
         try:
-            self.strategy.commit(self.storage, name, files, manifest.to_bytes())
+            self.strategy.commit(self.storage, name, files, final)
         except BaseException:
             if wrote_run_info:  # the first save failed: a run that never saved leaves no trace
                 self._run_info_pending = True
                 with contextlib.suppress(Exception):
                     self.storage.delete(RUN_INFO)
             raise
-        return CheckpointInfo(name=name, url=self.storage.url_of(name), manifest=manifest)
+        return CheckpointInfo(name=name, url=self.storage.url_of(name), manifest=written[-1])
 
     def _committed_for_rotation(self) -> list[CheckpointInfo]:
         """The run's committed checkpoints, oldest first, as retention needs them (with

@@ -17,13 +17,17 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ckptkit.errors import ConfigError, CorruptCheckpointError
+from ckptkit.errors import ConfigError, CorruptCheckpointError, IncompatibleCheckpointError
 from ckptkit.storage.names import UnsafeNameError, check_member_name
 
-FORMAT = "ckptkit/1"
+FORMAT = "ckptkit/2"
+FORMAT_1 = "ckptkit/1"  # sha256 per file, state.pt: still read (docs/FORMAT.md)
 MANIFEST = "manifest.json"
-# The one file that holds several state entries (formats/native.py writes it).
+# The one file that holds several state entries (formats/native.py writes it):
+# ``state.pt`` in ckptkit/1, ``state.json`` (the state tree) in ckptkit/2.
 STATE_FILE = "state.pt"
+TREE_FILE = "state.json"
+UPGRADE = "written by a newer ckptkit: upgrade ckptkit (pip install -U ckptkit)"
 
 # Name order is step order: zero-padded step, then an optional revision for a
 # second save at the same step (the older revision is deleted after the commit).
@@ -46,6 +50,14 @@ def parse_name(name: str) -> tuple[int, int] | None:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def file_hasher() -> Any:
+    """The integrity hash of a ckptkit/2 file (xxh3-128, fed chunk by chunk): about
+    20 GB/s on one core, so checking never holds back the disk (sha256: ~1.4 GB/s)."""
+    import xxhash
+
+    return xxhash.xxh3_128()
 
 
 def versions() -> dict[str, str]:
@@ -98,8 +110,16 @@ def epoch_value(epoch: Any) -> int | None:
 
 @dataclass
 class FileEntry:
+    """One data file: its size and hash (``xxh3`` in ckptkit/2, ``sha256`` in ckptkit/1)."""
+
     size: int
-    sha256: str
+    sha256: str | None = None
+    xxh3: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"size": self.size}
+        out.update({k: v for k, v in (("sha256", self.sha256), ("xxh3", self.xxh3)) if v})
+        return out
 
 
 @dataclass
@@ -122,8 +142,8 @@ class Manifest:
     metadata: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     format: str = FORMAT
-    # Sub-folder -> the layout of its files (``{"dcp/": "dcp"}``); written only when not
-    # empty, so manifests without a sub-folder stay readable by older versions.
+    # ckptkit/2: ``{"<folder>/": layout name}`` for entries stored as a folder (a layout
+    # later versions add, e.g. DCP shards); written only when there is one.
     layouts: dict[str, str] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
@@ -131,7 +151,8 @@ class Manifest:
         be read back: a non-finite metric, a step past the name width, a NaN in config..."""
         try:
             raw = asdict(self)
-            if not raw["layouts"]:
+            raw["files"] = {k: v.to_json() for k, v in self.files.items()}
+            if not self.layouts:
                 del raw["layouts"]
             _typed(raw)
             data = json.dumps(raw, indent=1, sort_keys=True, default=str, allow_nan=False)
@@ -149,7 +170,9 @@ class Manifest:
         field) for anything malformed. ``name``: the checkpoint directory's name; when it
         is a ``step-*`` name, the manifest's step must be the one it names."""
         try:
-            manifest = _typed(_parse(data))
+            raw = _parse(data)
+            _refuse_newer(raw, source)
+            manifest = _typed(raw)
             parsed = parse_name(name) if name else None
             if parsed is not None and parsed[0] != manifest.step:
                 raise _Invalid(f"step {manifest.step} in a directory named for step {parsed[0]}")
@@ -184,9 +207,6 @@ _MAX_DEPTH = 64  # nesting of config and metadata values
 _HEX = re.compile(r"^[0-9a-f]+$")
 _FIELDS = ("format", "step", "files", "entries", "epoch", "metrics", "is_best", "created")
 _FIELDS += ("config", "config_hash", "metadata", "versions")
-_OPTIONAL = ("layouts",)
-# The layouts a sub-folder of a checkpoint may have (docs/FORMAT.md, "Sub-folders").
-LAYOUTS = ("dcp",)
 
 
 class _Invalid(ValueError):
@@ -303,87 +323,121 @@ def _plain(value: Any, what: str) -> None:
             todo.extend((v, depth + 1) for v in item)
 
 
-def _layouts(value: Any) -> dict[str, str]:
-    """``{"folder/": layout}``: one plain folder name each, a layout this version reads."""
-    out: dict[str, str] = {}
-    for folder, layout in _object(value, "layouts").items():
-        try:
-            if not folder.endswith("/"):
-                raise UnsafeNameError(f"{folder!r} does not end with '/'")
-            check_member_name(folder[:-1])
-        except UnsafeNameError as exc:
-            raise _Invalid(f"unsafe folder name in layouts: {_clip(exc, 80)}") from None
-        if layout not in LAYOUTS:
-            raise _Invalid(f"layouts[{_clip(folder)!r}] is {_clip(layout)}, not one of {LAYOUTS}")
-        out[folder] = layout
-    return out
+_FORMAT_NUMBER = re.compile(r"^ckptkit/(\d{1,9})$")
 
 
-def folder_of(name: str) -> str | None:
-    """``"dcp/"`` for a file name ``"dcp/__0_0.distcp"``; None for a top-level name."""
-    return name.split("/", 1)[0] + "/" if "/" in name else None
+def _refuse_newer(raw: Any, source: str) -> None:
+    """IncompatibleCheckpointError for a manifest of a format newer than this reader's
+    (``ckptkit/3``...): it is not damaged, this ckptkit is too old for it."""
+    fmt = raw.get("format") if isinstance(raw, dict) else None
+    m = _FORMAT_NUMBER.match(fmt) if isinstance(fmt, str) else None
+    if m and int(m.group(1)) > int(FORMAT.rsplit("/", 1)[1]):
+        raise IncompatibleCheckpointError(f"{source}: format {fmt} was {UPGRADE}")
 
 
-def _files(value: Any, layouts: dict[str, str]) -> dict[str, FileEntry]:
+def _files(value: Any, fmt: str) -> dict[str, FileEntry]:
+    # ckptkit/1: plain names, sha256; ckptkit/2: one sub-folder level allowed, xxh3.
+    hash_key, length = ("sha256", 64) if fmt == FORMAT_1 else ("xxh3", 32)
     out: dict[str, FileEntry] = {}
     for name, entry in _object(value, "files").items():
         try:
-            # One sub-folder level, and only a folder that ``layouts`` names.
-            check_member_name(name, allow_subdirs=True)
-            folder = folder_of(name)
-            if folder is not None and (name.count("/") > 1 or folder not in layouts):
-                raise UnsafeNameError(f"{name!r} lies in a sub-folder that layouts does not name")
+            check_member_name(name, allow_subdirs=fmt != FORMAT_1)
+            if name.count("/") > 1:
+                raise UnsafeNameError(f"{name!r} is more than one sub-folder deep")
         except UnsafeNameError as exc:
             raise _Invalid(f"unsafe file name: {_clip(exc, 80)}") from None
         if name == MANIFEST:
             raise _Invalid(f"files lists {MANIFEST} (the manifest does not list itself)")
         what = f"files[{_clip(name)!r}]"
         entry = _object(entry, what)
-        if set(entry) != {"size", "sha256"}:
+        if set(entry) != {"size", hash_key}:
             raise _Invalid(
-                f"{what} must have exactly 'size' and 'sha256', got {_clip(sorted(entry))}"
+                f"{what} must have exactly 'size' and {hash_key!r}, got {_clip(sorted(entry))}"
             )
         out[name] = FileEntry(
             size=_int(entry["size"], f"{what}.size", MAX_SIZE),
-            sha256=_hex(entry["sha256"], f"{what}.sha256", 64),
+            **{hash_key: _hex(entry[hash_key], f"{what}.{hash_key}", length)},
         )
     return out
 
 
-def _entries(value: Any, files: dict[str, FileEntry], layouts: dict[str, str]) -> dict[str, str]:
+def is_folder(fname: str) -> bool:
+    """An ``entries`` value naming a folder of files (a layout), not one file."""
+    return fname.endswith("/")
+
+
+def _entries(value: Any, files: dict[str, FileEntry], fmt: str) -> dict[str, str]:
     entries = _object(value, "entries")
+    shared = STATE_FILE if fmt == FORMAT_1 else TREE_FILE
     holders: dict[str, str] = {}
     for key, fname in entries.items():
         what = f"entries[{_clip(key)!r}]"
-        if _str(fname, what) in layouts:  # a folder: every state key it holds names it
-            continue
-        if fname not in files:
+        _str(fname, what)
+        if fmt != FORMAT_1 and is_folder(fname):
+            try:
+                check_member_name(fname[:-1])
+            except UnsafeNameError as exc:
+                raise _Invalid(f"{what}: unsafe folder name: {_clip(exc, 80)}") from None
+            if not any(f.startswith(fname) for f in files):
+                raise _Invalid(f"{what} names the folder {_clip(fname)!r}, which lists no file")
+        elif fname not in files:
             raise _Invalid(f"{what} names {_clip(fname)!r}, a file the manifest does not list")
-        # Only the shared state file holds several entries; any other file is one entry's.
-        if fname != STATE_FILE and holders.setdefault(fname, key) != key:
+        elif fmt != FORMAT_1 and fname != TREE_FILE:  # tensor files are the tree's to name
+            raise _Invalid(f"{what} names {_clip(fname)!r}: not {TREE_FILE} nor a folder")
+        # Only the shared state file and a layout's folder (several ShardedStates in one
+        # DCP directory) hold several entries; any other file is one entry's.
+        if fname != shared and not is_folder(fname) and holders.setdefault(fname, key) != key:
             raise _Invalid(f"{_clip(fname)!r} is named by two entries")
     named = set(entries.values())
-    for folder in sorted(set(layouts) - named):
-        raise _Invalid(f"layouts names {_clip(folder)!r}, which no entry names")
-    unnamed = sorted(f for f in set(files) - named if folder_of(f) not in named)
+    folders = {f for f in named if is_folder(f)}
+    unnamed = sorted(
+        f
+        for f in set(files) - named
+        if not any(f.startswith(d) for d in folders) and not _tensor_file(f, fmt, shared, named)
+    )
     if unnamed:  # the writer lists only files it decodes from: a stray one was added later
         raise _Invalid(f"files lists {_clip(unnamed[0])!r}, which no entry names")
     return entries
 
 
+def _tensor_file(fname: str, fmt: str, shared: str, named: set[str]) -> bool:
+    # ckptkit/2's tensor files are named by the state tree (which the reader checks
+    # refers to each of them), not by an entry.
+    return fmt != FORMAT_1 and shared in named and "/" not in fname and fname.endswith(TENSORS)
+
+
+TENSORS = ".safetensors"
+
+
+def _layouts(value: Any, entries: dict[str, str]) -> dict[str, str]:
+    layouts = _object(value, "layouts")
+    folders = {f for f in entries.values() if is_folder(f)}
+    for folder, name in layouts.items():
+        if folder not in folders:
+            raise _Invalid(f"layouts names {_clip(folder)!r}, a folder no entry names")
+        if not _str(name, f"layouts[{_clip(folder)!r}]"):
+            raise _Invalid(f"layouts[{_clip(folder)!r}] is empty")
+    missing = sorted(folders - set(layouts))
+    if missing:
+        raise _Invalid(f"the folder {_clip(missing[0])!r} has no layout")
+    return layouts
+
+
 def _typed(raw: Any) -> Manifest:
     """A Manifest from parsed JSON, every field checked (see docs/FORMAT.md)."""
     raw = _object(raw, "the manifest")
-    unknown = sorted(set(raw) - set(_FIELDS) - set(_OPTIONAL))
+    fmt = raw.get("format")
+    if fmt not in (FORMAT, FORMAT_1):
+        raise _Invalid(f"format {_clip(fmt)} is not {FORMAT!r} (nor {FORMAT_1!r})")
+    known = (*_FIELDS, "layouts") if fmt == FORMAT else _FIELDS
+    unknown = sorted(set(raw) - set(known))
     if unknown:  # a newer format must change "format": an unknown field is not ignored
         raise _Invalid(f"unknown field {_clip(unknown[0])!r}")
     missing = [f for f in _FIELDS if f not in raw]
-    if raw.get("format") != FORMAT:
-        raise _Invalid(f"format {_clip(raw.get('format'))} is not {FORMAT!r}")
     if missing:
         raise _Invalid(f"no {missing[0]!r} field")
-    layouts = _layouts(raw.get("layouts", {}))
-    files = _files(raw["files"], layouts)
+    files = _files(raw["files"], fmt)
+    entries = _entries(raw["entries"], files, fmt)
     metrics = _object(raw["metrics"], "metrics")
     config, config_hash_ = raw["config"], raw["config_hash"]
     if config is not None:
@@ -406,7 +460,7 @@ def _typed(raw: Any) -> Manifest:
     return Manifest(
         step=_int(raw["step"], "step", MAX_STEP),
         files=files,
-        entries=_entries(raw["entries"], files, layouts),
+        entries=entries,
         epoch=None if epoch is None else _int(epoch, "epoch", MAX_SIZE),
         metrics={k: _number(v, f"metrics[{_clip(k)!r}]") for k, v in metrics.items()},
         is_best=is_best,
@@ -418,6 +472,6 @@ def _typed(raw: Any) -> Manifest:
             k: _str(v, f"versions[{_clip(k)!r}]")
             for k, v in _object(raw["versions"], "versions").items()
         },
-        format=FORMAT,
-        layouts=layouts,
+        format=fmt,
+        layouts=_layouts(raw.get("layouts", {}), entries),
     )

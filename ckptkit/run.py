@@ -148,7 +148,7 @@ def open_file(storage: Storage, info: CheckpointInfo, fname: str) -> confined.Me
     entry = info.manifest.files.get(fname)
     if entry is None:
         raise CorruptCheckpointError(f"{info.url}: {fname} is not listed in the manifest")
-    try:  # one sub-folder level, which the manifest checked against its layouts
+    try:  # at most one sub-folder level (ckptkit/2 layouts); the manifest checked it too
         check_member_name(fname, allow_subdirs=True)
     except UnsafeNameError as exc:
         raise CorruptCheckpointError(f"{info.url}: {exc} in the manifest") from None
@@ -171,9 +171,8 @@ def check_sizes(storage: Storage, info: CheckpointInfo) -> None:
 
 
 def verify(storage: Storage, info: CheckpointInfo) -> None:
-    """The full check: sizes and sha256 of every file (reads everything)."""
-    for fname in info.manifest.files:
-        native.check_file(info.manifest, fname, read_file(storage, info, fname), info.url)
+    """The full check: sizes and hashes of every file (reads everything, streamed)."""
+    native.check_files(info.manifest, lambda f: open_file(storage, info, f), info.url)
 
 
 @dataclass(frozen=True)
@@ -271,10 +270,10 @@ def find_checkpoint(storage: Storage, which: str | int, url: str) -> CheckpointI
 def read_state(
     storage: Storage, info: CheckpointInfo, *, verify: bool = True, keys: set[str] | None = None
 ) -> dict[str, Any]:
-    """Decode a checkpoint's state (verifying sizes and hashes unless ``verify=False``)."""
-
-    return native.decode(
-        info.manifest, lambda f: read_file(storage, info, f), info.url, verify=verify, keys=keys
+    """Decode a checkpoint's state (verifying sizes and hashes unless ``verify=False``):
+    the one read path of native checkpoints, ``formats/native.py``."""
+    return native.read_state(
+        info.manifest, lambda f: open_file(storage, info, f), info.url, verify=verify, keys=keys
     )
 
 
@@ -294,7 +293,7 @@ def as_loaded(state: dict[str, Any], source: str, manifest: Manifest) -> Loaded:
             "versions": manifest.versions,
             "created": manifest.created,
             "is_best": manifest.is_best,
-            "files": {k: {"size": v.size, "sha256": v.sha256} for k, v in manifest.files.items()},
+            "files": {k: v.to_json() for k, v in manifest.files.items()},
         },
     )
 

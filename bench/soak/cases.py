@@ -175,9 +175,9 @@ def symlinked_member(tmp: Path, quick: bool = False) -> Case:
     expected = "step 3 refused (a symlink is not a checkpoint file): resume restores step 2"
     run = tmp / "run"
     _saved_run(run)
-    secret = tmp / "secret" / "state.pt"
+    secret = tmp / "secret" / "state.json"
     secret.parent.mkdir()
-    member = _ckpt(run, 3) / "state.pt"
+    member = _ckpt(run, 3) / "state.json"
     shutil.copyfile(member, secret)
     member.unlink()
     member.symlink_to(secret)
@@ -211,7 +211,7 @@ def fifo_member(tmp: Path, quick: bool = False) -> Case:
     run = tmp / "run"
     _saved_run(run)
     fifos = []
-    for name in ("state.pt", "model.safetensors"):
+    for name in ("state.json", "model.safetensors"):
         member = _ckpt(run, 3) / name
         member.unlink()
         os.mkfifo(member)
@@ -248,14 +248,14 @@ def dotdot_names(tmp: Path, quick: bool = False) -> Case:
     run = tmp / "run"
     _saved_run(run)
     ckpt = _ckpt(run, 3)
-    secret = tmp / "secret" / "state.pt"
+    secret = tmp / "secret" / "state.json"
     secret.parent.mkdir()
-    shutil.move(ckpt / "state.pt", secret)
+    shutil.move(ckpt / "state.json", secret)
     outside = "../../secret/state.pt"
 
     def point_outside(raw: dict[str, Any]) -> None:
-        raw["files"][outside] = raw["files"].pop("state.pt")
-        raw["entries"] = {k: outside if v == "state.pt" else v for k, v in raw["entries"].items()}
+        raw["files"][outside] = raw["files"].pop("state.json")
+        raw["entries"] = {k: outside if v == "state.json" else v for k, v in raw["entries"].items()}
 
     _rewrite_manifest(ckpt, point_outside)
     step, err = _restored_step(run)
@@ -271,9 +271,11 @@ _MALFORMED: dict[str, Callable[[dict[str, Any]], None]] = {
     "step -5": lambda m: m.update(step=-5),
     "step '3'": lambda m: m.update(step="3"),
     "step 10**13": lambda m: m.update(step=10**13),
-    "size '99'": lambda m: m["files"]["state.pt"].update(size=str(m["files"]["state.pt"]["size"])),
-    "size -1": lambda m: m["files"]["state.pt"].update(size=-1),
-    "sha256 'zz'": lambda m: m["files"]["state.pt"].update(sha256="zz"),
+    "size '99'": lambda m: m["files"]["state.json"].update(
+        size=str(m["files"]["state.json"]["size"])
+    ),
+    "size -1": lambda m: m["files"]["state.json"].update(size=-1),
+    "xxh3 'zz'": lambda m: m["files"]["state.json"].update(xxh3="zz"),
     "metric NaN": lambda m: m.update(metrics={"loss": math.nan}),
     "entry names an unlisted file": lambda m: m["entries"].update(extra="other.pt"),
     "files not a dict": lambda m: m.update(files=[]),
@@ -340,7 +342,7 @@ def truncated_file(tmp: Path, quick: bool = False) -> Case:
 def flipped_byte(tmp: Path, quick: bool = False) -> Case:
     run = tmp / "run"
     _saved_run(run)
-    path = _ckpt(run, 3) / "state.pt"
+    path = _ckpt(run, 3) / "state.json"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -360,7 +362,7 @@ def flipped_byte(tmp: Path, quick: bool = False) -> Case:
 def verify_exit_code(tmp: Path, quick: bool = False) -> Case:
     run = tmp / "run"
     _saved_run(run)
-    os.truncate(_ckpt(run, 3) / "state.pt", 10)
+    os.truncate(_ckpt(run, 3) / "state.json", 10)
     got = _cli("verify", str(_ckpt(run, 3)))
     ok = got["rc"] == 4 and "Traceback" not in got["err"]
     return Case(
@@ -383,21 +385,20 @@ class _Evil:
 def malicious_pickle(tmp: Path, quick: bool = False) -> Case:
     """state.pt replaced by a pickle that would create a canary file; the manifest is
     updated to match, so integrity checks pass and only safe loading can stop it."""
-    import hashlib
-
     import torch
+    import xxhash
 
     expected = "nothing executes (no canary file): the load is refused as unsafe"
     run = tmp / "run"
     _saved_run(run)
     canary = tmp / "canary"
     ckpt = _ckpt(run, 3)
-    path = ckpt / "state.pt"
+    path = ckpt / "state.json"
     torch.save({"step": 3, "optimizer": _Evil(str(canary))}, path)
     data = path.read_bytes()
 
     def match(raw: dict[str, Any]) -> None:
-        raw["files"]["state.pt"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        raw["files"]["state.json"] = {"size": len(data), "xxh3": xxhash.xxh3_128_hexdigest(data)}
 
     _rewrite_manifest(ckpt, match)
     step, err = _restored_step(run)

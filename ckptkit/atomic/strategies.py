@@ -4,24 +4,40 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import NoReturn, Protocol
 
 from ckptkit.errors import ConfigError, StorageError
-from ckptkit.manifest import MANIFEST, parse_name
-from ckptkit.storage.base import Storage, join_key
+from ckptkit.manifest import MANIFEST, FileEntry, file_hasher, parse_name
+from ckptkit.storage.base import Storage, join_key, write_stream
 from ckptkit.storage.local import storage_error
 
 TMP_PREFIX = ".tmp-"
+
+# A file's content: its bytes, or a function yielding them in chunks (views of the
+# tensors' own memory: formats/native.py), consumed once; such a function may carry
+# the total as ``.size`` (a GCS upload needs it up front).
+Payload = bytes | Callable[[], Iterable[memoryview]]
+# The manifest: its bytes, or a function of the written files' entries (sizes and the
+# hashes computed while writing) returning them.
+ManifestSource = bytes | Callable[[dict[str, FileEntry]], bytes]
+# Files uploaded at once to a storage that declares ``parallel_writes`` (object stores).
+MAX_PARALLEL = 4
 
 
 class CommitStrategy(Protocol):
     name: str
 
     def commit(
-        self, storage: Storage, target: str, files: Mapping[str, bytes], manifest: bytes
-    ) -> None:
-        """Make ``target`` appear with ``files`` and the manifest, all or nothing."""
+        self,
+        storage: Storage,
+        target: str,
+        files: Mapping[str, Payload],
+        manifest: ManifestSource,
+    ) -> dict[str, FileEntry]:
+        """Make ``target`` appear with ``files`` and the manifest, all or nothing; returns
+        each file's size and hash (xxh3-128, computed as the bytes were written)."""
 
     def leftovers(self, storage: Storage, names: list[str]) -> list[str]:
         """Entries of the run root that an interrupted commit left behind."""
@@ -31,16 +47,19 @@ class RenameCommit:
     name = "rename"
 
     def commit(
-        self, storage: Storage, target: str, files: Mapping[str, bytes], manifest: bytes
-    ) -> None:
+        self,
+        storage: Storage,
+        target: str,
+        files: Mapping[str, Payload],
+        manifest: ManifestSource,
+    ) -> dict[str, FileEntry]:
         tmp = f"{TMP_PREFIX}{target}-{uuid.uuid4().hex[:8]}"
         try:
             storage.mkdir(tmp)
-            for fname, data in files.items():
-                storage.write_bytes(join_key(tmp, fname), data)  # fsyncs each file
-            storage.write_bytes(join_key(tmp, MANIFEST), manifest)
-            for folder in sorted({f.rsplit("/", 1)[0] for f in files if "/" in f}):
-                storage.sync_dir(join_key(tmp, folder))  # a layout's sub-folder (dcp/)
+            entries = {f: put(storage, join_key(tmp, f), p) for f, p in files.items()}  # fsynced
+            for folder in {f.rsplit("/", 1)[0] for f in files if "/" in f}:
+                storage.sync_dir(join_key(tmp, folder))
+            storage.write_bytes(join_key(tmp, MANIFEST), _manifest(manifest, entries))
             storage.sync_dir(tmp)
             storage.rename(tmp, target)
             storage.sync_dir("")
@@ -48,6 +67,7 @@ class RenameCommit:
             # Nothing became visible; drop the temp dir (a kill leaves it for cleanup).
             _abandon(storage, tmp)
             _reraise(storage, target, exc)
+        return entries
 
     def leftovers(self, storage: Storage, names: list[str]) -> list[str]:
         out = [n for n in names if n.startswith(TMP_PREFIX)]
@@ -59,21 +79,56 @@ class MarkerCommit:
     name = "marker"
 
     def commit(
-        self, storage: Storage, target: str, files: Mapping[str, bytes], manifest: bytes
-    ) -> None:
+        self,
+        storage: Storage,
+        target: str,
+        files: Mapping[str, Payload],
+        manifest: ManifestSource,
+    ) -> dict[str, FileEntry]:
         # ``target`` is always a fresh name (a re-save at the same step gets a new
         # revision), so no committed checkpoint is touched here.
         try:
-            for fname, data in files.items():
-                storage.write_bytes(join_key(target, fname), data)
-            storage.write_bytes(join_key(target, MANIFEST), manifest)
+            workers = min(MAX_PARALLEL, getattr(storage, "parallel_writes", 1), len(files))
+            if workers > 1:  # an object store: one upload per file at once hides latency
+                with ThreadPoolExecutor(workers, thread_name_prefix="ckptkit-upload") as pool:
+                    futures = {
+                        f: pool.submit(put, storage, join_key(target, f), p)
+                        for f, p in files.items()
+                    }
+                    entries = {f: future.result() for f, future in futures.items()}
+            else:
+                entries = {f: put(storage, join_key(target, f), p) for f, p in files.items()}
+            storage.write_bytes(join_key(target, MANIFEST), _manifest(manifest, entries))
         except BaseException as exc:
             _abandon(storage, join_key(target, MANIFEST))
             _abandon(storage, target)
             _reraise(storage, target, exc)
+        return entries
 
     def leftovers(self, storage: Storage, names: list[str]) -> list[str]:
         return [n for n in names if parse_name(n) and not storage.exists(join_key(n, MANIFEST))]
+
+
+def put(storage: Storage, key: str, payload: Payload) -> FileEntry:
+    """Write one file, hashing each chunk as it goes by: the one place a checkpoint
+    file's size and hash are computed."""
+    hasher, size = file_hasher(), 0
+
+    def hashed() -> Iterable[memoryview]:
+        nonlocal size
+        for chunk in payload() if callable(payload) else (payload,):
+            view = memoryview(chunk).cast("B")
+            hasher.update(view)
+            size += len(view)
+            yield view
+
+    size_hint = len(payload) if isinstance(payload, bytes) else getattr(payload, "size", None)
+    write_stream(storage, key, hashed(), size_hint)
+    return FileEntry(size=size, xxh3=hasher.hexdigest())
+
+
+def _manifest(manifest: ManifestSource, entries: dict[str, FileEntry]) -> bytes:
+    return manifest(entries) if callable(manifest) else manifest
 
 
 def _abandon(storage: Storage, key: str) -> None:

@@ -41,7 +41,7 @@ def _fmt_metrics(metrics: dict[str, float]) -> str:
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option(
-    "--no-verify", is_flag=True, help="Skip checking sizes and sha256 against the manifest."
+    "--no-verify", is_flag=True, help="Skip checking sizes and hashes against the manifest."
 )
 @click.option("--trust", is_flag=True, help=TRUST_HELP)
 def inspect_cmd(path: str, as_json: bool, no_verify: bool, trust: bool) -> None:
@@ -124,12 +124,12 @@ def _show_refused(path: str, exc: UnsafeCheckpointError, as_json: bool) -> None:
 @click.option(
     "--no-verify",
     is_flag=True,
-    help="Check only manifests and file sizes, not the sha256 of the latest checkpoint "
+    help="Check only manifests and file sizes, not the hashes of the latest checkpoint "
     "(faster on remote storage; the latest shown may then be one a resume skips).",
 )
 def ls_cmd(run: str, as_json: bool, no_verify: bool) -> None:
     """List every checkpoint of RUN, oldest first: step, epoch, size, time, metrics,
-    and status. `latest` marks the checkpoint a resume restores (its sha256 checked,
+    and status. `latest` marks the checkpoint a resume restores (its hashes checked,
     and the sizes of the others); `best` the best complete one. Incomplete (an
     interrupted save) and corrupt ones are listed as such and never used to resume."""
     from ckptkit.manager import CheckpointManager
@@ -170,8 +170,8 @@ def ls_cmd(run: str, as_json: bool, no_verify: bool) -> None:
 def _checked_note(rows: list[dict[str, Any]], run: str) -> str:
     if any(r["checked"] == "decoded" for r in rows):
         return f"checked: read and decoded in full (`ckptkit inspect {run}` shows what it holds)"
-    hashed = [r["name"] for r in rows if r["checked"] == "sha256"]
-    what = f"sha256 of {', '.join(hashed)}; sizes of the others" if hashed else "sizes only"
+    hashed = [r["name"] for r in rows if r["checked"] == "hash"]
+    what = f"hashes of {', '.join(hashed)}; sizes of the others" if hashed else "sizes only"
     return f"checked: manifests, file {what} (`ckptkit verify {run}` reads every byte)"
 
 
@@ -181,7 +181,7 @@ def _checked_note(rows: list[dict[str, Any]], run: str) -> str:
 @click.option("--trust", is_flag=True, help=TRUST_HELP)
 def verify_cmd(path: str, as_json: bool, trust: bool) -> None:
     """Check every file of a checkpoint (or of every checkpoint in a run) against
-    its manifest: presence, size and sha256; legacy files are test-loaded safely.
+    its manifest: presence, size and hash; legacy files are test-loaded safely.
 
     Exits 4 when anything is corrupt or incomplete (naming the bad files), 0 when all
     is well (docs/EXIT_CODES.md)."""

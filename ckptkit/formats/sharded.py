@@ -22,10 +22,11 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ckptkit.errors import CorruptCheckpointError
-from ckptkit.manifest import Manifest, folder_of
+from ckptkit.manifest import Manifest
 
 if TYPE_CHECKING:
     from ckptkit.distributed import Group
+    from ckptkit.storage.confined import Member
 
 FOLDER = "dcp/"
 LAYOUT = "dcp"
@@ -81,23 +82,20 @@ def decode(
     manifest: Manifest,
     folder: str,
     keys: set[str],
-    read: Callable[[str], bytes],
+    open_file: Callable[[str], Member],
     source: str,
-    *,
-    verify: bool = True,
 ) -> dict[str, Any]:
-    """The state ``keys`` held by the ``folder`` of a checkpoint, as full tensors."""
+    """The state ``keys`` held by the ``folder`` of a checkpoint, as full tensors. The
+    caller (``native.read_state``) has checked the folder's files against the manifest;
+    each is read through the confined opener, never more than its recorded size."""
     from ckptkit.formats import dcp
-    from ckptkit.formats.native import check_file
 
     if manifest.layouts.get(folder) != LAYOUT:
         raise CorruptCheckpointError(f"{source}: {folder} has no layout this version reads")
     data: dict[str, bytes] = {}
-    for name in sorted(n for n in manifest.files if folder_of(n) == folder):
-        raw = read(name)
-        if verify:
-            check_file(manifest, name, raw, source)
-        data[name[len(folder) :]] = raw
+    for name in sorted(n for n in manifest.files if n.startswith(folder)):
+        with open_file(name) as member:
+            data[name[len(folder) :]] = member.read()
     nested, _ = dcp.read_nested(_Files(f"{source}/{folder.rstrip('/')}", data))
     missing = sorted(keys - set(nested))
     if missing:

@@ -7,6 +7,7 @@ strings end to end (``pathlib.Path("gs://b")`` would collapse the ``//``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -47,6 +48,12 @@ class Storage(Protocol):
     def write_bytes(self, key: str, data: bytes) -> None:
         """Write the whole object; on local filesystems the data is fsynced."""
 
+    def write_stream(self, key: str, chunks: Iterable[memoryview], size: int | None = None) -> None:
+        """Write the object from ``chunks`` (views of the caller's memory, consumed once,
+        in order; ``size``: their total when known) without holding it whole in memory;
+        like :meth:`write_bytes`, fsynced on local filesystems and visible only once
+        complete on object stores."""
+
     def exists(self, key: str) -> bool: ...
 
     def size(self, key: str) -> int: ...
@@ -86,6 +93,18 @@ class Storage(Protocol):
 
     def close(self) -> None:
         """Flush background work and release resources."""
+
+
+def write_stream(
+    storage: Storage, key: str, chunks: Iterable[memoryview], size: int | None = None
+) -> None:
+    """``storage.write_stream``, or one ``write_bytes`` of the joined chunks for a
+    third-party storage written before the method existed."""
+    writer = getattr(storage, "write_stream", None)
+    if writer is not None:
+        writer(key, chunks, size)
+    else:
+        storage.write_bytes(key, b"".join(chunks))
 
 
 def join_key(*parts: str) -> str:

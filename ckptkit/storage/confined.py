@@ -17,7 +17,8 @@ HF Trainer directories and their shard indexes) goes through :func:`open_member`
   file that grows, or ``/dev/zero``, cannot exhaust memory.
 
 Messages name the member and why; never the size or content of what a link points to.
-Later work that maps or streams files starts from :attr:`Member.fd`.
+Native tensor files are read with :meth:`Member.readinto` (``pread`` into the
+caller's memory), not mapped: a mapped file truncated meanwhile would raise SIGBUS.
 """
 
 from __future__ import annotations
@@ -145,6 +146,32 @@ class Member:
             parts.append(block)
             done += len(block)
         return b"".join(parts)
+
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the bytes at ``offset`` (a range inside the file), straight
+        from the descriptor into the caller's memory (e.g. a fresh tensor's); a file
+        that shrank meanwhile raises CorruptCheckpointError, never a partial buffer."""
+        length = len(buf)
+        if offset < 0 or offset + length > self.size:
+            raise CorruptCheckpointError(
+                f"{self.url}: a recorded byte range lies outside the {self.size}-byte file "
+                "(truncated, or an index that does not belong to it)"
+            )
+        if self.fd is None:
+            buf[:] = self.read()[offset : offset + length]
+            return
+        done = 0
+        while done < length:
+            piece = buf[done : done + _CHUNK]
+            if hasattr(os, "preadv"):
+                got = os.preadv(self.fd, [piece], offset + done)
+            else:  # no preadv (some BSDs): one copy through bytes
+                block = os.pread(self.fd, len(piece), offset + done)
+                piece[: len(block)] = block
+                got = len(block)
+            if not got:
+                raise CorruptCheckpointError(f"{self.url}: shrank while being read (damaged?)")
+            done += got
 
     def head(self, n: int) -> bytes:
         """The first ``n`` bytes (fewer for a shorter file)."""

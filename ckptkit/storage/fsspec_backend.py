@@ -306,6 +306,7 @@ class FsspecStorage:
     """
 
     commit = "marker"
+    parallel_writes = 4  # files of one checkpoint uploaded at once (atomic/strategies.py)
     attempts = 4  # tries per call, counting the first
     backoff = 0.5  # seconds before the first retry; doubles each time
     # The largest part of an upload or a streamed write: each part is a round trip (and
@@ -633,6 +634,20 @@ class FsspecStorage:
 
     def _resumable(self) -> bool:
         return self._remote and self.protocol in ("gs", "gcs") and hasattr(self._fs, "_call")
+
+    def write_stream(self, key: str, chunks: Iterable[memoryview], size: int | None = None) -> None:
+        """Write ``chunks``. On GCS, given its ``size``, a resumable upload that holds at
+        most one part in memory; elsewhere (memory://, other stores) the chunks are
+        joined and written with :meth:`write_bytes`, whose retries need the whole object."""
+        if self._resumable() and size is not None and size > MIN_PART:
+            try:
+                self._upload(key, self._p(key), chunks, size)
+            except FileNotFoundError as exc:
+                if self._bucket_missing():
+                    raise self._missing_bucket_error() from None
+                raise self._error(key, exc) from exc
+        else:
+            self.write_bytes(key, b"".join(chunks))
 
     def _upload(
         self, key: str, path: str, chunks: Iterable[Buffer], size: int | None = None

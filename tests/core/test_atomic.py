@@ -56,11 +56,11 @@ def _visible_tmp(run_dir: str) -> list[str]:
 # -- damaged checkpoints -------------------------------------------------------
 
 
-@pytest.mark.parametrize("fname", ["model.safetensors", "state.pt"])
+@pytest.mark.parametrize("fname", ["model.safetensors", "state.json"])
 def test_flipped_byte_is_skipped_with_a_warning_naming_it(run_dir, fname):
     _saved_run(run_dir)
     flip_byte(os.path.join(_ckpt(run_dir, 3), fname), offset=-2)
-    with pytest.warns(CheckpointWarning, match=rf"step-000000000003/{fname}.*sha256"):
+    with pytest.warns(CheckpointWarning, match=rf"step-000000000003/{fname}.*xxh3"):
         step, state = _restore(run_dir)
     assert step == 2
     assert state["extra"]["step"] == 2 and state["model"]["w"][0].item() == 2.0
@@ -74,13 +74,13 @@ def test_verify_false_skips_the_hash_check(run_dir):
         warnings.simplefilter("error", CheckpointWarning)
         step, state = _restore(run_dir, verify=False)
     assert step == 3
-    assert not torch.equal(state["model"]["w"], _state(3)["model"]["w"])
+    assert not all(torch.equal(state["model"][k], _state(3)["model"][k]) for k in ("w", "b"))
 
 
 def test_truncated_file_is_skipped_by_restore_and_latest(run_dir):
     _saved_run(run_dir)
-    truncate(os.path.join(_ckpt(run_dir, 3), "state.pt"))
-    with pytest.warns(CheckpointWarning, match="step-000000000003/state.pt"):
+    truncate(os.path.join(_ckpt(run_dir, 3), "state.json"))
+    with pytest.warns(CheckpointWarning, match="step-000000000003/state.json"):
         assert _restore(run_dir)[0] == 2
     with (
         CheckpointManager(run_dir, readonly=True) as mgr,
@@ -155,16 +155,30 @@ def _tree(run_dir: str) -> dict[str, bytes]:
 
 
 def _fail_on_call(storage, monkeypatch, n: int, exc: BaseException) -> None:
-    real = storage.write_bytes
+    """The ``n``-th file write (``write_bytes`` or ``write_stream``) raises ``exc``, after
+    the first chunk of a stream was written (a disk that fills mid-file)."""
+    real_bytes, real_stream = storage.write_bytes, storage.write_stream
     calls = {"n": 0}
 
     def write_bytes(key: str, data: bytes) -> None:
         calls["n"] += 1
         if calls["n"] == n:
             raise exc
-        real(key, data)
+        real_bytes(key, data)
+
+    def write_stream(key: str, chunks, size=None) -> None:
+        calls["n"] += 1
+        if calls["n"] != n:
+            return real_stream(key, chunks, size)
+
+        def failing():
+            yield next(iter(chunks))
+            raise exc
+
+        return real_stream(key, failing(), size)
 
     monkeypatch.setattr(storage, "write_bytes", write_bytes)
+    monkeypatch.setattr(storage, "write_stream", write_stream)
 
 
 @pytest.mark.parametrize("commit", ["rename", "marker"])

@@ -92,14 +92,14 @@ def test_inspect_run_json_is_its_latest(run):
     assert info["source"].endswith("step-000000000300")
     assert info["state"]["model"] == {"tensors": 4, "parameters": 58, "bytes": 232}
     assert info["metrics"] == {"val_loss": 0.6}
-    assert set(info["files"]) == {"model.safetensors", "state.pt"}
-    assert all(len(f["sha256"]) == 64 for f in info["files"].values())
+    assert {"model.safetensors", "optimizer.safetensors", "state.json"} <= set(info["files"])
+    assert all(len(f["xxh3"]) == 32 for f in info["files"].values())
     assert info["versions"]["torch"] == torch.__version__
 
 
 def test_inspect_refuses_a_damaged_checkpoint_unless_no_verify(run):
     flip_byte(os.path.join(_ckpt(run, 300), "model.safetensors"))
-    assert_clean_error(invoke("inspect", _ckpt(run, 300)), 4, "sha256")
+    assert_clean_error(invoke("inspect", _ckpt(run, 300)), 4, "xxh3")
     assert invoke("inspect", _ckpt(run, 300), "--no-verify").exit_code == 0
 
 
@@ -126,7 +126,7 @@ def test_ls_json(run):
     assert [r["best"] for r in rows] == [False, True, False]
     assert [r["latest"] for r in rows] == [False, False, True]
     assert {r["status"] for r in rows} == {"complete"}
-    assert all(r["size"] > 0 and r["files"] == 2 for r in rows)
+    assert all(r["size"] > 0 and r["files"] == 3 for r in rows)
     # ``path`` is accepted by inspect, verify, load and restore(which=...).
     for r in rows:
         assert json.loads(invoke("inspect", r["path"], "--json").output)["step"] == r["step"]
@@ -175,7 +175,7 @@ def test_verify_good_run_and_checkpoint(run):
 
 
 def test_verify_reports_corrupt_and_incomplete_checkpoints(run):
-    flip_byte(os.path.join(_ckpt(run, 200), "state.pt"))
+    flip_byte(os.path.join(_ckpt(run, 200), "state.json"))
     os.remove(os.path.join(_ckpt(run, 300), "manifest.json"))
     result = invoke("verify", run, "--json")
     assert result.exit_code == 4
@@ -183,7 +183,7 @@ def test_verify_reports_corrupt_and_incomplete_checkpoints(run):
     assert report["ok"] is False
     by_step = {os.path.basename(c["url"]): c for c in report["checkpoints"]}
     assert by_step["step-000000000100"]["ok"] is True
-    assert "state.pt: sha256 does not match" in by_step["step-000000000200"]["problem"]
+    assert "state.json: xxh3 does not match" in by_step["step-000000000200"]["problem"]
     assert "no manifest" in by_step["step-000000000300"]["problem"]
     text = invoke("verify", run)
     assert text.exit_code == 4
@@ -301,7 +301,7 @@ def test_console_script_exit_codes_and_one_line_messages(run, tmp_path):
     assert code == 0, stderr
     assert json.loads(stdout)["step"] == 200  # the damaged latest is skipped
     assert stderr.strip().splitlines() == [
-        f"Warning: skipping {_ckpt(run, 300)}/model.safetensors: sha256 does not match "
+        f"Warning: skipping {_ckpt(run, 300)}/model.safetensors: xxh3 does not match "
         "the manifest (damaged)"
     ]
 
@@ -323,7 +323,7 @@ def test_inspect_json_contract(run, tmp_path):
     assert damaged.exit_code == 4
     report = json.loads(damaged.stdout)
     assert (report["format"], report["step"], report["complete"]) == ("ckptkit", 300, False)
-    assert "sha256" in report["problem"]
+    assert "xxh3" in report["problem"]
 
 
 class _Exploit:

@@ -21,12 +21,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
+from xxhash import xxh3_128_hexdigest
 
 import ckptkit
 from ckptkit import CheckpointManager
 from ckptkit.cli import _register_commands, cli
 from ckptkit.errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
-from ckptkit.manifest import MANIFEST, sha256_bytes
+from ckptkit.manifest import MANIFEST
 from ckptkit.reader import read_checkpoint
 
 from .helpers import make_training, tensors_equal, train_steps
@@ -131,7 +132,7 @@ def assert_refused_everywhere(run: str, step: int, *, leak: tuple[str, ...] = ()
 
 
 # -- symlinked members and directories ---------------------------------------------
-@pytest.mark.parametrize("member", ["state.pt", "model.safetensors", MANIFEST])
+@pytest.mark.parametrize("member", ["state.json", "model.safetensors", MANIFEST])
 def test_symlink_to_identical_outside_copy_is_corrupt(run, tmp_path, member):
     # The outside file has the very bytes the manifest records: only confinement catches it.
     plant_link(run, 2, member, copy_outside(run, 2, member, tmp_path))
@@ -139,7 +140,7 @@ def test_symlink_to_identical_outside_copy_is_corrupt(run, tmp_path, member):
 
 
 def test_symlink_to_secret_never_reveals_it(run, secret):
-    plant_link(run, 2, "state.pt", secret)
+    plant_link(run, 2, "state.json", secret)
     assert_refused_everywhere(run, 2, leak=(SECRET_SIZE,))
     assert Path(secret).read_bytes() == SECRET
 
@@ -150,19 +151,24 @@ def test_symlinked_checkpoint_directory_is_corrupt(run, tmp_path):
     shutil.move(ckpt(run, 2), outside)
     os.symlink(outside, ckpt(run, 2))
     assert_refused_everywhere(run, 2)
-    assert sorted(os.listdir(outside)) == ["manifest.json", "model.safetensors", "state.pt"]
+    assert sorted(os.listdir(outside)) == [
+        "manifest.json",
+        "model.safetensors",
+        "optimizer.safetensors",
+        "state.json",
+    ]
 
 
 @pytest.mark.timeout(60)
 def test_fifo_member_never_hangs(run):
-    path = os.path.join(ckpt(run, 2), "state.pt")
+    path = os.path.join(ckpt(run, 2), "state.json")
     os.unlink(path)
     os.mkfifo(path)
     assert_refused_everywhere(run, 2)
 
 
 def test_member_replaced_by_directory_is_corrupt(run):
-    path = os.path.join(ckpt(run, 2), "state.pt")
+    path = os.path.join(ckpt(run, 2), "state.json")
     os.unlink(path)
     os.mkdir(path)
     assert_refused_everywhere(run, 2)
@@ -181,7 +187,7 @@ def _limited(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 def test_dev_zero_member_is_bounded(run):
-    plant_link(run, 2, "state.pt", "/dev/zero")
+    plant_link(run, 2, "state.json", "/dev/zero")
     proc = _limited(
         f"""
         import ckptkit
@@ -201,7 +207,7 @@ def test_dev_zero_member_is_bounded(run):
     [
         "../outside.safetensors",
         "sub/../../outside.safetensors",
-        "sub/inside.safetensors",  # the native layout has no sub-folders
+        "sub/inside.safetensors",  # a sub-folder file, but named by an entry: refused
         "./inside.safetensors",
     ],
 )
@@ -215,7 +221,7 @@ def test_manifest_names_outside_the_checkpoint_are_refused(run, tmp_path, name):
     manifest_path = os.path.join(ckpt(run, 2), MANIFEST)
     raw = json.loads(Path(manifest_path).read_text())
     raw["files"].pop("model.safetensors")
-    raw["files"][name] = {"size": len(data), "sha256": sha256_bytes(data)}
+    raw["files"][name] = {"size": len(data), "xxh3": xxh3_128_hexdigest(data)}
     raw["entries"]["model"] = name
     Path(manifest_path).write_text(json.dumps(raw))
     os.unlink(os.path.join(ckpt(run, 2), "model.safetensors"))
@@ -262,7 +268,7 @@ def test_run_root_may_be_a_symlink(tmp_path):
 
 # -- rotation and cleanup -------------------------------------------------------
 def test_rotation_removes_a_member_link_not_its_target(run, secret):
-    plant_link(run, 1, "state.pt", secret)
+    plant_link(run, 1, "state.json", secret)
     state = make_training()
     with CheckpointManager(run, keep_last=1, keep_best=0) as mgr:
         mgr.save(3, state)
@@ -495,7 +501,7 @@ def test_remote_member_larger_than_recorded_is_refused_without_its_size():
         mgr.save(1, state)
         mgr.save(2, state)
     fs = fsspec.filesystem("memory")
-    key = url.removeprefix("memory://") + "/step-000000000002/state.pt"
+    key = url.removeprefix("memory://") + "/step-000000000002/state.json"
     fs.pipe_file(key, fs.cat_file(key) + SECRET)
     try:
         with CheckpointManager(url, readonly=True) as mgr:
@@ -504,7 +510,7 @@ def test_remote_member_larger_than_recorded_is_refused_without_its_size():
             with pytest.raises(CorruptCheckpointError) as err:
                 mgr.restore(make_training(), 2, verify=False)
         text = str(err.value) + " ".join(str(w.message) for w in caught)
-        assert "state.pt" in text and str(fs.info(key)["size"]) not in text
+        assert "state.json" in text and str(fs.info(key)["size"]) not in text
     finally:
         fs.rm(url.removeprefix("memory://"), recursive=True)
 
@@ -528,7 +534,7 @@ def drive_run(tmp_path, monkeypatch):
 
 def test_drive_symlinked_member_is_corrupt(drive_run, tmp_path):
     url, path = drive_run
-    plant_link(path, 2, "state.pt", copy_outside(path, 2, "state.pt", tmp_path))
+    plant_link(path, 2, "state.json", copy_outside(path, 2, "state.json", tmp_path))
     with CheckpointManager(url, readonly=True) as mgr:
         with pytest.warns(UserWarning, match="step-000000000002"):
             assert mgr.latest().step == 1
@@ -548,7 +554,12 @@ def test_drive_symlinked_checkpoint_directory_is_corrupt(drive_run, tmp_path):
         assert mgr.latest().step == 1
     with pytest.raises(CorruptCheckpointError):
         ckptkit.load(url + "/step-000000000002")
-    assert sorted(os.listdir(outside)) == ["manifest.json", "model.safetensors", "state.pt"]
+    assert sorted(os.listdir(outside)) == [
+        "manifest.json",
+        "model.safetensors",
+        "optimizer.safetensors",
+        "state.json",
+    ]
 
 
 def test_drive_upload_never_writes_through_a_planted_link(tmp_path):
@@ -562,7 +573,7 @@ def test_drive_upload_never_writes_through_a_planted_link(tmp_path):
     src.write_bytes(b"checkpoint bytes")
     on_drive = tmp_path / "MyDrive" / "run" / "step-000000000003"
     on_drive.mkdir(parents=True)
-    link, fifo = on_drive / "state.pt", on_drive / "model.safetensors"
+    link, fifo = on_drive / "state.json", on_drive / "model.safetensors"
     os.symlink(secret, link)
     os.mkfifo(fifo)
     for dst in (link, fifo):

@@ -79,19 +79,18 @@ def test_restore_on_empty_run_returns_none_and_leaves_state(run_dir):
     assert tensors_equal(before, state["model"].state_dict())
 
 
-def test_checkpoint_layout_safetensors_for_weights_and_state_pt_for_the_rest(run_dir):
+def test_checkpoint_layout_tensor_files_per_entry_and_a_state_tree(run_dir):
     state = make_training()
     state["epoch"] = 1
     with CheckpointManager(run_dir) as mgr:
         info = mgr.save(1, state)
     files = sorted(os.listdir(os.path.join(run_dir, info.name)))
-    assert files == ["manifest.json", "model.safetensors", "state.pt"]
-    assert info.manifest.entries == {
-        "model": "model.safetensors",
-        "optimizer": "state.pt",
-        "scheduler": "state.pt",
-        "epoch": "state.pt",
-    }
+    # The optimizer has no tensors before its first step; the scheduler never has.
+    assert files == ["manifest.json", "model.safetensors", "state.json"]
+    assert info.manifest.format == "ckptkit/2"
+    assert info.manifest.entries == dict.fromkeys(
+        ["model", "optimizer", "scheduler", "epoch"], "state.json"
+    )
     assert info.epoch == 1  # taken from state["epoch"] when not given
 
 

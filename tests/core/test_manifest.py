@@ -30,7 +30,7 @@ from ckptkit.storage.local import LocalStorage
 from .helpers import make_training, train_steps
 
 CKPTKIT = shutil.which("ckptkit", path=os.path.dirname(sys.executable))
-SHA = "ab" * 32
+SHA = "ab" * 16  # an xxh3-128 (ckptkit/2); ckptkit/1: tests/formats/test_ckptkit1.py
 
 
 def _name(step: int) -> str:
@@ -43,10 +43,10 @@ def good_manifest(step: int = 3) -> dict[str, Any]:
         Manifest(
             step=step,
             files={
-                "model.safetensors": FileEntry(size=496, sha256=SHA),
-                "state.pt": FileEntry(size=5247, sha256="cd" * 32),
+                "model.safetensors": FileEntry(size=496, xxh3=SHA),
+                "state.json": FileEntry(size=5247, xxh3="cd" * 16),
             },
-            entries={"model": "model.safetensors", "optimizer": "state.pt", "epoch": "state.pt"},
+            entries={"model": "state.json", "optimizer": "state.json", "epoch": "state.json"},
             epoch=1,
             metrics={"val_loss": 0.25},
             created=1795646431.09,
@@ -91,17 +91,17 @@ def deleting(*path: str) -> Mutation:
 
 
 def renaming_state_file(new: str, borrow_from: str | None = None) -> Mutation:
-    """``state.pt`` listed (and read) under another name; with ``borrow_from``, the size
-    and sha256 recorded are those of that checkpoint's real state.pt, so a reader that
+    """``state.json`` listed (and read) under another name; with ``borrow_from``, the size
+    and sha256 recorded are those of that checkpoint's real state.json, so a reader that
     follows the name finds a file that matches the manifest."""
 
     def mutate(run: str, m: dict[str, Any]) -> bytes:
-        entry = m["files"].pop("state.pt")
+        entry = m["files"].pop("state.json")
         if borrow_from:
             with open(os.path.join(run, borrow_from, "manifest.json")) as f:
-                entry = json.load(f)["files"]["state.pt"]
+                entry = json.load(f)["files"]["state.json"]
         m["files"][new] = entry
-        m["entries"] = {k: new if v == "state.pt" else v for k, v in m["entries"].items()}
+        m["entries"] = {k: new if v == "state.json" else v for k, v in m["entries"].items()}
         return _dumps(m)
 
     return mutate
@@ -132,32 +132,44 @@ BAD: dict[str, Mutation] = {
     "step-missing": deleting("step"),
     "step-disagrees-with-name": setting("step", value=5),
     # files, sizes, checksums, names
-    "size-negative": setting("files", "state.pt", "size", value=-5),
+    "size-negative": setting("files", "state.json", "size", value=-5),
     "size-true": setting("files", "model.safetensors", "size", value=True),
-    "size-float": setting("files", "state.pt", "size", value=5247.0),
-    "size-string": setting("files", "state.pt", "size", value="5247"),
-    "sha256-short": setting("files", "state.pt", "sha256", value="ab" * 31),
-    "sha256-non-hex": setting("files", "state.pt", "sha256", value="zz" * 32),
-    "sha256-upper": setting("files", "state.pt", "sha256", value="AB" * 32),
-    "sha256-int": setting("files", "state.pt", "sha256", value=12),
-    "file-entry-extra-key": setting("files", "state.pt", "mode", value="0777"),
-    "file-entry-list": setting("files", "state.pt", value=[1, 2]),
-    "files-list": setting("files", value=["state.pt"]),
+    "size-float": setting("files", "state.json", "size", value=5247.0),
+    "size-string": setting("files", "state.json", "size", value="5247"),
+    "xxh3-short": setting("files", "state.json", "xxh3", value="ab" * 15),
+    "xxh3-non-hex": setting("files", "state.json", "xxh3", value="zz" * 16),
+    "xxh3-upper": setting("files", "state.json", "xxh3", value="AB" * 16),
+    "xxh3-int": setting("files", "state.json", "xxh3", value=12),
+    "xxh3-and-sha256": setting("files", "state.json", "sha256", value="ab" * 32),
+    "sha256-in-format-2": raw(lambda b: b.replace(b'"xxh3": ', b'"sha256": ')),
+    "file-entry-extra-key": setting("files", "state.json", "mode", value="0777"),
+    "file-entry-list": setting("files", "state.json", value=[1, 2]),
+    "files-list": setting("files", value=["state.json"]),
     "file-dotdot": renaming_state_file("../x"),
     "file-dotdot-into-sibling": renaming_state_file(
-        f"../{_name(2)}/state.pt", borrow_from=_name(2)
+        f"../{_name(2)}/state.json", borrow_from=_name(2)
     ),
     "file-absolute": renaming_state_file("/etc/passwd"),
-    "file-subfolder": renaming_state_file("sub/state.pt"),
+    "file-subfolder": renaming_state_file("sub/state.json"),
     "file-empty-name": renaming_state_file(""),
     "file-dot": renaming_state_file("."),
-    "file-backslash": renaming_state_file("..\\state.pt"),
+    "file-backslash": renaming_state_file("..\\state.json"),
     "file-is-the-manifest": renaming_state_file("manifest.json"),
     "entry-unlisted-file": setting("entries", "optimizer", value="other.bin"),
-    "entry-not-a-string": setting("entries", "optimizer", value=["state.pt"]),
+    "entry-not-a-string": setting("entries", "optimizer", value=["state.json"]),
     "entries-list": setting("entries", value=["model"]),
     "two-entries-one-safetensors": setting("entries", "optimizer", value="model.safetensors"),
-    "file-named-by-no-entry": setting("files", "extra.bin", value={"size": 0, "sha256": SHA}),
+    "file-named-by-no-entry": setting("files", "extra.bin", value={"size": 0, "xxh3": SHA}),
+    "file-two-folders-deep": setting("files", "a/b/c", value={"size": 0, "xxh3": SHA}),
+    "entry-names-a-tensor-file": setting("entries", "optimizer", value="model.safetensors"),
+    "entry-folder-without-files": setting("entries", "optimizer", value="dcp/"),
+    "entry-folder-without-layout": raw(
+        lambda b: b.replace(b'"optimizer": "state.json"', b'"optimizer": "sub/"').replace(
+            b'"files": {', b'"files": {"sub/x": {"size": 1, "xxh3": "' + SHA.encode() + b'"}, ', 1
+        )
+    ),
+    "layouts-of-no-folder": setting("layouts", value={"dcp/": "dcp"}),
+    "layouts-list": setting("layouts", value=["dcp/"]),
     # metrics
     "metric-nan": setting("metrics", "val_loss", value=float("nan")),
     "metric-infinity": setting("metrics", "val_loss", value=float("-inf")),
@@ -182,14 +194,13 @@ BAD: dict[str, Mutation] = {
     "metadata-best_metric-junk": setting("metadata", "best_metric", value={"a": 1}),
     "versions-list": setting("versions", value=["1"]),
     "versions-int": setting("versions", "torch", value=2),
-    "format-other": setting("format", value="ckptkit/2"),
+    "format-other": setting("format", value="ckptkit/0"),
+    "format-junk": setting("format", value="ckptkit/2x"),
     "format-missing": deleting("format"),
     "unknown-field": setting("surprise", value=1),
     # JSON itself
     "duplicate-top-level-key": raw(lambda b: b'{"step": 2, ' + b[1:]),
-    "duplicate-nested-key": raw(
-        lambda b: b.replace(b'"sha256": ', b'"sha256": "x", "sha256": ', 1)
-    ),
+    "duplicate-nested-key": raw(lambda b: b.replace(b'"xxh3": ', b'"xxh3": "x", "xxh3": ', 1)),
     "nan-in-config": setting("config", "lr", value=float("nan")),
     "deeply-nested-junk": raw_value("config", text=b"[" * 100_000 + b"]" * 100_000),
     "deeply-nested-config": raw_value("config", text=b'{"a":' * 5_000 + b"1" + b"}" * 5_000),
@@ -339,7 +350,7 @@ def test_messages_show_control_characters_from_a_manifest_escaped(tmp_path, muta
 
 def test_a_good_manifest_round_trips():
     m = Manifest.from_bytes(_dumps(good_manifest()), "src")
-    assert m.step == 3 and m.files["state.pt"].size == 5247 and m.metrics == {"val_loss": 0.25}
+    assert m.step == 3 and m.files["state.json"].size == 5247 and m.metrics == {"val_loss": 0.25}
     assert Manifest.from_bytes(m.to_bytes(), "src") == m
 
 
@@ -378,7 +389,7 @@ json_leaf = (
     | st.integers(min_value=-2, max_value=2**40)
     | st.floats()
     | st.text(max_size=6)
-    | st.sampled_from(["state.pt", "model.safetensors", "../x", "", "a/b", "ab" * 32])
+    | st.sampled_from(["state.json", "model.safetensors", "../x", "", "a/b", "ab" * 32])
 )
 json_value = st.recursive(
     json_leaf,
@@ -405,21 +416,23 @@ def _is_valid(m: Manifest) -> bool:
     return (
         is_int(m.step)
         and 0 <= m.step < 10**12
-        and m.format == "ckptkit/1"
+        and m.format == "ckptkit/2"
         and isinstance(m.files, dict)
         and all(
             isinstance(n, str)
             and n not in ("", ".", "..", "manifest.json")
-            and "/" not in n
+            and n.count("/") <= 1
+            and "" not in n.split("/")
             and "\\" not in n
             and isinstance(e, FileEntry)
             and is_int(e.size)
             and e.size >= 0
-            and is_hex(e.sha256, 64)
+            and is_hex(e.xxh3, 32)
+            and e.sha256 is None
             for n, e in m.files.items()
         )
         and isinstance(m.entries, dict)
-        and all(isinstance(k, str) and v in m.files for k, v in m.entries.items())
+        and all(isinstance(k, str) and v == "state.json" for k, v in m.entries.items())
         and isinstance(m.metrics, dict)
         and all(isinstance(k, str) and is_finite(v) for k, v in m.metrics.items())
         and (m.epoch is None or (is_int(m.epoch) and m.epoch >= 0))
@@ -455,11 +468,11 @@ def mutated_manifests(draw: st.DrawFn) -> bytes:
         elif where == "delete":
             m.pop(draw(st.sampled_from(FIELDS)), None)
         elif isinstance(m.get("files"), dict) and where == "files":
-            m["files"][draw(st.text(max_size=6) | st.sampled_from(["state.pt", "../x"]))] = value
+            m["files"][draw(st.text(max_size=6) | st.sampled_from(["state.json", "../x"]))] = value
         elif isinstance(m.get("files"), dict) and where == "file-entry" and m["files"]:
             entry = m["files"][draw(st.sampled_from(sorted(m["files"])))]
             if isinstance(entry, dict):
-                entry[draw(st.sampled_from(["size", "sha256", "other"]))] = value
+                entry[draw(st.sampled_from(["size", "xxh3", "sha256", "other"]))] = value
         elif isinstance(m.get(where), dict):
             m[where][draw(st.sampled_from(["model", "optimizer", "val_loss", "new"]))] = value
     return _dumps(m)

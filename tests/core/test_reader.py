@@ -7,9 +7,11 @@ import io
 import json
 import os
 import pickle
+import shutil
 
 import pytest
 import torch
+from xxhash import xxh3_128_hexdigest
 
 import ckptkit
 from ckptkit import (
@@ -67,7 +69,7 @@ def test_inspect_describes_the_checkpoint(saved):
     assert info["state"]["model"] == {"tensors": 4, "parameters": 58, "bytes": 232}
     assert info["state"]["epoch"] == 2 and info["state"]["notes"] == "list[2]"
     assert info["config"] == {"lr": 0.1}
-    assert set(info["files"]) == {"model.safetensors", "state.pt"}
+    assert set(info["files"]) == {"model.safetensors", "state.json"}
     assert info["versions"]["ckptkit"] == ckptkit.__version__
     assert info["notes"] == []
     json.dumps(info)  # what `ckptkit inspect --json` prints
@@ -89,7 +91,7 @@ def test_directory_that_is_no_checkpoint_is_not_found(tmp_path):
 def test_damaged_checkpoint_dir_is_corrupt_unless_verify_false(saved):
     run, _ = saved
     flip_byte(os.path.join(_ckpt(run, 20), "model.safetensors"))
-    with pytest.raises(CorruptCheckpointError, match="model.safetensors: sha256"):
+    with pytest.raises(CorruptCheckpointError, match="model.safetensors: xxh3"):
         ckptkit.load(_ckpt(run, 20))
     assert "model" in ckptkit.load(_ckpt(run, 20), verify=False)
     with pytest.warns(CheckpointWarning, match="step-000000000020"):
@@ -118,18 +120,27 @@ def _plant(checkpoint_dir: str, fname: str, payload: bytes) -> None:
     path = os.path.join(checkpoint_dir, MANIFEST)
     with open(path) as f:
         manifest = json.load(f)
-    manifest["files"][fname] = {"size": len(payload), "sha256": sha256_bytes(payload)}
+    if manifest["format"] == "ckptkit/1":
+        manifest["files"][fname] = {"size": len(payload), "sha256": sha256_bytes(payload)}
+    else:
+        manifest["files"][fname] = {"size": len(payload), "xxh3": xxh3_128_hexdigest(payload)}
     with open(path, "w") as f:
         json.dump(manifest, f)
 
 
+OLD_RUN = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "ckptkit1", "run")
+
+
 @pytest.fixture
-def booby_trapped(saved, tmp_path):
-    run, _ = saved
+def booby_trapped(tmp_path):
+    """A ckptkit/1 run (the format that pickled state into state.pt) whose state.pt is
+    replaced by a pickle calling os.system, its manifest re-signed (sha256)."""
+    run = str(tmp_path / "old")
+    shutil.copytree(OLD_RUN, run)
     marker = str(tmp_path / PWNED)
     buf = io.BytesIO()
     torch.save({"epoch": Exploit(marker), "notes": []}, buf)
-    _plant(_ckpt(run, 20), "state.pt", buf.getvalue())
+    _plant(_ckpt(run, 3), "state.pt", buf.getvalue())
     return run, marker
 
 
@@ -137,7 +148,7 @@ def booby_trapped(saved, tmp_path):
 def test_load_never_unpickles_arbitrary_objects(booby_trapped, verify):
     run, marker = booby_trapped
     with pytest.raises(UnsafeCheckpointError, match="posix.system|os.system|system"):
-        ckptkit.load(_ckpt(run, 20), verify=verify)
+        ckptkit.load(_ckpt(run, 3), verify=verify)
     assert not os.path.exists(marker)
 
 

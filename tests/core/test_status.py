@@ -93,9 +93,9 @@ def test_ls_says_what_it_checked(run_dir):
     _save(run_dir, 10, 20)
     result = invoke("ls", run_dir)
     assert result.exit_code == 0
-    assert "sha256" in result.stderr and "sizes" in result.stderr
+    assert "hashes" in result.stderr and "sizes" in result.stderr
     rows = json.loads(invoke("ls", run_dir, "--json").stdout)
-    assert [r["checked"] for r in rows] == ["sizes", "sha256"]
+    assert [r["checked"] for r in rows] == ["sizes", "hash"]
 
 
 # -- --resume auto on a run whose checkpoints are all damaged ---------------------

@@ -180,6 +180,14 @@ def mark_commits(mgr: CheckpointManager, mark: Markers) -> None:
         write(key, data)
 
     mgr.storage.write_bytes = write_marked  # type: ignore[method-assign]
+    stream = mgr.storage.write_stream
+
+    def stream_marked(key: str, chunks: Any, size: int | None = None) -> None:
+        if key.startswith(".tmp-"):  # tensor files and state.json are streamed
+            mark(f"SAVING {key}")
+        stream(key, chunks, size)
+
+    mgr.storage.write_stream = stream_marked  # type: ignore[method-assign]
 
 
 def validate(model: nn.Module, valid: NoisyRegression) -> float:

@@ -3,6 +3,7 @@ command then resumes at exactly that step and ends bit-identical to an uninterru
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -138,15 +139,20 @@ def test_sigint_again_while_saving_interrupts_at_once_and_the_run_still_resumes(
     expected = reference(tmp_path_factory.getbasetemp())
     run, out = tmp_path / "run", tmp_path / "final.pt"
     first, at_step = at("STEP", 6)
-    # Steps 4 and 6 are saved (3 files each): the 5th file written is in the step-6 commit.
-    second, in_save = at("SAVING", 5)
+    # Steps 4 and 6 are saved: the second file the step-6 commit writes is file number
+    # (files per commit + 2), counted on a checkpoint of the reference run (manifest included).
+    done = next(tmp_path_factory.getbasetemp().glob("reference-*/step-*"))
+    per_commit = len(os.listdir(done))
+    second, in_save = at("SAVING", per_commit + 2)
     stops = [(at_step, signal.SIGINT)]
     stops += [(at("STEP", 6)[1], sig) for sig in between]
     stops += [(in_save, signal.SIGINT)]
     interrupted = run_script(run, out, *first, *second, stops=stops, whole_group=False)
     assert interrupted.rc not in (0, EXIT_RESUMABLE), interrupted.text()
     assert any("KeyboardInterrupt" in line for line in interrupted.lines), interrupted.text()
-    assert interrupted.values("SAVING")[4].startswith(".tmp-step-000000000006"), interrupted.text()
+    assert interrupted.values("SAVING")[per_commit + 1].startswith(".tmp-step-000000000006"), (
+        interrupted.text()
+    )
     assert interrupted.last("SAVED") == 4, "the interrupted save became visible"
     resume_and_compare(run, out, expected, 4)
 

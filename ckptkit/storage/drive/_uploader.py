@@ -10,7 +10,7 @@ import random
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from ckptkit.errors import StorageError
 from ckptkit.storage.drive._journal import Op, Session, replay
@@ -109,20 +109,24 @@ class Uploader:
             self._seq += 1
             return self._seq
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | Iterable[memoryview]) -> None:
+        """Stage ``data`` (bytes, or chunks written as they come: a checkpoint's tensor
+        file is never held whole in memory) and queue its upload."""
         self._refuse()
         seq = self._next_seq()
         staged = os.path.join(self._session.files, str(seq))
+        size = 0
         try:
             with open(staged, "wb") as f:
-                f.write(data)
+                for chunk in (data,) if isinstance(data, bytes | bytearray | memoryview) else data:
+                    size += f.write(chunk)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(staged)
             raise StorageError(
                 f"{staged}: cannot stage a Drive write: {exc.strerror or exc}"
             ) from exc
-        self._submit(Op("put", key, self._session, seq, staged=staged, size=len(data)))
+        self._submit(Op("put", key, self._session, seq, staged=staged, size=size))
 
     def delete(self, key: str, recursive: bool) -> None:
         self._refuse()

@@ -7,7 +7,7 @@ import hashlib
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from ckptkit.errors import StorageError
@@ -300,6 +300,16 @@ class DriveStorage:
             self._direct(full, lambda drive: drive.write_bytes(full, data))
         else:
             up.put(full, data)
+
+    def write_stream(self, key: str, chunks: Iterable[memoryview], size: int | None = None) -> None:
+        """Stage ``chunks`` as they come (no copy of the whole object) and queue the upload."""
+        full = self._k(key)
+        up = self._run.writer()
+        if full in up.direct:
+            data = b"".join(chunks)
+            self._direct(full, lambda drive: drive.write_bytes(full, data))
+        else:
+            up.put(full, chunks)
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
         """Create ``key`` on Drive now (O_EXCL on the mount: best effort); this key's

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ckptkit import run as runmod
+from ckptkit.asyncsave import AsyncSaver
 from ckptkit.atomic import CommitStrategy, get_strategy
 from ckptkit.errors import (
     CheckpointNotFoundError,
@@ -148,6 +149,10 @@ class CheckpointManager:
     ``trainable_only=True`` saves and restores every ``torch.nn.Module`` in ``state``
     through ``TrainableOnly(module)``: its ``requires_grad`` parameters and buffers, with a
     fingerprint of its frozen weights that a restore must match (docs/RESUME.md).
+
+    ``async_save=True``: ``save()`` returns once a consistent snapshot of the state is
+    taken and writes it in the background; it is committed by the next ``save``, or
+    ``wait()``/``close()`` (docs/RESUME.md, "Async save").
     """
 
     def __init__(
@@ -173,6 +178,7 @@ class CheckpointManager:
         retention: list[RetentionPolicy] | None = None,
         triggers: list[SaveTrigger] | None = None,
         trainable_only: bool = False,
+        async_save: bool = False,
     ) -> None:
         if mode not in ("min", "max"):
             raise ConfigError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -236,6 +242,8 @@ class CheckpointManager:
             if self._lock is not None:
                 self._lock.release()  # a failed constructor must not keep the run locked
             raise
+        # A save still in flight at interpreter exit is finished there (asyncsave).
+        self._background = AsyncSaver(self) if async_save and self.writer else None
 
     # -- context manager ------------------------------------------------------
     def __enter__(self) -> CheckpointManager:
@@ -256,7 +264,10 @@ class CheckpointManager:
             self.storage.close()
 
     def wait(self) -> None:
-        """Block until every save so far is durable on the storage."""
+        """Block until every save so far is durable on the storage. With
+        ``async_save=True`` this commits the save in flight, and raises its error."""
+        if self._background is not None:
+            self._background.wait()
         self.storage.flush()
         self._fire_commits()
 
@@ -391,8 +402,11 @@ class CheckpointManager:
         """Save when a policy says so (interval, wall time, epoch end, signal, deadline).
 
         After a signal or near the time limit this saves whatever the interval and
-        sets ``should_stop``, so the loop can exit cleanly.
+        sets ``should_stop``, so the loop can exit cleanly (with ``async_save=True``, that
+        save is committed before this returns).
         """
+        if self._background is not None:
+            self._background.poll()  # a finished background save: hooks and retention now
         now = time.monotonic()
         reasons = [r for t in self.triggers if (r := t.reason(step, now))]
         if epoch_end and self.save_on_epoch_end:
@@ -408,6 +422,8 @@ class CheckpointManager:
         if urgent:
             self.stop_reason = urgent[0]
             self._stop_after_save = True
+            if self._background is not None:
+                self._background.wait()  # the loop exits next: the save must be there
         return info
 
     @property
@@ -432,11 +448,18 @@ class CheckpointManager:
 
         Nothing existing is touched until the new checkpoint is committed; then
         retention deletes what no policy keeps.
+
+        With ``async_save=True`` it first waits for the save in flight (raising its error,
+        if it failed), returns once the snapshot is taken, and the checkpoint it returns
+        (``name``, ``url``, ``step``, ``metrics``; no file entries yet) is committed in
+        the background: durable after ``wait()``, ``close()`` or the next ``save``.
         """
         if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < MAX_STEP:
             raise ConfigError(f"step must be an int in [0, 10**12), got {step!r}")
         if not self._writable("save"):
             return None
+        if self._background is not None:
+            self._background.wait()  # one save in flight at a time
         started = time.monotonic()
         self._pm.hook.ckptkit_before_save(manager=self, step=step, state=state)
         full = self._with_extra_state(state)
@@ -448,6 +471,8 @@ class CheckpointManager:
             epoch = int(state["epoch"])
         manifest = self._manifest(step, full, metrics, epoch)
         existing = self.list()
+        if self._background is not None:
+            return self._background.submit(collected, manifest, existing, started)
         info = self._write(collected, manifest)
         self._finish(info, existing, started)
         return info
@@ -481,16 +506,21 @@ class CheckpointManager:
             versions=versions(),
         )
 
-    def _write(self, collected: Mapping[str, Any], manifest: Manifest) -> CheckpointInfo:
-        """Encode ``collected``, pick the checkpoint's name and commit it (manifest last).
-        Reads ``collected`` only; touches no committed checkpoint."""
-        files, entries = native.encode(collected)
-        manifest = dataclasses.replace(manifest, files=native.file_entries(files), entries=entries)
-        step = manifest.step
+    def _next_name(self, step: int) -> str:
+        """The name of the next checkpoint at ``step``: its next free revision."""
         # Count every directory named for this step, committed or not: a damaged one
         # still occupies its name, and the new checkpoint must not collide with it.
         taken = [p for n in self.storage.listdir("") if (p := parse_name(n)) and p[0] == step]
-        name = checkpoint_name(step, 1 + max((rev for _, rev in taken), default=-1))
+        return checkpoint_name(step, 1 + max((rev for _, rev in taken), default=-1))
+
+    def _write(
+        self, collected: Mapping[str, Any], manifest: Manifest, name: str | None = None
+    ) -> CheckpointInfo:
+        """Encode ``collected``, pick the checkpoint's name (unless given) and commit it
+        (manifest last). Reads ``collected`` only; touches no committed checkpoint."""
+        files, entries = native.encode(collected)
+        manifest = dataclasses.replace(manifest, files=native.file_entries(files), entries=entries)
+        name = name or self._next_name(manifest.step)
         wrote_run_info = self._write_run_info()
         try:
             self.strategy.commit(self.storage, name, files, manifest.to_bytes())
@@ -502,14 +532,21 @@ class CheckpointManager:
             raise
         return CheckpointInfo(name=name, url=self.storage.url_of(name), manifest=manifest)
 
-    def _finish(self, info: CheckpointInfo, existing: list[CheckpointInfo], started: float) -> None:
+    def _finish(
+        self,
+        info: CheckpointInfo,
+        existing: list[CheckpointInfo],
+        started: float,
+        *,
+        tell_triggers: bool = True,
+    ) -> None:
         """After a commit: hooks, triggers, retention (``existing``: the committed
-        checkpoints listed before the save)."""
+        checkpoints listed before the save; an async save told the triggers already)."""
         self._pm.hook.ckptkit_after_save(manager=self, info=info)
         self._uncommitted.append(info)
         if not getattr(self.storage, "write_behind", False):
             self._fire_commits()
-        for trigger in self.triggers:
+        for trigger in self.triggers if tell_triggers else ():
             trigger.saved(info.step, time.monotonic())
         self._rotate([*existing, info], saved=info)
         if self._deadline is not None:

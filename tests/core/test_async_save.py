@@ -27,15 +27,13 @@ from ckptkit.storage.base import join_key
 from ckptkit.storage.local import LocalStorage
 from tests.core.helpers import make_training, tensors_equal, train_steps
 
-pytestmark = pytest.mark.xfail(strict=True, reason="issue 10.4: no async_save yet")
-
 
 class DiskOnly(LocalStorage):
     """``nolocal:///dir``: a local directory that does not say so (``local_path`` is
     None), as an object store would not: the async save takes its thread path."""
 
     def __init__(self, url: str) -> None:
-        super().__init__(url.removeprefix("nolocal://"))
+        super().__init__(url.split("://", 1)[1])
         self.url = url
 
     def local_path(self, key: str) -> str | None:
@@ -47,7 +45,7 @@ class FlakyDisk(LocalStorage):
     (the commit of step 2) fails like a full disk."""
 
     def __init__(self, url: str) -> None:
-        super().__init__(url.removeprefix("flaky://"))
+        super().__init__(url.split("://", 1)[1])
         self.url = url
 
     def rename(self, src: str, dst: str) -> None:
@@ -295,3 +293,40 @@ def test_the_snapshot_copy_keeps_shared_storage_and_needs_no_grad(tmp_path) -> N
         base.add_(100.0)
         mgr.wait()
         assert committed_files(mgr, "step-000000000001") == expected
+
+
+def test_state_in_shared_memory_is_copied_not_forked(tmp_path) -> None:
+    """A forked child would see the parent's later writes to shared memory (Hogwild's
+    ``share_memory()``): such a state takes the copying thread path, and the checkpoint
+    is still the state at save time."""
+    state = training_state()
+    state["model"].share_memory()
+    with CheckpointManager(str(tmp_path / "sync"), run_name="r") as sync:
+        sync.save(1, state)
+        expected = committed_files(sync, "step-000000000001")
+    strategy = Recording(RenameCommit(), str(tmp_path / "log"))
+    with CheckpointManager(
+        str(tmp_path / "async"), run_name="r", async_save=True, commit=strategy
+    ) as mgr:
+        mgr.save(1, state)
+        mutate(state)
+        mgr.wait()
+        assert committed_files(mgr, "step-000000000001") == expected
+    ((_, pid, _),) = strategy.where()
+    assert pid == os.getpid()
+
+
+def test_a_save_from_another_thread_writes_in_a_thread(tmp_path) -> None:
+    """PR_SET_PDEATHSIG follows the thread that forked: a save called from a thread that
+    may end first is written by a thread instead."""
+    state = training_state()
+    strategy = Recording(RenameCommit(), str(tmp_path / "log"))
+    mgr = CheckpointManager(str(tmp_path / "r"), async_save=True, commit=strategy)
+    worker = threading.Thread(target=mgr.save, args=(1, state))
+    worker.start()
+    worker.join()
+    mgr.close()
+    ((_, pid, _),) = strategy.where()
+    assert pid == os.getpid()
+    with CheckpointManager(str(tmp_path / "r"), readonly=True) as reader:
+        assert [c.step for c in reader.list()] == [1]

@@ -16,11 +16,7 @@ import torch
 
 from ckptkit import EXIT_RESUMABLE, CheckpointManager
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.timeout(300),
-    pytest.mark.xfail(strict=True, reason="issue 10.4: no async_save yet"),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 SCRIPT = Path(__file__).with_name("async_script.py")
 TIMEOUT = 120.0

@@ -122,7 +122,6 @@ def test_the_report_is_generated_from_the_run(soak: dict[str, Any]) -> None:
         assert f"| {phase} |" in text
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10.4: the soak has no --async-save yet")
 def test_async_save_kills_lose_or_damage_nothing(soak_async: dict[str, Any]) -> None:
     data = soak_async["data"]
     assert data["problems"] == [], data["problems"]

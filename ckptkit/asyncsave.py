@@ -137,6 +137,15 @@ class AsyncSaver:
         mgr._finish(info, pending.existing, started, tell_triggers=False)
         return info
 
+    def abandon(self) -> None:
+        """Stop waiting for the save in flight (``close()`` interrupted, say by a second
+        Ctrl+C): a forked writer is killed, since the run lock is about to be released
+        and no writer may outlive it; its half-written checkpoint stays invisible."""
+        pending = self._pending
+        if pending is not None:
+            self._forget()
+            pending.job.cancel()
+
     def _forget(self) -> None:
         self._pending = None
         _IN_FLIGHT.pop(id(self), None)
@@ -175,6 +184,9 @@ class _Job:
     def finished(self) -> bool:
         """``result`` has collected the outcome (an exception from it is the write's)."""
         raise NotImplementedError
+
+    def cancel(self) -> None:
+        """Give the write up, as far as it can be: a thread finishes its atomic commit."""
 
     def result(self) -> tuple[CheckpointInfo, float]:
         """The committed checkpoint and the seconds the write took; raises its error."""
@@ -367,6 +379,13 @@ class _ForkedWrite(_Job):
 
     def finished(self) -> bool:
         return self._status is not None
+
+    def cancel(self) -> None:
+        if self._status is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self._status = self._reap()
+            os.close(self._r)
 
     def result(self) -> tuple[CheckpointInfo, float]:
         if self._status is None:

@@ -257,6 +257,8 @@ class CheckpointManager:
         try:
             self.wait()
         finally:
+            if self._background is not None:
+                self._background.abandon()  # only when that wait was interrupted
             if self._signals is not None:
                 self._signals.uninstall()
             if self._lock is not None:

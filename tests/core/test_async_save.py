@@ -347,7 +347,6 @@ class HoldInChild(RenameCommit):
         super().commit(storage, target, *args, **kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10.4: close() interrupted leaves the writer")
 def test_an_interrupted_close_leaves_no_writer_behind(tmp_path) -> None:
     """Ctrl+C while close() waits: the lock goes, and so must the forked writer."""
     import signal

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
-
-@pytest.mark.xfail(strict=True, reason="issue 10.4: no async-save benchmark yet")
 def test_the_async_save_benchmark_runs_in_quick_mode(tmp_path, capsys) -> None:
     from bench import bench_async_save
 

@@ -18,6 +18,7 @@ import torch
 
 from ckptkit import distributed as distmod
 from ckptkit import run as runmod
+from ckptkit.asyncsave import AsyncSaver
 from ckptkit.atomic import CommitStrategy, get_strategy
 from ckptkit.errors import (
     CheckpointNotFoundError,
@@ -156,6 +157,10 @@ class CheckpointManager:
     save and restore on every rank: rank 0 writes, every rank's RNG and loader position is
     kept, ``ShardedState`` goes through DCP, and an error or a rank silent for
     ``distributed_timeout`` seconds raises on every rank (docs/INTEGRATIONS.md).
+
+    ``async_save=True``: ``save()`` returns once a consistent snapshot of the state is
+    taken and writes it in the background; it is committed by the next ``save``, or
+    ``wait()``/``close()`` (docs/RESUME.md, "Async save").
     """
 
     def __init__(
@@ -183,6 +188,7 @@ class CheckpointManager:
         trainable_only: bool = False,
         distributed: bool | None = None,
         distributed_timeout: float = distmod.DEFAULT_TIMEOUT,
+        async_save: bool = False,
     ) -> None:
         if mode not in ("min", "max"):
             raise ConfigError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -246,6 +252,11 @@ class CheckpointManager:
             self.run_name = self._group.on_main(lambda: self._open(break_lock, run_name), "open")
         else:
             self.run_name = self._open(break_lock, run_name)
+        # A save still in flight at interpreter exit is finished there (asyncsave). A
+        # distributed save is a collective that every rank joins: it stays synchronous.
+        self._background = (
+            AsyncSaver(self) if async_save and self.writer and self._group is None else None
+        )
 
     def _open(self, break_lock: bool, run_name: str | None) -> str:
         if self._lock is not None:
@@ -276,6 +287,8 @@ class CheckpointManager:
         try:
             self.wait()
         finally:
+            if self._background is not None:
+                self._background.abandon()  # only when that wait was interrupted
             if self._signals is not None:
                 self._signals.uninstall()
             if self._lock is not None:
@@ -283,7 +296,10 @@ class CheckpointManager:
             self.storage.close()
 
     def wait(self) -> None:
-        """Block until every save so far is durable on the storage."""
+        """Block until every save so far is durable on the storage. With
+        ``async_save=True`` this commits the save in flight, and raises its error."""
+        if self._background is not None:
+            self._background.wait()
         self.storage.flush()
         self._fire_commits()
 
@@ -422,8 +438,11 @@ class CheckpointManager:
         """Save when a policy says so (interval, wall time, epoch end, signal, deadline).
 
         After a signal or near the time limit this saves whatever the interval and
-        sets ``should_stop``, so the loop can exit cleanly.
+        sets ``should_stop``, so the loop can exit cleanly (with ``async_save=True``, that
+        save is committed before this returns).
         """
+        if self._background is not None:
+            self._background.poll()  # a finished background save: hooks and retention now
         now = time.monotonic()
         reasons = [r for t in self.triggers if (r := t.reason(step, now))]
         if epoch_end and self.save_on_epoch_end:
@@ -444,6 +463,8 @@ class CheckpointManager:
         if urgent:
             self.stop_reason = urgent[0]
             self._stop_after_save = True
+            if self._background is not None:
+                self._background.wait()  # the loop exits next: the save must be there
         return info
 
     @property
@@ -469,6 +490,11 @@ class CheckpointManager:
 
         Nothing existing is touched until the new checkpoint is committed; then
         retention deletes what no policy keeps.
+
+        With ``async_save=True`` it first waits for the save in flight (raising its error,
+        if it failed), returns once the snapshot is taken, and the checkpoint it returns
+        (``name``, ``url``, ``step``, ``metrics``; no file entries yet) is committed in
+        the background: durable after ``wait()``, ``close()`` or the next ``save``.
         """
         if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < MAX_STEP:
             raise ConfigError(f"step must be an int in [0, 10**12), got {step!r}")
@@ -476,6 +502,8 @@ class CheckpointManager:
             return distmod.save(self, self._group, step, state, metrics, epoch)
         if not self._writable("save"):
             return None
+        if self._background is not None:
+            self._background.wait()  # one save in flight at a time
         started = time.monotonic()
         self._pm.hook.ckptkit_before_save(manager=self, step=step, state=state)
         full = self._with_extra_state(state)
@@ -494,10 +522,12 @@ class CheckpointManager:
         manifest = self._manifest(step, full, metrics, epoch)
         existing = self._committed_for_rotation()
         folder = None
-        if sharded_keys:  # ShardedState: through DCP
+        if sharded_keys:  # ShardedState: through DCP (a collective), always synchronous
             from ckptkit.formats import sharded
 
             folder = sharded.encode({k: collected.pop(k) for k in sharded_keys}, None)
+        if self._background is not None and folder is None:
+            return self._background.submit(collected, manifest, existing, started)
         info = self._write(collected, manifest, folder)
         self._finish(info, existing, started)
         return info
@@ -531,13 +561,25 @@ class CheckpointManager:
             versions=versions(),
         )
 
+    def _next_name(self, step: int) -> str:
+        """The name of the next checkpoint at ``step``: its next free revision."""
+        # Count every directory named for this step, committed or not: a damaged one
+        # still occupies its name, and the new checkpoint must not collide with it.
+        taken = [p for n in self.storage.listdir("") if (p := parse_name(n)) and p[0] == step]
+        return checkpoint_name(step, 1 + max((rev for _, rev in taken), default=-1))
+
     def _write(
-        self, collected: Mapping[str, Any], manifest: Manifest, folder: Any = None
+        self,
+        collected: Mapping[str, Any],
+        manifest: Manifest,
+        folder: Any = None,
+        name: str | None = None,
     ) -> CheckpointInfo:
-        """Plan ``collected``'s files, pick the checkpoint's name and commit it: the tensors
-        are streamed from their own memory, hashed as they are written, manifest last.
-        Reads ``collected`` only; touches no committed checkpoint. ``folder``: already
-        encoded sub-folder files (``formats.sharded.Folder``: DCP shards) to add."""
+        """Plan ``collected``'s files, pick the checkpoint's name (unless given: an async
+        save names it when it is submitted) and commit it: the tensors are streamed from
+        their own memory, hashed as they are written, manifest last. Reads ``collected``
+        only; touches no committed checkpoint. ``folder``: already encoded sub-folder
+        files (``formats.sharded.Folder``: DCP shards) to add."""
         files, entries = native.encode(collected)  # refuses what cannot be saved: no write yet
         layouts: dict[str, str] = {}
         if folder is not None:
@@ -547,11 +589,7 @@ class CheckpointManager:
         manifest = dataclasses.replace(manifest, entries=entries, layouts=layouts)
         # Refuse a manifest no reader would accept before writing anything (a NaN metric...).
         dataclasses.replace(manifest, files={f: _PLACEHOLDER for f in files}).to_bytes()
-        step = manifest.step
-        # Count every directory named for this step, committed or not: a damaged one
-        # still occupies its name, and the new checkpoint must not collide with it.
-        taken = [p for n in self.storage.listdir("") if (p := parse_name(n)) and p[0] == step]
-        name = checkpoint_name(step, 1 + max((rev for _, rev in taken), default=-1))
+        name = name or self._next_name(manifest.step)
         wrote_run_info = self._write_run_info()
         written: list[Manifest] = []
 
@@ -588,16 +626,23 @@ class CheckpointManager:
         self._unusable &= listed
         return [self._known[n] for n in names if n in self._known]
 
-    def _finish(self, info: CheckpointInfo, existing: list[CheckpointInfo], started: float) -> None:
+    def _finish(
+        self,
+        info: CheckpointInfo,
+        existing: list[CheckpointInfo],
+        started: float,
+        *,
+        tell_triggers: bool = True,
+    ) -> None:
         """After a commit: hooks, triggers, retention (``existing``: the committed
-        checkpoints listed before the save)."""
+        checkpoints listed before the save; an async save told the triggers already)."""
         if self._known is not None:
             self._known[info.name] = info
         self._pm.hook.ckptkit_after_save(manager=self, info=info)
         self._uncommitted.append(info)
         if not getattr(self.storage, "write_behind", False):
             self._fire_commits()
-        for trigger in self.triggers:
+        for trigger in self.triggers if tell_triggers else ():
             trigger.saved(info.step, time.monotonic())
         self._rotate([*existing, info], saved=info)
         if self._deadline is not None:

@@ -3,6 +3,7 @@
     python -m bench.soak                          # 1,000 trials, docs/RELIABILITY.md
     python -m bench.soak --quick --out /tmp/r.md  # about 20 trials, the quick cases
     python -m bench.soak --trials 200 --seed 7 --storages local,drive --jobs 2
+    python -m bench.soak --quick --async-save      # the killed workers save asynchronously
 
 Exits 1 when any trial or case failed (the report says which), 0 otherwise.
 """
@@ -41,6 +42,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2, help="chains run in parallel")
     p.add_argument("--chain", type=int, default=25, help="kills per run before it is finished")
     p.add_argument("--no-cases", dest="cases", action="store_false", help="kill trials only")
+    p.add_argument(
+        "--async-save",
+        action="store_true",
+        help="workers save with async_save=True (the uninterrupted reference saves sync)",
+    )
     args = p.parse_args(argv)
     if args.trials is None:
         args.trials = 20 if args.quick else 1000
@@ -88,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     notes: list[str] = []
     storages = list(args.storages)
+    if args.async_save:
+        notes.append(
+            "every killed worker saved with async_save=True; the uninterrupted reference "
+            "saved synchronously, and every finished run had to end bit-identical to it"
+        )
     if "gs" in storages and not emulator_installed():
         storages.remove("gs")
         notes.append(
@@ -146,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--jobs {args.jobs}",
         ]
         + (["--quick"] if args.quick else [])
+        + (["--async-save"] if args.async_save else [])
     )
     out.write_text(report.markdown(run, commit, command))
     if args.json:
@@ -227,6 +239,7 @@ def _run_chains(
                     args.seed,
                     emulator=emulator,
                     emulator_trials=task["emulator"],
+                    async_save=args.async_save,
                 )
             finally:
                 if held:

@@ -384,11 +384,13 @@ def run_chain(
     seed: int,
     emulator: Any = None,
     emulator_trials: int = 0,
+    async_save: bool = False,
 ) -> list[Trial]:
-    """Up to ``trials`` killed workers on a fresh run, then one that finishes it."""
+    """Up to ``trials`` killed workers on a fresh run, then one that finishes it (each
+    saving with ``async_save`` when asked)."""
     ledger = Ledger(KEEP_LAST)
     out: list[Trial] = []
-    cfg = base_cfg(backend, run, seed)
+    cfg = {**base_cfg(backend, run, seed), "async_save": async_save}
     emulator_left = emulator_trials
     before: Life | None = None
     for _ in range(trials):

@@ -33,12 +33,14 @@ import os
 import threading
 import warnings
 from collections import Counter
+from multiprocessing.sharedctypes import RawArray
 from typing import Any
 
 from ckptkit import hookimpl
 
 PHASES = ("save", "commit", "rotation", "restore")
 _UPLOAD_THREAD = "ckptkit-drive"
+_ASYNC_THREAD = "ckptkit-async-save"  # async_save's writer thread (gs://, drive://)
 _MANIFEST = "manifest.json"
 _TMP = ".tmp-"
 # Storage calls that read or change a checkpoint; each is a point before and after.
@@ -60,9 +62,18 @@ class Probe:
         self.conn = conn
         self.kill = kill or {}
         self.phase = "start"
-        self.counts: Counter[str] = Counter()
-        self.fired = False
+        # Shared memory, not attributes: a forked async writer (async_save=True) counts
+        # its points on the same tally and sees a kill that already fired.
+        self._tally = RawArray("q", len(PHASES) + 1)  # points per phase, then "fired"
         self._send_lock = threading.Lock()
+
+    @property
+    def counts(self) -> Counter[str]:
+        return Counter({p: self._tally[i] for i, p in enumerate(PHASES) if self._tally[i]})
+
+    @property
+    def fired(self) -> bool:
+        return bool(self._tally[len(PHASES)])
 
     def send(self, *msg: Any) -> None:
         with self._send_lock:  # the Drive upload thread reports too
@@ -79,14 +90,14 @@ class Probe:
         phase = phase or self.phase
         if phase not in PHASES:
             return
-        self.counts[phase] += 1
+        self._tally[PHASES.index(phase)] += 1
         target = self.kill.get("phase") == phase and not self.fired
         fire = target and (self.counts[phase] >= int(self.kill.get("nth", 1)) or last)
         mode = self.kill.get("mode") if fire else None
         self.send("point", phase, what, mode)
         if not fire:
             return
-        self.fired = True
+        self._tally[len(PHASES)] = 1
         if mode == "hold":
             while True:  # SIGKILL never returns; a parent gone (EOF) ends the wait
                 if self.conn.poll(1.0):
@@ -98,7 +109,11 @@ class Probe:
         """The phase a storage call belongs to. Drive's upload thread works for the main
         thread's save: by what it uploads (files: save, the manifest: commit, deletes:
         rotation), except while the process is still starting (a replay: restore)."""
-        if not threading.current_thread().name.startswith(_UPLOAD_THREAD):
+        thread = threading.current_thread().name
+        if thread.startswith(_ASYNC_THREAD):
+            # Writes for the save the main thread returned from: save until the commit.
+            return "commit" if _commits(method, key) else "save"
+        if not thread.startswith(_UPLOAD_THREAD):
             if self.phase == "save" and _commits(method, key):
                 self.enter("commit")
             return self.phase
@@ -258,7 +273,9 @@ class _Reporter:
 
 def main(cfg: dict[str, Any], conn: Any) -> None:
     """The process's whole life (the target the parent starts): ``cfg`` holds ``url``,
-    ``seed``, ``steps``, ``save_every``, ``keep_last``, ``env`` and ``kill``. An error
+    ``seed``, ``steps``, ``save_every``, ``keep_last``, ``env``, ``kill`` and optionally
+    ``async_save`` (then a save's files are written by a forked child, whose points are
+    reported like the process's own, or by a thread). An error
     is reported as ``("error", type, one line)`` and the process exits 1."""
     try:
         _run(cfg, conn)
@@ -285,7 +302,11 @@ def _run(cfg: dict[str, Any], conn: Any) -> None:
     state = build(seed, steps)
     probe.enter("restore")
     mgr = CheckpointManager(
-        cfg["url"], keep_last=int(cfg["keep_last"]), keep_best=0, save_every_steps=cfg["save_every"]
+        cfg["url"],
+        keep_last=int(cfg["keep_last"]),
+        keep_best=0,
+        save_every_steps=cfg["save_every"],
+        async_save=bool(cfg.get("async_save", False)),
     )
     with mgr:
         restored = mgr.resume(state, "auto")

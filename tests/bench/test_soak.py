@@ -39,16 +39,14 @@ def _pending(problem: dict[str, Any]) -> bool:
     return all(any(p.startswith(a) for a in allowed) for p in problem["problems"])
 
 
-@pytest.fixture(scope="module")
-def soak(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("soak")
+def _run_soak(out: Path, *extra: str) -> dict[str, Any]:
     report, results = out / "RELIABILITY.md", out / "soak.json"
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
     }
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.soak", "--quick", "--seed", str(SEED)]
+        [sys.executable, "-m", "bench.soak", "--quick", "--seed", str(SEED), *extra]
         + ["--out", str(report), "--json", str(results)],
         cwd=REPO,
         env=env,
@@ -58,6 +56,18 @@ def soak(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     )
     assert results.exists(), f"the soak wrote no results:\n{proc.stdout}\n{proc.stderr[-3000:]}"
     return {"rc": proc.returncode, "data": json.loads(results.read_text()), "report": report}
+
+
+@pytest.fixture(scope="module")
+def soak(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _run_soak(tmp_path_factory.mktemp("soak"))
+
+
+@pytest.fixture(scope="module")
+def soak_async(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The kill trials again with every worker saving through ``async_save=True`` (the
+    cases are storage and input faults, the same either way)."""
+    return _run_soak(tmp_path_factory.mktemp("soak-async"), "--async-save", "--no-cases")
 
 
 def test_every_phase_was_hit(soak: dict[str, Any]) -> None:
@@ -110,3 +120,17 @@ def test_the_report_is_generated_from_the_run(soak: dict[str, Any]) -> None:
         assert f"| {case['name']} |" in text
     for phase in PHASES:
         assert f"| {phase} |" in text
+
+
+def test_async_save_kills_lose_or_damage_nothing(soak_async: dict[str, Any]) -> None:
+    data = soak_async["data"]
+    assert data["problems"] == [], data["problems"]
+    landed = data["landed"]
+    assert landed.get("save") and landed.get("commit"), f"no kill inside an async write: {landed}"
+    kill_rows = [r for r in data["rows"] if "landed" in r]
+    assert {r["storage"] for r in kill_rows} >= {"local", "drive"}
+    for row in kill_rows:
+        assert row["identical"] == row["chains"], row
+    assert sum(r["chains"] for r in kill_rows) >= 2, "no killed run was finished and compared"
+    assert soak_async["rc"] == 0
+    assert "--async-save" in soak_async["report"].read_text()

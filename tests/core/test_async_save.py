@@ -1,0 +1,372 @@
+"""``async_save=True``: ``save()`` returns once a consistent snapshot is taken, the write
+runs in a forked child (local disk) or a thread (elsewhere), the data files are those a
+sync save writes, and a background error is raised by the next save / wait / close.
+
+The process-level cases (SIGKILL during an async save, SIGTERM, interpreter exit) are in
+tests/resume/test_async_save.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from typing import Any
+
+import pytest
+import torch
+
+from ckptkit import CheckpointManager, hookimpl
+from ckptkit.atomic import MarkerCommit, RenameCommit
+from ckptkit.errors import StorageError
+from ckptkit.hooks.manager import get_plugin_manager
+from ckptkit.manifest import MANIFEST
+from ckptkit.storage.base import join_key
+from ckptkit.storage.local import LocalStorage
+from tests.core.helpers import make_training, tensors_equal, train_steps
+
+
+class DiskOnly(LocalStorage):
+    """``nolocal:///dir``: a local directory that does not say so (``local_path`` is
+    None), as an object store would not: the async save takes its thread path."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url.split("://", 1)[1])
+        self.url = url
+
+    def local_path(self, key: str) -> str | None:
+        return None
+
+
+class FlakyDisk(LocalStorage):
+    """``flaky:///dir``: a local directory whose rename into ``step-000000000002*``
+    (the commit of step 2) fails like a full disk."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url.split("://", 1)[1])
+        self.url = url
+
+    def rename(self, src: str, dst: str) -> None:
+        if dst.startswith("step-000000000002"):
+            raise StorageError(f"{self.url_of(dst)}: no space left on device; free space")
+        super().rename(src, dst)
+
+
+class FlakyDiskOnly(FlakyDisk):
+    def local_path(self, key: str) -> str | None:
+        return None
+
+
+class Backends:
+    @hookimpl
+    def ckptkit_register_storage(self):
+        return {"nolocal": DiskOnly, "flaky": FlakyDisk, "flakyremote": FlakyDiskOnly}
+
+
+@pytest.fixture(autouse=True)
+def backends() -> None:
+    get_plugin_manager().register(Backends(), name="async-test-backends")
+
+
+class Recording:
+    """A commit strategy (the public ``commit=`` API) that records where each commit
+    runs (pid and thread) and can fail the commit of one step, then delegates."""
+
+    def __init__(self, inner: Any, log: str, fail_step: int | None = None) -> None:
+        self.inner, self.log, self.fail_step = inner, log, fail_step
+        self.name = inner.name
+
+    def commit(self, storage: Any, target: str, *args: Any, **kwargs: Any) -> None:
+        with open(self.log, "a") as f:
+            f.write(json.dumps([target, os.getpid(), threading.current_thread().name]) + "\n")
+        if self.fail_step is not None and target.startswith(f"step-{self.fail_step:012d}"):
+            raise StorageError(f"{storage.url_of(target)}: injected failure; save again")
+        self.inner.commit(storage, target, *args, **kwargs)
+
+    def leftovers(self, storage: Any, names: list[str]) -> list[str]:
+        return self.inner.leftovers(storage, names)
+
+    def where(self) -> list[list[Any]]:
+        with open(self.log) as f:
+            return [json.loads(line) for line in f]
+
+
+def training_state() -> dict[str, Any]:
+    """A model with tied weights (two keys, one storage), AdamW moments, a scheduler, a
+    non-contiguous view, plain values and a list the loop keeps appending to."""
+    state = make_training(width=32)
+    train_steps(state, 3)
+    tied = torch.nn.Linear(6, 6, bias=False)
+    tied_pair = torch.nn.ModuleDict({"a": tied, "b": torch.nn.Linear(6, 6, bias=False)})
+    tied_pair["b"].weight = tied.weight
+    state["tied"] = tied_pair
+    state["view"] = torch.arange(24.0).reshape(4, 6).t()[1:]
+    state["history"] = [1.5, 2.5]
+    state["epoch"] = 2
+    return state
+
+
+def mutate(state: dict[str, Any]) -> None:
+    """What the loop does right after save() returns: change every kind of value."""
+    train_steps(state, 4, seed=9)
+    with torch.no_grad():
+        state["tied"]["a"].weight.add_(1.0)
+        state["view"].mul_(-3.0)
+    state["history"].append(99.0)
+
+
+URLS = {
+    "fork": lambda tmp: str(tmp / "async"),
+    "thread-disk": lambda tmp: f"nolocal://{tmp}/async",
+    "thread-memory": lambda tmp: f"memory://async-{uuid.uuid4().hex[:8]}/run",
+}
+
+
+def committed_files(mgr: CheckpointManager, name: str) -> dict[str, bytes]:
+    info = next(c for c in mgr.list() if c.name == name)
+    files = {f: mgr.storage.read_bytes(join_key(name, f)) for f in info.manifest.files}
+    manifest = json.loads(mgr.storage.read_bytes(join_key(name, MANIFEST)))
+    manifest.pop("created")
+    files[MANIFEST] = json.dumps(manifest, sort_keys=True).encode()
+    return files
+
+
+@pytest.mark.parametrize("path", list(URLS))
+def test_async_save_writes_the_files_a_sync_save_writes_of_the_state_at_save_time(
+    path: str, tmp_path
+) -> None:
+    state = training_state()
+    with CheckpointManager(str(tmp_path / "sync"), run_name="r") as sync:
+        sync.save(5, state, {"loss": 0.25})
+        expected = committed_files(sync, "step-000000000005")
+
+    url = URLS[path](tmp_path)
+    inner = MarkerCommit() if path == "thread-memory" else RenameCommit()
+    strategy = Recording(inner, str(tmp_path / "commits.log"))
+    with CheckpointManager(url, run_name="r", async_save=True, commit=strategy) as mgr:
+        info = mgr.save(5, state, {"loss": 0.25})
+        assert info is not None and info.name == "step-000000000005" and info.step == 5
+        mutate(state)  # the loop goes on while the checkpoint is written
+        mgr.wait()
+        assert committed_files(mgr, info.name) == expected
+        ((target, pid, thread),) = strategy.where()
+        assert target == info.name
+        if path == "fork":
+            assert pid != os.getpid(), "the local save did not run in a forked child"
+        else:
+            assert pid == os.getpid() and thread != threading.main_thread().name
+
+    fresh = training_state()
+    mutate(fresh)
+    with CheckpointManager(url, readonly=True) as reader:
+        assert reader.restore(fresh) == 5
+    reference = training_state()
+    for key in ("model", "optimizer", "tied"):
+        assert tensors_equal(fresh[key].state_dict(), reference[key].state_dict()), key
+    assert fresh["tied"]["b"].weight is fresh["tied"]["a"].weight
+    assert torch.equal(fresh["view"], reference["view"])
+    assert fresh["history"] == [1.5, 2.5]
+
+
+class Events:
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    @hookimpl
+    def ckptkit_before_save(self, manager, step, state):
+        self.seen.append(f"before {step}")
+
+    @hookimpl
+    def ckptkit_after_save(self, manager, info):
+        self.seen.append(f"after {info.step}")
+
+    @hookimpl
+    def ckptkit_after_commit(self, manager, info):
+        self.seen.append(f"commit {info.step}")
+
+    @hookimpl
+    def ckptkit_before_delete(self, manager, info):
+        self.seen.append(f"delete {info.step}")
+
+
+@pytest.mark.parametrize("path", ["fork", "thread-disk"])
+def test_one_save_in_flight_each_finished_before_the_next_starts(path: str, tmp_path) -> None:
+    events = Events()
+    get_plugin_manager().register(events)
+    state = training_state()
+    with CheckpointManager(URLS[path](tmp_path), keep_last=2, async_save=True) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, state)
+            train_steps(state, 1)
+        assert "after 3" not in events.seen  # still in flight
+    assert events.seen == [
+        "before 1",
+        *("after 1", "commit 1", "before 2"),
+        *("after 2", "commit 2", "before 3"),
+        *("after 3", "commit 3", "delete 1"),
+    ]
+    with CheckpointManager(URLS[path](tmp_path), readonly=True) as reader:
+        assert [c.step for c in reader.list()] == [2, 3]
+
+
+def test_maybe_save_finishes_a_committed_background_save_without_blocking(tmp_path) -> None:
+    events = Events()
+    get_plugin_manager().register(events)
+    state = training_state()
+    with CheckpointManager(str(tmp_path / "r"), save_every_steps=100, async_save=True) as mgr:
+        assert mgr.maybe_save(100, state) is not None
+        deadline = time.monotonic() + 60
+        while "after 100" not in events.seen and time.monotonic() < deadline:
+            assert mgr.maybe_save(101, state) is None  # no save due: only a poll
+            time.sleep(0.01)
+        assert "commit 100" in events.seen, "maybe_save never collected the finished save"
+
+
+FAILING = {
+    "fork, commit strategy": (lambda tmp: str(tmp / "r"), True),
+    "thread, commit strategy": (lambda tmp: f"nolocal://{tmp}/r", True),
+    "fork, storage plugin": (lambda tmp: f"flaky://{tmp}/r", False),
+    "thread, storage plugin": (lambda tmp: f"flakyremote://{tmp}/r", False),
+}
+
+
+@pytest.mark.parametrize("surfaces", ["save", "wait", "close"])
+@pytest.mark.parametrize("how", list(FAILING))
+def test_a_background_error_is_raised_by_the_next_save_wait_or_close(
+    how: str, surfaces: str, tmp_path
+) -> None:
+    url_of, by_strategy = FAILING[how]
+    url = url_of(tmp_path)
+    strategy = (
+        Recording(RenameCommit(), str(tmp_path / "log"), fail_step=2) if by_strategy else None
+    )
+    state = training_state()
+    mgr = CheckpointManager(url, async_save=True, commit=strategy)
+    try:
+        mgr.save(1, state)
+        info = mgr.save(2, state)  # step 1 committed; step 2's commit fails in the background
+        assert info is not None and info.step == 2
+        with pytest.raises(StorageError, match="step-000000000002") as raised:
+            if surfaces == "save":
+                mgr.save(3, state)
+            elif surfaces == "wait":
+                mgr.wait()
+            else:
+                mgr.close()
+        notes = " ".join(getattr(raised.value, "__notes__", []))
+        assert "background save of step 2" in notes or not hasattr(raised.value, "add_note")
+        if surfaces != "close":
+            mgr.wait()  # raised once, not again
+            assert [c.step for c in mgr.list()] == [1]
+            mgr.save(4, state)  # the run goes on
+            mgr.wait()
+            assert [c.step for c in mgr.list()] == [1, 4]
+    finally:
+        mgr.close()
+    with CheckpointManager(url, readonly=True) as reader:
+        latest = reader.latest()
+        assert latest is not None and latest.step == (1 if surfaces == "close" else 4)
+
+
+def test_the_snapshot_copy_keeps_shared_storage_and_needs_no_grad(tmp_path) -> None:
+    """Thread path: a tensor that requires grad, a view sharing storage with another value,
+    an empty tensor and a numpy array all survive the copy as a sync save sees them."""
+    import numpy as np
+
+    base = torch.arange(10.0)
+    state = {
+        "a": base,
+        "b": base[2:5],
+        "empty": torch.empty(0),
+        "grad": torch.ones(3, requires_grad=True),
+        "np": np.arange(4),
+        "nested": {"x": [base[:2], (torch.zeros(2, dtype=torch.int64),)]},
+    }
+    with CheckpointManager(str(tmp_path / "sync"), run_name="r") as sync:
+        sync.save(1, state)
+        expected = committed_files(sync, "step-000000000001")
+    url = f"nolocal://{tmp_path}/async"
+    with CheckpointManager(url, run_name="r", async_save=True) as mgr:
+        mgr.save(1, state)
+        base.add_(100.0)
+        mgr.wait()
+        assert committed_files(mgr, "step-000000000001") == expected
+
+
+def test_state_in_shared_memory_is_copied_not_forked(tmp_path) -> None:
+    """A forked child would see the parent's later writes to shared memory (Hogwild's
+    ``share_memory()``): such a state takes the copying thread path, and the checkpoint
+    is still the state at save time."""
+    state = training_state()
+    state["model"].share_memory()
+    with CheckpointManager(str(tmp_path / "sync"), run_name="r") as sync:
+        sync.save(1, state)
+        expected = committed_files(sync, "step-000000000001")
+    strategy = Recording(RenameCommit(), str(tmp_path / "log"))
+    with CheckpointManager(
+        str(tmp_path / "async"), run_name="r", async_save=True, commit=strategy
+    ) as mgr:
+        mgr.save(1, state)
+        mutate(state)
+        mgr.wait()
+        assert committed_files(mgr, "step-000000000001") == expected
+    ((_, pid, _),) = strategy.where()
+    assert pid == os.getpid()
+
+
+def test_a_save_from_another_thread_writes_in_a_thread(tmp_path) -> None:
+    """PR_SET_PDEATHSIG follows the thread that forked: a save called from a thread that
+    may end first is written by a thread instead."""
+    state = training_state()
+    strategy = Recording(RenameCommit(), str(tmp_path / "log"))
+    mgr = CheckpointManager(str(tmp_path / "r"), async_save=True, commit=strategy)
+    worker = threading.Thread(target=mgr.save, args=(1, state))
+    worker.start()
+    worker.join()
+    mgr.close()
+    ((_, pid, _),) = strategy.where()
+    assert pid == os.getpid()
+    with CheckpointManager(str(tmp_path / "r"), readonly=True) as reader:
+        assert [c.step for c in reader.list()] == [1]
+
+
+class HoldInChild(RenameCommit):
+    """Writes its pid to ``path``, then never commits (in a forked writer only)."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.parent = path, os.getpid()
+
+    def commit(self, storage: Any, target: str, *args: Any, **kwargs: Any) -> None:
+        if os.getpid() != self.parent:
+            with open(self.path, "w") as f:
+                f.write(str(os.getpid()))
+            while True:
+                time.sleep(1)
+        super().commit(storage, target, *args, **kwargs)
+
+
+def test_an_interrupted_close_leaves_no_writer_behind(tmp_path) -> None:
+    """Ctrl+C while close() waits: the lock goes, and so must the forked writer."""
+    import signal
+
+    pid_file = str(tmp_path / "writer.pid")
+    url = str(tmp_path / "r")
+    mgr = CheckpointManager(url, async_save=True, commit=HoldInChild(pid_file))
+    mgr.save(1, training_state())
+    deadline = time.monotonic() + 60
+    while not os.path.exists(pid_file) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)
+    with open(pid_file) as f:
+        writer = int(f.read())
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        mgr.close()
+    timer.join()
+    with pytest.raises(ProcessLookupError):
+        os.kill(writer, 0)  # killed and reaped
+    with CheckpointManager(url) as again:  # the lock was released
+        assert again.list() == []

@@ -66,6 +66,7 @@ class Probe:
         # its points on the same tally and sees a kill that already fired.
         self._tally = RawArray("q", len(PHASES) + 1)  # points per phase, then "fired"
         self._send_lock = threading.Lock()
+        self._fire_lock = threading.Lock()
 
     @property
     def counts(self) -> Counter[str]:
@@ -90,14 +91,18 @@ class Probe:
         phase = phase or self.phase
         if phase not in PHASES:
             return
-        self._tally[PHASES.index(phase)] += 1
-        target = self.kill.get("phase") == phase and not self.fired
-        fire = target and (self.counts[phase] >= int(self.kill.get("nth", 1)) or last)
-        mode = self.kill.get("mode") if fire else None
+        # One decision at a time: a checkpoint's files are uploaded by several threads at
+        # once (parallel_writes), and two of them firing would both wait on the one reply.
+        with self._fire_lock:
+            self._tally[PHASES.index(phase)] += 1
+            target = self.kill.get("phase") == phase and not self.fired
+            fire = target and (self.counts[phase] >= int(self.kill.get("nth", 1)) or last)
+            mode = self.kill.get("mode") if fire else None
+            if fire:
+                self._tally[len(PHASES)] = 1
         self.send("point", phase, what, mode)
         if not fire:
             return
-        self._tally[len(PHASES)] = 1
         if mode == "hold":
             while True:  # SIGKILL never returns; a parent gone (EOF) ends the wait
                 if self.conn.poll(1.0):

@@ -153,7 +153,6 @@ def _hparams_kinds() -> list[Any]:
     ]
 
 
-@pytest.mark.xfail(strict=True, reason="no Lightning CheckpointIO yet")
 @pytest.mark.parametrize("hp", _hparams_kinds())
 def test_the_whole_checkpoint_dict_round_trips(tmp_path: Path, hp: dict[str, Any]) -> None:
     io = _io(str(tmp_path / "run"))
@@ -171,7 +170,6 @@ def test_the_whole_checkpoint_dict_round_trips(tmp_path: Path, hp: dict[str, Any
     io.teardown()
 
 
-@pytest.mark.xfail(strict=True, reason="no Lightning CheckpointIO yet")
 def test_omegaconf_hparams_type_class_round_trips(tmp_path: Path) -> None:
     # With OmegaConf hyper-parameters Lightning stores the class itself (hparams_type).
     from omegaconf import DictConfig, OmegaConf
@@ -195,7 +193,6 @@ def run_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return make_backend_url(request.param, request, tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason="no Lightning CheckpointIO yet")
 def test_every_lightning_checkpoint_is_a_ckptkit_checkpoint(tmp_path: Path, run_url: str) -> None:
     io = _io(run_url)
     mc = ModelCheckpoint(every_n_train_steps=2, save_top_k=1, save_last=True)
@@ -219,7 +216,6 @@ def test_every_lightning_checkpoint_is_a_ckptkit_checkpoint(tmp_path: Path, run_
     assert out.exit_code == 0, out.output
 
 
-@pytest.mark.xfail(strict=True, reason="no Lightning CheckpointIO yet")
 def test_top_k_deletes_never_remove_the_checkpoint_resumed_from(tmp_path: Path) -> None:
     url = str(tmp_path / "run")
 
@@ -243,23 +239,25 @@ def test_top_k_deletes_never_remove_the_checkpoint_resumed_from(tmp_path: Path) 
     assert steps() == [8, 10]
 
 
-@pytest.mark.xfail(strict=True, reason="no Lightning CheckpointIO yet")
 def test_a_name_saved_again_at_the_same_step_keeps_both_names(tmp_path: Path) -> None:
-    io = _io(str(tmp_path / "run"))
+    url = str(tmp_path / "run")
+    io = _io(url)
     state = {"global_step": 2, "state_dict": {"w": torch.ones(2)}}
     io.save_checkpoint(state, "ck/epoch=0-step=2.ckpt")
     io.save_checkpoint({**state, "extra": 1}, "ck/last.ckpt")
-    assert io.load_checkpoint("ck/epoch=0-step=2.ckpt")["extra"] == 1
     io.remove_checkpoint("ck/epoch=0-step=2.ckpt")  # still last.ckpt: kept
-    assert io.load_checkpoint("ck/last.ckpt")["global_step"] == 2
+    io.teardown()
+    io = _io(url)  # (a load marks the resumed-from checkpoint: a fresh one for each part)
+    assert io.load_checkpoint("ck/last.ckpt")["extra"] == 1
     with pytest.raises(ckptkit.CheckpointNotFoundError):
         io.load_checkpoint("ck/epoch=0-step=2.ckpt")
+    io.teardown()
+    io = _io(url)
     io.save_checkpoint({**state, "global_step": 4}, "ck/last.ckpt")  # last moves on
     assert [i.step for i in io.manager.list()] == [4]
     io.teardown()
 
 
-@pytest.mark.xfail(strict=True, reason="no Lightning CheckpointIO yet")
 def test_resume_path_is_none_on_a_fresh_run_and_skips_a_damaged_newest(tmp_path: Path) -> None:
     url = str(tmp_path / "run")
     io = _io(url)
@@ -274,7 +272,7 @@ def test_resume_path_is_none_on_a_fresh_run_and_skips_a_damaged_newest(tmp_path:
     io = _io(url)
     with pytest.warns(ckptkit.CheckpointWarning):
         older = io.resume_path()
-    assert older is not None and older.endswith(ckptkit.CheckpointManager(url).list()[0].name)
+    assert older is not None and older.endswith(io.manager.list()[0].name)
     assert io.load_checkpoint(older)["global_step"] == 2
     with pytest.raises(ckptkit.CorruptCheckpointError):
         io.load_checkpoint(newest.url)
@@ -285,7 +283,6 @@ class _Color(enum.Enum):
     RED = 1
 
 
-@pytest.mark.xfail(strict=True, reason="no Lightning CheckpointIO yet")
 @pytest.mark.parametrize("value", [print, _Color.RED, torch.nn.Linear(1, 1), object()])
 def test_code_in_the_hyper_parameters_is_refused_in_one_line(tmp_path: Path, value: Any) -> None:
     io = _io(str(tmp_path / "run"))
@@ -298,7 +295,6 @@ def test_code_in_the_hyper_parameters_is_refused_in_one_line(tmp_path: Path, val
     io.teardown()
 
 
-@pytest.mark.xfail(strict=True, reason="no Lightning CheckpointIO yet")
 def test_the_run_file_records_names_lightning_removed(tmp_path: Path) -> None:
     io = _io(str(tmp_path / "run"))
     io.save_checkpoint({"global_step": 2}, "c/a.ckpt")
@@ -315,7 +311,6 @@ def test_the_run_file_records_names_lightning_removed(tmp_path: Path) -> None:
     io.teardown()
 
 
-@pytest.mark.xfail(strict=True, reason="no Lightning CheckpointIO yet")
 def test_missing_lightning_is_a_one_line_install_hint() -> None:
     code = (
         "import sys; sys.modules['lightning'] = None; sys.modules['lightning.pytorch'] = None\n"

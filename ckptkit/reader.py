@@ -114,7 +114,9 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 
 
 def _has(state: dict[str, Any], test: Any) -> bool:
-    return any(isinstance(v, dict) and test(v) for v in state.values())
+    # A list of states counts too (Lightning's optimizer_states / lr_schedulers).
+    values = [x for v in state.values() for x in (v if isinstance(v, (list, tuple)) else [v])]
+    return any(isinstance(v, dict) and test(v) for v in values)
 
 
 def resume_gaps(state: dict[str, Any]) -> list[str]:

@@ -331,7 +331,6 @@ def test_core_does_not_import_lightning() -> None:
     assert out.stdout.strip() == "False"
 
 
-@pytest.mark.xfail(strict=True, reason="inspect looks for optimizer state only in top-level dicts")
 def test_inspect_sees_lightnings_optimizer_and_scheduler_lists(tmp_path: Path) -> None:
     io = _io(str(tmp_path / "run"))
     _fit(tmp_path, io, 2, [ModelCheckpoint(every_n_train_steps=2)])

@@ -113,7 +113,6 @@ def lightning_own(
         torch.use_deterministic_algorithms(deterministic)
 
 
-@pytest.mark.xfail(strict=True, reason="no examples/lightning_loop.py yet")
 @pytest.mark.parametrize(
     ("point", "nth", "resumes_at"),
     [

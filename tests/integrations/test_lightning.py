@@ -5,6 +5,7 @@ through ckptkit and never remove the checkpoint the run resumed from."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import enum
 import json
 import os
@@ -337,3 +338,43 @@ def test_inspect_sees_lightnings_optimizer_and_scheduler_lists(tmp_path: Path) -
     io.teardown()
     lacks = ckptkit.inspect(str(tmp_path / "run"))["lacks"]
     assert not [n for n in lacks if "optimizer" in n or "scheduler" in n], lacks
+
+
+@dataclasses.dataclass
+class _Config:
+    width: int = 8
+    name: str = "mlp"
+
+
+@pytest.mark.xfail(strict=True, reason="dataclasses, tuple keys and numpy values refused")
+def test_dataclasses_tuple_keys_and_numpy_values_are_stored(tmp_path: Path) -> None:
+    import numpy as np
+
+    io = _io(str(tmp_path / "run"))
+    hp = {"cfg": _Config(), "lr": np.float64(0.5), "grid": np.arange(3), ("a", 1): "t"}
+    io.save_checkpoint({"global_step": 1, "hyper_parameters": hp}, "c/a.ckpt")
+    got = io.load_checkpoint("c/a.ckpt")["hyper_parameters"]
+    # a dataclass comes back as its fields (its class is never imported on load)
+    assert got["cfg"] == {"width": 8, "name": "mlp"}
+    assert type(got["lr"]) is np.float64 and got["lr"] == 0.5
+    assert isinstance(got["grid"], np.ndarray) and got["grid"].tolist() == [0, 1, 2]
+    assert got[("a", 1)] == "t"
+    kinds = {c["type"] for c in io.manager.list()[-1].manifest.metadata["lightning"]["converted"]}
+    assert f"{__name__}._Config" in kinds
+    io.teardown()
+
+
+def test_latest_ckpt_path_takes_no_lock_and_refuses_an_all_damaged_run(tmp_path: Path) -> None:
+    from ckptkit.integrations.lightning import latest_ckpt_path
+
+    url = str(tmp_path / "run")
+    assert latest_ckpt_path(url) is None
+    io = _io(url)
+    io.save_checkpoint({"global_step": 3, "x": torch.ones(2)}, "c/a.ckpt")
+    assert latest_ckpt_path(url) == io.manager.list()[-1].url  # while io holds the lock
+    io.teardown()
+    info = ckptkit.CheckpointManager(url, readonly=True).list()[-1]
+    for name in info.manifest.files:
+        (tmp_path / "run" / info.name / name).write_bytes(b"x")
+    with pytest.raises(ckptkit.CorruptCheckpointError, match="every checkpoint is damaged"):
+        latest_ckpt_path(url)

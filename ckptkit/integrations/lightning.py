@@ -18,8 +18,10 @@ What a caller may rely on (docs/INTEGRATIONS.md):
   ``argparse.Namespace``, OmegaConf, ``pathlib`` paths, sets, ``torch.device``, classes
   like ``hparams_type``) are stored as plain dicts/lists/strings; each conversion is
   recorded (``metadata["lightning"]["converted"]``) and undone on load by building the
-  same type from data (nothing is unpickled; classes only from a fixed allowlist). Code
-  (functions, modules, enums, other objects) is refused with a ``ConfigError``.
+  same type from data (nothing is unpickled; classes only from a fixed allowlist). A
+  dataclass is stored as its fields and comes back as a dict (its class is never
+  imported). Code (functions, modules, enums, other objects) is refused with a
+  ``ConfigError``.
 - ``load_checkpoint(path)`` takes a checkpoint URL or name of the run, or a path
   Lightning saved (``best_model_path``, ``last.ckpt``), and returns the dict as it was
   saved. Reading is ckptkit's: sizes and hashes checked, weights-only decoding.
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import enum
 import json
 import os
@@ -133,10 +136,11 @@ class _Plainer:
     def convert(self, obj: Any, at: tuple[Any, ...]) -> Any:
         if isinstance(obj, enum.Enum):
             self._refuse(obj, at)
-        if isinstance(obj, _LEAVES):
-            return obj
+        # numpy first: np.float64 is a float
         if isinstance(obj, np.generic) and type(obj).__name__ in _NUMPY_SCALARS:
             return self._record(obj, at, obj.item(), kind=f"numpy.{type(obj).__name__}")
+        if isinstance(obj, _LEAVES):
+            return obj
         if isinstance(obj, np.ndarray) and obj.dtype.kind in "biuf":
             return self._record(obj, at, torch.from_numpy(obj.copy()), kind="numpy.ndarray")
         oc = _omegaconf()
@@ -161,6 +165,11 @@ class _Plainer:
             return self._record(obj, at, str(obj), kind=f"pathlib.{type(obj).__name__}")
         if isinstance(obj, torch.device):
             return self._record(obj, at, str(obj))
+        if dataclasses.is_dataclass(obj):
+            # Its fields, recorded with the class name; the class itself is never imported
+            # on load, so it comes back as a dict.
+            fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+            return self._record(obj, at, fields)
         self._refuse(obj, at)
 
     def _record(self, obj: Any, at: tuple[Any, ...], value: Any, kind: str | None = None) -> Any:
@@ -172,12 +181,12 @@ class _Plainer:
         return plain
 
     def _key(self, key: Any, at: tuple[Any, ...]) -> Any:
-        if isinstance(key, (str, int, float, bool, type(None))):
-            return key
-        raise ConfigError(
-            f"checkpoint{_where(at)} has a {type(key).__name__} key {key!r}: ckptkit stores "
-            "dicts with str/int keys only; use a string key"
-        )
+        if isinstance(key, enum.Enum) or not _plain_key(key):
+            raise ConfigError(
+                f"checkpoint{_where(at)} has a {type(key).__name__} key {key!r}: ckptkit "
+                "stores dict keys that are numbers, strings or tuples of them; use a string key"
+            )
+        return key
 
     @staticmethod
     def _refuse(obj: Any, at: tuple[Any, ...]) -> None:
@@ -186,6 +195,12 @@ class _Plainer:
             "objects (never unpickled on load); keep it out of the hyper-parameters "
             "(save_hyperparameters(ignore=[...])) or store a plain value (its name, numbers)"
         )
+
+
+def _plain_key(key: Any) -> bool:
+    if type(key) is tuple:
+        return all(_plain_key(k) for k in key)
+    return type(key) in (str, int, float, bool, type(None))
 
 
 def _where(at: Iterable[Any]) -> str:

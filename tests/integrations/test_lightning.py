@@ -346,7 +346,6 @@ class _Config:
     name: str = "mlp"
 
 
-@pytest.mark.xfail(strict=True, reason="dataclasses, tuple keys and numpy values refused")
 def test_dataclasses_tuple_keys_and_numpy_values_are_stored(tmp_path: Path) -> None:
     import numpy as np
 

@@ -377,3 +377,23 @@ def test_latest_ckpt_path_takes_no_lock_and_refuses_an_all_damaged_run(tmp_path:
         (tmp_path / "run" / info.name / name).write_bytes(b"x")
     with pytest.raises(ckptkit.CorruptCheckpointError, match="every checkpoint is damaged"):
         latest_ckpt_path(url)
+
+
+@pytest.mark.xfail(strict=True, reason="every rank opens the run as its writer")
+def test_a_non_zero_rank_reads_the_run_without_taking_its_lock(tmp_path: Path) -> None:
+    # Lightning's DDP launcher re-runs the script in each rank's process (RANK=1...): each
+    # calls resume_path() while rank 0 holds the run.
+    url = str(tmp_path / "run")
+    io = _io(url)
+    io.save_checkpoint({"global_step": 2, "x": torch.ones(2)}, "c/a.ckpt")
+    code = (
+        "from ckptkit.integrations.lightning import CkptkitCheckpointIO\n"
+        f"io = CkptkitCheckpointIO({url!r})\n"
+        "print(io.resume_path()); print(io.load_checkpoint('c/a.ckpt')['global_step'])\n"
+        "io.teardown()\n"
+    )
+    env = {**os.environ, "RANK": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-1500:]
+    assert out.stdout.split() == [io.manager.list()[-1].url, "2"]
+    io.teardown()

@@ -62,6 +62,7 @@ from ckptkit.errors import (
 try:
     from lightning.fabric.utilities.data import AttributeDict
     from lightning.pytorch.plugins.io import CheckpointIO
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
 except ImportError:  # pragma: no cover - exercised in a subprocess without lightning
     raise MissingDependencyError(
         "ckptkit.integrations.lightning needs lightning: " + install_hint("lightning", "lightning")
@@ -294,7 +295,15 @@ class CkptkitCheckpointIO(CheckpointIO):
         """The run's writer (holds the run lock until ``teardown``)."""
         if self._mgr is None:
             self._mgr = CheckpointManager(
-                self.url, keep_last=None, keep_best=0, save_on_epoch_end=False, verify=self.verify
+                self.url,
+                keep_last=None,
+                keep_best=0,
+                save_on_epoch_end=False,
+                verify=self.verify,
+                # Lightning's DDP launcher re-runs the script in every rank's process before
+                # torch.distributed is up: its rank (from RANK/LOCAL_RANK/...) says who
+                # writes. Lightning saves and removes on rank 0 only.
+                readonly=rank_zero_only.rank != 0,
             )
             self._removed = self._read_removed(self._mgr)
             self._recorded = {n: set(ps) for n, ps in self._removed.items()}
@@ -382,6 +391,8 @@ class CkptkitCheckpointIO(CheckpointIO):
                 "storage_options is not used by CkptkitCheckpointIO: the run URL's storage "
                 "decides; pass storage_options=None"
             )
+        if self.manager.readonly:
+            return  # not rank 0: Lightning calls this on rank 0 only, but a direct call may
         path = os.fspath(path)
         step = checkpoint.get("global_step", 0)
         if not isinstance(step, int) or isinstance(step, bool):
@@ -431,6 +442,8 @@ class CkptkitCheckpointIO(CheckpointIO):
 
     def remove_checkpoint(self, path: Any) -> None:
         mgr = self.manager
+        if mgr.readonly:
+            return
         checkpoints = mgr.list()
         try:
             name, info = self._find(os.fspath(path), checkpoints)

@@ -396,3 +396,36 @@ def test_a_non_zero_rank_reads_the_run_without_taking_its_lock(tmp_path: Path) -
     assert out.returncode == 0, out.stderr[-1500:]
     assert out.stdout.split() == [io.manager.list()[-1].url, "2"]
     io.teardown()
+
+
+_CRASHES = pytest.mark.xfail(strict=True, reason="a crafted conversion record crashes the load")
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        pytest.param({"at": ["hyper_parameters", "x"], "type": "numpy.ndarray"}, marks=_CRASHES),
+        pytest.param(
+            {"at": ["hyper_parameters", "x"], "type": "omegaconf.dictconfig.DictConfig"},
+            marks=_CRASHES,
+        ),
+        {"at": ["hyper_parameters", "x"], "type": "builtins.type"},
+        {"at": ["hyper_parameters", "x", "deeper"], "type": "builtins.set"},
+        {"at": "hyper_parameters", "type": "builtins.set"},
+        pytest.param(["not", "a", "record"], marks=_CRASHES),
+    ],
+)
+def test_a_crafted_conversion_record_leaves_the_value_plain(tmp_path: Path, entry: Any) -> None:
+    url = str(tmp_path / "run")
+    io = _io(url)
+    value = "a: !!python/object/apply:os.system ['echo pwned']"
+    io.save_checkpoint({"global_step": 1, "hyper_parameters": {"x": value}}, "c/a.ckpt")
+    io.teardown()
+    info = ckptkit.CheckpointManager(url, readonly=True).list()[-1]
+    path = tmp_path / "run" / info.name / "manifest.json"
+    raw = json.loads(path.read_text())
+    raw["metadata"]["lightning"]["converted"] = [entry]
+    path.write_text(json.dumps(raw))
+    io = _io(url)
+    assert io.load_checkpoint("c/a.ckpt")["hyper_parameters"] == {"x": value}
+    io.teardown()

@@ -104,26 +104,26 @@ def _classes() -> dict[str, type]:
     return out
 
 
-def _rebuilders() -> dict[str, Callable[[Any], Any]]:
-    out: dict[str, Callable[[Any], Any]] = {
-        _name(AttributeDict): AttributeDict,
-        "argparse.Namespace": lambda v: argparse.Namespace(**v),
-        "types.SimpleNamespace": lambda v: types.SimpleNamespace(**v),
-        "builtins.set": set,
-        "builtins.frozenset": frozenset,
-        "torch.device": torch.device,
-        "builtins.type": lambda v: _classes().get(v, v),
+def _rebuilders() -> dict[str, tuple[type | tuple[type, ...], Callable[[Any], Any]]]:
+    """Type name -> (the plain value it must be, how to build the type from it)."""
+    out: dict[str, tuple[type | tuple[type, ...], Callable[[Any], Any]]] = {
+        _name(AttributeDict): (dict, AttributeDict),
+        "argparse.Namespace": (dict, lambda v: argparse.Namespace(**v)),
+        "types.SimpleNamespace": (dict, lambda v: types.SimpleNamespace(**v)),
+        "builtins.set": (list, set),
+        "builtins.frozenset": (list, frozenset),
+        "torch.device": (str, torch.device),
+        "builtins.type": (str, lambda v: _classes().get(v, v)),
+        "numpy.ndarray": (torch.Tensor, lambda t: t.numpy()),
     }
-    for cls in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath"):
-        out[f"pathlib.{cls}"] = getattr(pathlib, cls)
-    out["pathlib.PureWindowsPath"] = pathlib.PureWindowsPath
+    for cls in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"):
+        out[f"pathlib.{cls}"] = (str, getattr(pathlib, cls))
     for name in _NUMPY_SCALARS:
-        out[f"numpy.{name}"] = getattr(np, name)
-    out["numpy.ndarray"] = lambda t: t.numpy()
+        out[f"numpy.{name}"] = ((bool, int, float), getattr(np, name))
     oc = _omegaconf()
     if oc is not None:
         for cls in (oc.DictConfig, oc.ListConfig):
-            out[_name(cls)] = oc.OmegaConf.create
+            out[_name(cls)] = ((dict, list), oc.OmegaConf.create)  # never from a YAML string
     return out
 
 
@@ -219,18 +219,24 @@ def from_plain(state: dict[str, Any], converted: list[dict[str, Any]]) -> dict[s
     """Undo ``to_plain``'s conversions (deepest first, so that a parent is rebuilt from
     children that already are what they were)."""
     rebuild = _rebuilders()
-    for entry in sorted(converted, key=lambda e: -len(e.get("at", ()))):
-        at, kind = entry.get("at"), entry.get("type")
-        builder = rebuild.get(kind) if isinstance(kind, str) else None
-        if builder is None or not isinstance(at, list) or not at:
+    # The records come from the manifest: anything malformed is skipped, never trusted.
+    entries = [e for e in converted if isinstance(e, dict) and isinstance(e.get("at"), list)]
+    for entry in sorted(entries, key=lambda e: -len(e["at"])):
+        at, spec = entry["at"], rebuild.get(str(entry.get("type")))
+        if spec is None or not at:
             continue  # a type we do not rebuild (a dict subclass, a namedtuple): stays plain
+        parent: Any = state
         with contextlib.suppress(KeyError, IndexError, TypeError):
-            parent: Any = state
             for key in at[:-1]:
                 parent = parent[key]
-            if isinstance(parent, tuple):
+            accepts, build = spec
+            value = parent[at[-1]]
+            if not isinstance(parent, (dict, list)) or not isinstance(value, accepts):
                 continue
-            parent[at[-1]] = builder(parent[at[-1]])
+            try:
+                parent[at[-1]] = build(value)
+            except Exception:  # noqa: BLE001 - e.g. OmegaConf refusing a key: stays plain
+                continue
     return state
 
 

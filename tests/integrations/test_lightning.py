@@ -38,10 +38,13 @@ def commands() -> None:
 
 @pytest.fixture(autouse=True)
 def quiet() -> Any:
+    # Trainer(deterministic=True) switches torch's deterministic mode on for the process.
+    deterministic = torch.are_deterministic_algorithms_enabled()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module="lightning")
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         yield
+    torch.use_deterministic_algorithms(deterministic)
 
 
 def _io(url: str, **kwargs: Any) -> Any:
@@ -423,3 +426,26 @@ def test_a_crafted_conversion_record_leaves_the_value_plain(tmp_path: Path, entr
     io = _io(url)
     assert io.load_checkpoint("c/a.ckpt")["hyper_parameters"] == {"x": value}
     io.teardown()
+
+
+def test_mid_epoch_resume_is_lightnings_own(tmp_path: Path) -> None:
+    """With a plain DataLoader Lightning does not resume exactly mid-epoch (it warns "your
+    dataloader is not resumable"): a resume through ckptkit is exactly Lightning's own
+    resume from its own .ckpt of the same step, and both differ from an uninterrupted run."""
+
+    def weights(model: Any) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    own = ModelCheckpoint(dirpath=str(tmp_path / "own"), every_n_train_steps=2, save_top_k=-1)
+    straight = weights(_fit(tmp_path / "a", None, 6, [own])[1])
+    url = str(tmp_path / "run")
+    _fit(tmp_path / "b", _io(url), 2, [ModelCheckpoint(every_n_train_steps=2)])  # step 2 of 4
+    io = _io(url)
+    resumed = _fit(tmp_path / "b", io, 6, [ModelCheckpoint()], ckpt_path=io.resume_path())[1]
+    again = ModelCheckpoint(dirpath=str(tmp_path / "own2"))
+    theirs = _fit(tmp_path / "c", None, 6, [again], ckpt_path=own.dirpath + "/epoch=0-step=2.ckpt")
+    assert same(weights(resumed), weights(theirs[1]))
+    assert not same(weights(theirs[1]), straight)

@@ -100,16 +100,14 @@ def test_the_adapter_changes_nothing_in_the_training(
     assert _same(uninterrupted, lightning_alone)
 
 
-_MID_EPOCH = pytest.mark.xfail(strict=True, reason="the example's DataLoader does not resume")
-
-
 @pytest.mark.parametrize(
     ("point", "nth", "resumes_at"),
     [
-        ("commit-files", 5, 4),  # inside the 5th commit (top-1 file at step 6): from 4
-        pytest.param("commit-files", 6, 6, marks=_MID_EPOCH),  # inside last.ckpt's at 6
-        pytest.param("commit-rename", 7, 6, marks=_MID_EPOCH),  # step 8's, not yet renamed
-        pytest.param("optimizer-step", 12, 10, marks=_MID_EPOCH),  # between saves
+        # two commits a save (the top-1 file, then last.ckpt); 4 batches an epoch
+        ("commit-files", 5, 4),  # inside step 6's top-1 commit: from 4 (an epoch end)
+        ("commit-files", 6, 6),  # inside step 6's last.ckpt commit: from its top-1 (mid-epoch)
+        ("commit-rename", 7, 6),  # step 8's manifest written, not yet renamed: from 6
+        ("optimizer-step", 12, 10),  # in the training between saves: from 10 (mid-epoch)
     ],
 )
 def test_sigkill_then_same_command_matches_uninterrupted(

@@ -211,7 +211,13 @@ def _where(at: Iterable[Any]) -> str:
 def to_plain(checkpoint: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """``checkpoint`` as plain data, and the conversions to undo on load."""
     plainer = _Plainer()
-    out = {k: plainer.convert(v, (k,)) for k, v in checkpoint.items()}
+    try:
+        out = {k: plainer.convert(v, (k,)) for k, v in checkpoint.items()}
+    except RecursionError:
+        raise ConfigError(
+            "the checkpoint holds a container that contains itself (or nests deeper than "
+            "Python's recursion limit): store plain, finite data in the hyper-parameters"
+        ) from None
     return out, plainer.converted
 
 

@@ -451,7 +451,6 @@ def test_mid_epoch_resume_is_lightnings_own(tmp_path: Path) -> None:
     assert not same(weights(theirs[1]), straight)
 
 
-@pytest.mark.xfail(strict=True, reason="a self-referencing hyper-parameter is a RecursionError")
 def test_a_container_holding_itself_is_refused_in_one_line(tmp_path: Path) -> None:
     io = _io(str(tmp_path / "run"))
     loop: dict[str, Any] = {"a": 1}

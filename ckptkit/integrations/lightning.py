@@ -70,7 +70,7 @@ except ImportError:  # pragma: no cover - exercised in a subprocess without ligh
 
 from ckptkit import run as runmod
 from ckptkit.manager import CheckpointManager
-from ckptkit.run import CheckpointInfo
+from ckptkit.run import CheckpointInfo, log, warn
 
 RUN_FILE = "lightning.json"  # names Lightning removed whose checkpoint had to stay
 _LEAVES = (type(None), bool, int, float, str, bytes, torch.Tensor, torch.dtype, torch.Size)
@@ -365,10 +365,17 @@ class CkptkitCheckpointIO(CheckpointIO):
         held = {c.name for c in self._live(checkpoints).values()}
         existing: set[str] = set()
         for info in checkpoints:
-            if not _paths(info) or info.name in held or info.name == self.resumed_from:
+            if not _paths(info) or info.name in held:
                 existing.add(info.name)
-                continue
-            mgr.delete(info)
+            elif info.name == self.resumed_from:
+                existing.add(info.name)
+                log.info("keeping %s, the checkpoint this run resumed from", info.name)
+            else:
+                try:
+                    mgr.delete(info)
+                except OSError as exc:  # StorageError included: the save itself stands
+                    existing.add(info.name)
+                    warn(f"could not delete {info.name}, which Lightning removed ({exc})")
         kept = {n: ps for n, ps in removed.items() if n in existing and ps}
         self._removed = kept
         if kept != self._recorded:

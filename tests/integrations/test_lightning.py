@@ -171,6 +171,8 @@ def test_the_whole_checkpoint_dict_round_trips(tmp_path: Path, hp: dict[str, Any
     io.save_checkpoint(want, str(tmp_path / "elsewhere" / "by-hand.ckpt"))
     got = io.load_checkpoint(str(tmp_path / "elsewhere" / "by-hand.ckpt"))
     _assert_same(got, want)
+    # ModelCheckpoint's monitored value is the checkpoint's metric (ckptkit ls shows it)
+    assert set(io.manager.list()[-1].metrics) == {"train_loss"}
     io.teardown()
 
 

@@ -114,11 +114,13 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 
 
 def _has(state: dict[str, Any], test: Any) -> bool:
-    # One level down too: a ShardedState entry holds {"model": ..., "optimizer": ...}.
+    # One level down too (a ShardedState entry holds {"model": ..., "optimizer": ...}), and
+    # a list of states counts (Lightning's optimizer_states / lr_schedulers).
     def found(v: Any) -> bool:
         return isinstance(v, dict) and test(v)
 
-    return any(found(v) or (isinstance(v, dict) and any(map(found, v.values()))) for v in state.values())  # fmt: skip
+    values = [x for v in state.values() for x in (v if isinstance(v, (list, tuple)) else [v])]
+    return any(found(v) or (isinstance(v, dict) and any(map(found, v.values()))) for v in values)
 
 
 def _is_rng(v: dict[str, Any]) -> bool:

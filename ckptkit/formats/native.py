@@ -23,10 +23,8 @@ from __future__ import annotations
 import base64
 import json
 import math
-import queue
 import re
 import struct
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -55,8 +53,9 @@ _SAFE_FILENAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,100}$")
 CHUNK = 16 << 20
 # A tensor file's JSON header: bounded before it is read (a hostile one could be huge).
 MAX_HEADER = 100 << 20
-# Bytes read per call on restore: a piece the hashing thread takes while the next one is
-# read, small enough to still be in the CPU cache when hashed.
+# Bytes read per call on restore: hashed right after it is read, while still in the CPU
+# cache (a thread hashing piece i while piece i+1 is read was measured slower on 2 shared
+# cores: docs/FORMAT.md, "Restore speed").
 READ_PIECE = 4 << 20
 MAX_TREE = 64 << 20  # state.json: the state without its tensors (a few KB to MB)
 
@@ -459,16 +458,13 @@ def read_tensors(
             )
         text = member.read_range(8, n)
         plan = _plan(_strict_json(text, where), member.size - 8 - n, where)
-        hasher = _Hashing() if verify else None
-        try:
-            if hasher is not None:
-                hasher.update(head)
-                hasher.update(text)
-            out = _read_plan(member, 8 + n, plan, where, hasher)
-        finally:
-            digest = hasher.close() if hasher is not None else None
-    if digest is not None:
-        _compare(manifest, fname, digest, source)
+        hasher = file_hasher() if verify else None
+        if hasher is not None:
+            hasher.update(head)
+            hasher.update(text)
+        out = _read_plan(member, 8 + n, plan, where, hasher)
+    if hasher is not None:
+        _compare(manifest, fname, hasher.hexdigest(), source)
     return out
 
 
@@ -477,10 +473,10 @@ def _read_plan(
     base: int,
     plan: list[tuple[str, torch.dtype, list[int], int, int]],
     where: str,
-    hasher: _Hashing | None,
+    hasher: Any,
 ) -> dict[str, torch.Tensor]:
     """Each tensor of ``plan`` read into a fresh tensor, in READ_PIECE pieces, each
-    handed to ``hasher`` once read."""
+    hashed right after it is read, while it is still in the CPU cache."""
     out: dict[str, torch.Tensor] = {}
     for name, dtype, shape, begin, end in plan:
         try:
@@ -498,48 +494,6 @@ def _read_plan(
                     hasher.update(piece)
         out[name] = t
     return out
-
-
-class _Hashing:
-    """xxh3-128 of a file's bytes, fed in order, computed in a worker thread while the
-    reader fetches the next piece: xxhash releases the GIL on large updates, so the
-    check runs on a second core instead of after each read (still one pass). Small
-    pieces (biases, norms) go over in batches: one hand-over per few hundred of them."""
-
-    def __init__(self) -> None:
-        self._hasher = file_hasher()
-        self._queue: queue.SimpleQueue[list[memoryview | bytes] | None] = queue.SimpleQueue()
-        self._batch: list[memoryview | bytes] = []
-        self._batched = 0
-        self._thread = threading.Thread(target=self._run, name="ckptkit-xxh3", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (pieces := self._queue.get()) is not None:
-            for piece in pieces:
-                self._hasher.update(piece)
-
-    def update(self, piece: memoryview | bytes) -> None:
-        self._batch.append(piece)
-        self._batched += len(piece)
-        if self._batched >= _BATCH:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._batch:
-            self._queue.put(self._batch)
-            self._batch, self._batched = [], 0
-
-    def close(self) -> str:
-        """Wait for every piece fed so far (on an error too: no thread may still read a
-        tensor's memory once the caller moves on) and return the hex digest."""
-        self._flush()
-        self._queue.put(None)
-        self._thread.join()
-        return self._hasher.hexdigest()
-
-
-_BATCH = 1 << 20  # bytes of small pieces handed to the hashing thread at once
 
 
 def _plan(

@@ -192,12 +192,23 @@ def _check_tied(where: str, module: torch.nn.Module, saved: Mapping[str, Any]) -
         values = [(k, saved[k]) for k in keys if isinstance(saved.get(k), torch.Tensor)]
         for k, v in values[1:]:
             first, fv = values[0]
-            if v.shape == fv.shape and not torch.equal(v, fv):
+            if v.shape == fv.shape and not _same_memory(v, fv) and not torch.equal(v, fv):
                 raise IncompatibleCheckpointError(
                     f"{where}: {k} and {first} differ in the checkpoint but are tied in this "
                     f"{type(module).__name__} (saved from an untied model?); build the model "
                     "with the same weight tying (tie_word_embeddings) it was saved with"
                 )
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """One tensor read once and referenced twice (a tied weight is stored once): equal
+    without comparing every element (NaNs included, which ``torch.equal`` calls unequal)."""
+    return (
+        a.device == b.device
+        and a.dtype == b.dtype
+        and a.data_ptr() == b.data_ptr()
+        and a.stride() == b.stride()
+    )
 
 
 def _shape(value: Any) -> Any:

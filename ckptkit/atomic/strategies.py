@@ -70,9 +70,7 @@ class RenameCommit:
         return entries
 
     def leftovers(self, storage: Storage, names: list[str]) -> list[str]:
-        out = [n for n in names if n.startswith(TMP_PREFIX)]
-        out += [n for n in names if parse_name(n) and not storage.exists(join_key(n, MANIFEST))]
-        return out
+        return [n for n in names if n.startswith(TMP_PREFIX)] + _uncommitted(storage, names)
 
 
 class MarkerCommit:
@@ -106,7 +104,19 @@ class MarkerCommit:
         return entries
 
     def leftovers(self, storage: Storage, names: list[str]) -> list[str]:
-        return [n for n in names if parse_name(n) and not storage.exists(join_key(n, MANIFEST))]
+        return _uncommitted(storage, names)
+
+
+def _uncommitted(storage: Storage, names: list[str]) -> list[str]:
+    """The checkpoint folders among ``names`` without a manifest. A storage that lists a
+    whole tree at once (``find``: object stores) is asked once, not once per checkpoint
+    (1,000 checkpoints made opening a writer on gs:// take ~15 s); others per name."""
+    steps = [n for n in names if parse_name(n)]
+    find = getattr(storage, "find", None)
+    if find is None or len(steps) < 2:
+        return [n for n in steps if not storage.exists(join_key(n, MANIFEST))]
+    keys = set(find(""))
+    return [n for n in steps if join_key(n, MANIFEST) not in keys]
 
 
 def put(storage: Storage, key: str, payload: Payload) -> FileEntry:

@@ -53,6 +53,10 @@ _SAFE_FILENAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,100}$")
 CHUNK = 16 << 20
 # A tensor file's JSON header: bounded before it is read (a hostile one could be huge).
 MAX_HEADER = 100 << 20
+# Bytes read per call on restore: hashed right after it is read, while still in the CPU
+# cache (a thread hashing piece i while piece i+1 is read was measured slower on 2 shared
+# cores: docs/FORMAT.md, "Restore speed").
+READ_PIECE = 4 << 20
 MAX_TREE = 64 << 20  # state.json: the state without its tensors (a few KB to MB)
 
 # safetensors dtype names (https://github.com/huggingface/safetensors, "dtype").
@@ -79,6 +83,7 @@ for _name, _code in (
     if hasattr(torch, _name):
         _DTYPES[getattr(torch, _name)] = _code
 _CODES = {code: dtype for dtype, code in _DTYPES.items()}
+_ITEMSIZE = {dtype: dtype.itemsize for dtype in _CODES.values()}
 _TORCH_DTYPES = {
     str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
 }
@@ -442,7 +447,6 @@ def read_tensors(
     """Every tensor of a ckptkit/2 tensor file, each read straight into a fresh tensor;
     the header is checked first (offsets, dtypes, shapes), the hash as bytes arrive."""
     where = f"{source}/{fname}"
-    hasher = file_hasher() if verify else None
     with open_file(fname) as member:
         head = member.read_range(0, 8) if member.size >= 8 else b""
         if len(head) != 8:
@@ -454,27 +458,41 @@ def read_tensors(
             )
         text = member.read_range(8, n)
         plan = _plan(_strict_json(text, where), member.size - 8 - n, where)
+        hasher = file_hasher() if verify else None
         if hasher is not None:
             hasher.update(head)
             hasher.update(text)
-        out: dict[str, torch.Tensor] = {}
-        for name, dtype, shape, begin, end in plan:
-            try:
-                t = torch.empty(shape, dtype=dtype)
-            except (RuntimeError, ValueError, TypeError, OverflowError):  # sizes overflow
-                raise CorruptCheckpointError(
-                    f"{where}: tensor {name[:60]!r} has an impossible shape"
-                ) from None
-            if end > begin:
-                view = _bytes_of(t)
-                for a in range(0, end - begin, CHUNK):
-                    piece = view[a : a + CHUNK]
-                    member.readinto(8 + n + begin + a, piece)
-                    if hasher is not None:
-                        hasher.update(piece)
-            out[name] = t
+        out = _read_plan(member, 8 + n, plan, where, hasher)
     if hasher is not None:
         _compare(manifest, fname, hasher.hexdigest(), source)
+    return out
+
+
+def _read_plan(
+    member: Member,
+    base: int,
+    plan: list[tuple[str, torch.dtype, list[int], int, int]],
+    where: str,
+    hasher: Any,
+) -> dict[str, torch.Tensor]:
+    """Each tensor of ``plan`` read into a fresh tensor, in READ_PIECE pieces, each
+    hashed right after it is read, while it is still in the CPU cache."""
+    out: dict[str, torch.Tensor] = {}
+    for name, dtype, shape, begin, end in plan:
+        try:
+            t = torch.empty(shape, dtype=dtype)
+        except (RuntimeError, ValueError, TypeError, OverflowError):  # sizes overflow
+            raise CorruptCheckpointError(
+                f"{where}: tensor {name[:60]!r} has an impossible shape"
+            ) from None
+        if end > begin:
+            view = _bytes_of(t)
+            for a in range(0, end - begin, READ_PIECE):
+                piece = view[a : a + READ_PIECE]
+                member.readinto(base + begin + a, piece)
+                if hasher is not None:
+                    hasher.update(piece)
+        out[name] = t
     return out
 
 
@@ -510,7 +528,7 @@ def _plan(
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
             raise bad(f"tensor {name[:60]!r} has malformed data offsets")
         begin, end = offsets
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * _ITEMSIZE[dtype]
         if end - begin != nbytes:
             raise bad(f"tensor {name[:60]!r}: its offsets do not fit its dtype and shape")
         plan.append((name, dtype, shape, begin, end))

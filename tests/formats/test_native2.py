@@ -447,3 +447,49 @@ def test_object_store_uploads_a_checkpoints_files_in_parallel(monkeypatch):
     with CheckpointManager(url, keep_last=None) as mgr:
         info = mgr.save(1, state)
     assert equal(ckptkit.load(info.url), state)
+
+
+def _many_tensors() -> dict:
+    # Small tensors (hashed in batches) around big ones (hashed piece by piece).
+    big = torch.arange(3 << 20, dtype=torch.float32)  # 12 MiB: several read pieces
+    small = {f"b{i}": torch.full((7 + i,), float(i)) for i in range(40)}
+    return {"model": {"first": big, **small, "last": big + 1, "tail": torch.ones(3)}}
+
+
+@pytest.mark.parametrize("where", ["header", "small", "big", "last byte"])
+def test_one_flipped_byte_anywhere_fails_verification(tmp_path, where):
+    """The hash covers every byte in file order, whichever thread computes it: one flipped
+    byte in the header, a small tensor, a big one or the last byte is caught, and no
+    hashing thread outlives the failed restore."""
+    import threading
+
+    _, ckpt = save(tmp_path, _many_tensors())
+    path = os.path.join(ckpt, "model.safetensors")
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    at = {
+        "header": 8 + n - 1,  # the padding after the header's JSON
+        "small": 8 + n + header["b20"]["data_offsets"][0] + 1,
+        "big": 8 + n + header["last"]["data_offsets"][0] + (5 << 20),
+        "last byte": len(data) - 1,
+    }[where]
+    data[at] ^= 0x01
+    with open(path, "wb") as f:
+        f.write(data)
+    before = threading.active_count()
+    with pytest.raises(CorruptCheckpointError, match="model.safetensors: (xxh3|not valid)"):
+        ckptkit.load(ckpt)
+    assert threading.active_count() == before
+    if where == "header":
+        return
+    assert ckptkit.load(ckpt, verify=False)["model"]["b0"].tolist() == [0.0] * 7
+
+
+def test_many_tensors_round_trip_byte_for_byte(tmp_path):
+    state = _many_tensors()
+    _, ckpt = save(tmp_path, state)
+    back = ckptkit.load(ckpt)["model"]
+    assert set(back) == set(state["model"])
+    assert all(torch.equal(back[k], v) for k, v in state["model"].items())

@@ -270,3 +270,29 @@ def test_latest_reads_down_to_the_newest_valid_and_no_further(
         target = {"w": torch.zeros(3)}
         assert ro.restore(target, 2).step == 2 and target["w"].tolist() == [2.0] * 3
         assert set(manifest_reads.take()) == {checkpoint_name(2)}
+
+
+# == opening a writer ==================================================================
+def test_opening_a_writer_lists_the_run_once_whatever_its_size(
+    gcs_bucket: str, requests: Requests
+) -> None:
+    """A writer removes an interrupted save's leftovers (a step folder without a
+    manifest) when it opens the run: with one listing of the run, not one request per
+    checkpoint (1,000 checkpoints cost ~15 s on gs:// that way)."""
+    opened: dict[int, int] = {}
+    for n in (3, 30):
+        url = f"gs://{gcs_bucket}/runs/open{n}"
+        run_of(url, n)
+        storage = open_storage(url)
+        interrupted = checkpoint_name(n + 1)
+        storage.write_bytes(join_key(interrupted, "model.safetensors"), b"half written")
+        # A manifest deeper down (a layout's own files) does not commit the folder.
+        storage.write_bytes(join_key(interrupted, "dcp", MANIFEST), b"{}")
+        requests.clear()
+        with CheckpointManager(url) as mgr:
+            opened[n] = len(requests.seen)
+            assert mgr.latest().step == n
+        storage.invalidate()
+        assert interrupted not in storage.listdir(""), "the leftover was not removed"
+        assert checkpoint_name(n - 1) in storage.listdir("")  # committed ones stay
+    assert opened[30] <= opened[3] + 2, opened

@@ -135,13 +135,18 @@ def test_a_position_maps_by_samples_consumed(old: int, new: int, done: int) -> N
     assert again == (0 if "seen again" not in note else int(note.rsplit("last ", 1)[1].split()[0]))
 
 
-def test_sharded_state_at_a_remote_url() -> None:
-    """The shards go through the run's own storage: any URL, here fsspec's memory://."""
+@pytest.mark.parametrize("where", ["memory", pytest.param("gs", marks=pytest.mark.gcs)])
+def test_sharded_state_at_a_remote_url(where: str, request: pytest.FixtureRequest) -> None:
+    """The shards go through the run's own storage: any URL, here fsspec's memory:// and
+    gs:// (the real emulator: manifest-last commit, no rename)."""
     import uuid
 
     torch.manual_seed(0)
     model, opt = tiny()
-    run = f"memory://ckptkit-dist-{uuid.uuid4().hex[:8]}/run"
+    if where == "gs":
+        run = f"gs://{request.getfixturevalue('gcs_bucket')}/run"
+    else:
+        run = f"memory://ckptkit-dist-{uuid.uuid4().hex[:8]}/run"
     with ckptkit.CheckpointManager(run) as mgr:
         mgr.save(2, {"app": ckptkit.ShardedState(model, opt)})
     other, other_opt = tiny()

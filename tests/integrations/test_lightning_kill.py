@@ -20,8 +20,7 @@ import torch
 pytest.importorskip("lightning")
 
 import ckptkit  # noqa: E402
-
-from ._lightning_kill import command  # noqa: E402
+from tests.killpoints import command  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -28,8 +28,8 @@ import contextlib
 import copy
 import ctypes
 import gc
+import json
 import os
-import pickle
 import select
 import signal
 import sys
@@ -407,15 +407,12 @@ class _ForkedWrite(_Job):
 
     def _outcome(self) -> tuple[CheckpointInfo, float]:
         report: Any = None
-        with contextlib.suppress(Exception):
-            report = pickle.loads(self._report) if self._report else None
-        if isinstance(report, tuple) and report[0] == "ok":
+        with contextlib.suppress(Exception):  # JSON, never a pickle: nothing is unpickled
+            report = json.loads(self._report) if self._report else None
+        if isinstance(report, list) and report[:1] == ["ok"]:
             return self._committed(), float(report[1])
-        if isinstance(report, tuple) and report[0] == "error":
-            error = report[1]
-            if isinstance(error, BaseException):
-                raise error
-            raise CkptError(str(error))
+        if isinstance(report, list) and report[:1] == ["error"]:
+            raise _rebuilt(str(report[1]), str(report[2]))
         # No report: the child died (killed, out of memory) or its parent looked dead.
         # It may have died after its commit: then the checkpoint is there and complete.
         with contextlib.suppress(CkptError, OSError):
@@ -468,7 +465,7 @@ def _child(
         t0 = time.monotonic()
         try:
             mgr._write(collected, manifest, name=name)
-            report = pickle.dumps(("ok", time.monotonic() - t0))
+            report = json.dumps(["ok", time.monotonic() - t0]).encode()
         except BaseException as exc:  # noqa: BLE001 - reported to the parent
             report = _error_report(exc)
         os.write(w, report)
@@ -479,14 +476,29 @@ def _child(
 
 
 def _error_report(exc: BaseException) -> bytes:
-    exc.__traceback__ = None
-    with contextlib.suppress(Exception):
-        data = pickle.dumps(("error", exc))
-        if len(data) <= _MAX_REPORT:
-            pickle.loads(data)  # one that cannot be rebuilt is sent as text
-            return data
-    text = f"{type(exc).__name__}: {exc}"[: _MAX_REPORT // 2]
-    return pickle.dumps(("error", text))
+    """The child's error as JSON (type name, message): the parent rebuilds it by name from
+    ckptkit's error family or a few builtins, so nothing from the child is unpickled."""
+    message = str(exc)[: _MAX_REPORT // 2]
+    return json.dumps(["error", type(exc).__name__, message]).encode()
+
+
+def _rebuilt(name: str, message: str) -> BaseException:
+    import ckptkit.errors as errors
+
+    known: dict[str, type[BaseException]] = {
+        c.__name__: c
+        for c in vars(errors).values()
+        if isinstance(c, type) and issubclass(c, errors.CkptError)
+    }
+    for c in (OSError, RuntimeError, ValueError, TypeError, MemoryError, KeyError):
+        known.setdefault(c.__name__, c)
+    cls = known.get(name)
+    if cls is None:
+        return CkptError(f"{name}: {message}")
+    try:
+        return cls(message)
+    except Exception:  # noqa: BLE001 - a class that wants other arguments
+        return CkptError(f"{name}: {message}")
 
 
 class _ParentGuard:

@@ -57,6 +57,7 @@ from ckptkit.policies import (
 from ckptkit.run import CheckpointInfo, warn
 from ckptkit.stateful import apply_state, collect_state, state_classes
 from ckptkit.storage.base import Storage, join_key
+from ckptkit.storage.mapping import Lending
 from ckptkit.storage.registry import open_storage, scheme_of
 
 # Exit code for "stopped early on purpose (signal or time limit), resume me":
@@ -776,8 +777,28 @@ class CheckpointManager:
         group = self._group
         if group is not None:  # rank 0 reads and verifies; every rank gets what it read
             loaded = group.on_main(lambda: self._load(which, verify=verify, trust=trust), "restore")
-        else:
-            loaded = self._load(which, verify=verify, trust=trust)
+            return self._apply(state, full, loaded, force)
+        # A model's weights may be lent as views of the mapped files: its load_state_dict
+        # copies them into the parameters, the one copy of a restore (storage/mapping.py).
+        modules = {k: v for k, v in full.items() if isinstance(v, torch.nn.Module)}
+        lending = Lending(modules)
+        try:
+            loaded = self._load(which, verify=verify, trust=trust, lending=lending)
+            result = self._apply(state, full, loaded, force)
+            lending.settle(modules.values())
+            return result
+        finally:
+            loaded = None
+            lending.close()
+
+    def _apply(
+        self,
+        state: MutableMapping[str, Any],
+        full: dict[str, Any],
+        loaded: tuple[CheckpointInfo | None, Loaded] | None,
+        force: bool,
+    ) -> ResumeResult:
+        group = self._group
         if loaded is None:
             return ResumeResult(False)
         info, data = loaded
@@ -875,14 +896,16 @@ class CheckpointManager:
                 self.storage.delete(name, recursive=True)
 
     def _load(
-        self, which: str | int, *, verify: bool, trust: bool
+        self, which: str | int, *, verify: bool, trust: bool, lending: Lending | None = None
     ) -> tuple[CheckpointInfo | None, Loaded] | None:
         if which == "latest":  # newest first: only the manifests down to a valid one
             for info in runmod.newest_first(self.storage):
                 try:
-                    return info, self._read(info, verify)
+                    return info, self._read(info, verify, lending)
                 except CorruptCheckpointError as exc:
                     warn(f"skipping {exc}")
+                    if lending is not None:
+                        lending.close()  # what the damaged one mapped
             return None
         if which == "best":
             best = self.best()
@@ -890,13 +913,13 @@ class CheckpointManager:
                 raise CheckpointNotFoundError(
                     f"{self.url}: no best checkpoint (no metric recorded yet)"
                 )
-            return best, self._read(best, verify)
+            return best, self._read(best, verify, lending)
         if isinstance(which, int) or str(which).isdigit() or parse_name(str(which)):
             info = runmod.find_checkpoint(self.storage, which, self.url)
-            return info, self._read(info, verify)
+            return info, self._read(info, verify, lending)
         own = self._own_checkpoint(str(which))
         if own is not None:  # a path into this run: protect it from rotation like any other
-            return own, self._read(own, verify)
+            return own, self._read(own, verify, lending)
         from ckptkit.reader import read_checkpoint
 
         return None, read_checkpoint(str(which), verify=verify, trust=trust)
@@ -917,8 +940,8 @@ class CheckpointManager:
             return None
         return next(runmod.newest_first(self.storage, [name], quiet=True), None)
 
-    def _read(self, info: CheckpointInfo, verify: bool) -> Loaded:
-        return runmod.read(self.storage, info, verify=verify)
+    def _read(self, info: CheckpointInfo, verify: bool, lending: Lending | None = None) -> Loaded:
+        return runmod.read(self.storage, info, verify=verify, lending=lending)
 
     def _check_config(self, data: Loaded) -> None:
         saved = data.meta.get("config")

@@ -20,6 +20,7 @@ from ckptkit.formats.base import Loaded
 from ckptkit.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest, check_manifest_size, parse_name
 from ckptkit.storage import confined
 from ckptkit.storage.base import Storage, join_key
+from ckptkit.storage.mapping import Lending
 from ckptkit.storage.names import UnsafeNameError, check_member_name
 
 log = logging.getLogger("ckptkit")
@@ -268,12 +269,22 @@ def find_checkpoint(storage: Storage, which: str | int, url: str) -> CheckpointI
 
 
 def read_state(
-    storage: Storage, info: CheckpointInfo, *, verify: bool = True, keys: set[str] | None = None
+    storage: Storage,
+    info: CheckpointInfo,
+    *,
+    verify: bool = True,
+    keys: set[str] | None = None,
+    lending: Lending | None = None,
 ) -> dict[str, Any]:
     """Decode a checkpoint's state (verifying sizes and hashes unless ``verify=False``):
     the one read path of native checkpoints, ``formats/native.py``."""
     return native.read_state(
-        info.manifest, lambda f: open_file(storage, info, f), info.url, verify=verify, keys=keys
+        info.manifest,
+        lambda f: open_file(storage, info, f),
+        info.url,
+        verify=verify,
+        keys=keys,
+        lending=lending,
     )
 
 
@@ -298,6 +309,10 @@ def as_loaded(state: dict[str, Any], source: str, manifest: Manifest) -> Loaded:
     )
 
 
-def read(storage: Storage, info: CheckpointInfo, *, verify: bool = True) -> Loaded:
-    """Read one committed checkpoint of a run (verifying sizes and hashes by default)."""
-    return as_loaded(read_state(storage, info, verify=verify), info.url, info.manifest)
+def read(
+    storage: Storage, info: CheckpointInfo, *, verify: bool = True, lending: Lending | None = None
+) -> Loaded:
+    """Read one committed checkpoint of a run (verifying sizes and hashes by default;
+    ``lending``: see ``native.read_state``)."""
+    state = read_state(storage, info, verify=verify, lending=lending)
+    return as_loaded(state, info.url, info.manifest)

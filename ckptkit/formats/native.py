@@ -14,8 +14,11 @@ come, so a save needs no in-memory copy of the checkpoint.
 
 Reading opens every file through the confined opener and reads each tensor straight
 into a freshly allocated tensor (``pread`` into its memory, hashing the bytes as they
-arrive): no mmap, so a file truncated under the reader is a short read, i.e. a
-CorruptCheckpointError, never a SIGBUS.
+arrive), so a file truncated under the reader is a short read, i.e. a
+CorruptCheckpointError. A restore may instead be lent a model's file mapped under a read
+lease (``storage/mapping.py``: only where nothing can truncate it meanwhile), verified
+whole before its tensors are handed out as views of the pages, which the model's
+``load_state_dict`` then copies once.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from ckptkit.manifest import (
     sha256_bytes,
 )
 from ckptkit.storage.confined import Member
+from ckptkit.storage.mapping import PIECE, LeaseBroken, Lending, MappedFile
 
 _SAFE_FILENAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,100}$")
 # Bytes moved per read/write call, and the largest temporary copy a save makes of a
@@ -278,10 +282,15 @@ def read_state(
     *,
     verify: bool = True,
     keys: set[str] | None = None,
+    lending: Lending | None = None,
 ) -> dict[str, Any]:
     """The state of a native checkpoint, every file opened with ``open_file`` (a confined
     open of a listed file of the recorded size: ``run.open_file``). ``verify``: check each
-    file's hash against the manifest as it is read; ``keys`` limits what is decoded."""
+    file's hash against the manifest as it is read; ``keys`` limits what is decoded.
+
+    ``lending``: the tensors of the state keys it names (models, which copy what they
+    are given) may be views of the mapped files instead of fresh tensors, valid until
+    ``lending.close()``; every byte is verified before the first view is made."""
     if manifest.format == FORMAT_1:
         return _read_v1(manifest, open_file, source, verify=verify, keys=keys)
     wanted = {k: f for k, f in manifest.entries.items() if keys is None or k in keys}
@@ -305,12 +314,22 @@ def read_state(
         )
     tree_keys = {k for k, f in wanted.items() if f == TREE_FILE}
     if tree_keys:
-        out.update(_read_tree(manifest, open_file, source, verify, tree_keys, full=keys is None))
+        out.update(
+            _read_tree(
+                manifest, open_file, source, verify, tree_keys, full=keys is None, lending=lending
+            )
+        )
     return out
 
 
 def _read_tree(
-    manifest: Manifest, open_file: Opener, source: str, verify: bool, keys: set[str], full: bool
+    manifest: Manifest,
+    open_file: Opener,
+    source: str,
+    verify: bool,
+    keys: set[str],
+    full: bool,
+    lending: Lending | None,
 ) -> dict[str, Any]:
     where = f"{source}/{TREE_FILE}"
     with open_file(TREE_FILE) as member:
@@ -331,8 +350,18 @@ def _read_tree(
         k for k, f in manifest.entries.items() if f == TREE_FILE
     }:
         raise CorruptCheckpointError(f"{where}: its entries differ from the manifest's (damaged)")
+    per_key: dict[str, dict[str, set[str]]] = {k: {} for k in keys}
+    for k, mine in per_key.items():
+        _collect_refs([entries[k]], mine, where)
     refs: dict[str, set[str]] = {}
-    _collect_refs([entries[k] for k in keys], refs, where)
+    for mine in per_key.values():
+        for fname, names in mine.items():
+            refs.setdefault(fname, set()).update(names)
+    # Files that only lent keys refer to (a tied tensor may cross keys: then copied).
+    lent: set[str] = set()
+    if lending is not None:
+        lent = {f for k, mine in per_key.items() if k in lending.keys for f in mine}
+        lent -= {f for k, mine in per_key.items() if k not in lending.keys for f in mine}
     listed = {f for f in manifest.files if f.endswith(TENSORS) and "/" not in f}
     for fname in refs:
         if fname not in listed:
@@ -342,7 +371,10 @@ def _read_tree(
     if full and listed - set(refs):
         stray = sorted(listed - set(refs))[0]
         raise CorruptCheckpointError(f"{source}: {stray} is listed but no state refers to it")
-    tensors = {f: read_tensors(manifest, open_file, f, source, verify) for f in sorted(refs)}
+    tensors = {
+        f: read_tensors(manifest, open_file, f, source, verify, lending if f in lent else None)
+        for f in sorted(refs)
+    }
     for fname, names in refs.items():
         missing = sorted(names - set(tensors[fname]))
         if missing:
@@ -442,20 +474,28 @@ def _is_int(x: Any) -> bool:
 
 
 def read_tensors(
-    manifest: Manifest, open_file: Opener, fname: str, source: str, verify: bool
+    manifest: Manifest,
+    open_file: Opener,
+    fname: str,
+    source: str,
+    verify: bool,
+    lending: Lending | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every tensor of a ckptkit/2 tensor file, each read straight into a fresh tensor;
-    the header is checked first (offsets, dtypes, shapes), the hash as bytes arrive."""
+    """Every tensor of a ckptkit/2 tensor file: views of the file mapped by ``lending``
+    (verified whole first) where it may map it, else each read straight into a fresh
+    tensor; the header is checked first (offsets, dtypes, shapes), the hash as bytes
+    arrive."""
     where = f"{source}/{fname}"
     with open_file(fname) as member:
+        mapped = lending.map(member.fd, member.size, where) if lending is not None else None
+        if mapped is not None:
+            try:
+                return _mapped_tensors(manifest, fname, mapped, source, verify)
+            except LeaseBroken:  # a writer is waiting: read this file the other way
+                assert lending is not None
+                lending.drop(mapped)
         head = member.read_range(0, 8) if member.size >= 8 else b""
-        if len(head) != 8:
-            raise CorruptCheckpointError(f"{where}: too short for a tensor file (truncated)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(MAX_HEADER, member.size - 8):
-            raise CorruptCheckpointError(
-                f"{where}: its header is said to be larger than the file (damaged)"
-            )
+        n = _header_size(head, member.size, where)
         text = member.read_range(8, n)
         plan = _plan(_strict_json(text, where), member.size - 8 - n, where)
         hasher = file_hasher() if verify else None
@@ -465,6 +505,47 @@ def read_tensors(
         out = _read_plan(member, 8 + n, plan, where, hasher)
     if hasher is not None:
         _compare(manifest, fname, hasher.hexdigest(), source)
+    return out
+
+
+def _header_size(head: bytes, size: int, where: str) -> int:
+    if len(head) != 8:
+        raise CorruptCheckpointError(f"{where}: too short for a tensor file (truncated)")
+    (n,) = struct.unpack("<Q", head)
+    if n > min(MAX_HEADER, size - 8):
+        raise CorruptCheckpointError(
+            f"{where}: its header is said to be larger than the file (damaged)"
+        )
+    return n
+
+
+def _mapped_tensors(
+    manifest: Manifest, fname: str, mapped: MappedFile, source: str, verify: bool
+) -> dict[str, torch.Tensor]:
+    """The tensors of a mapped file as views of its pages, after one pass that hashes
+    every byte (the lease looked at between pieces): nothing is handed out unverified."""
+    where = f"{source}/{fname}"
+    view = mapped.view
+    assert view is not None
+    n = _header_size(bytes(view[:8]), mapped.size, where)
+    plan = _plan(_strict_json(bytes(view[8 : 8 + n]), where), mapped.size - 8 - n, where)
+    if verify:
+        hasher = file_hasher()
+        for a in range(0, mapped.size, PIECE):
+            hasher.update(view[a : a + PIECE])
+            if not mapped.intact():
+                raise LeaseBroken
+        _compare(manifest, fname, hasher.hexdigest(), source)
+    elif not mapped.intact():
+        raise LeaseBroken
+    out: dict[str, torch.Tensor] = {}
+    for name, dtype, shape, begin, end in plan:
+        try:
+            out[name] = mapped.tensor(8 + n + begin, end - begin, dtype, shape)
+        except (RuntimeError, ValueError, TypeError, OverflowError):  # sizes overflow
+            raise CorruptCheckpointError(
+                f"{where}: tensor {name[:60]!r} has an impossible shape"
+            ) from None
     return out
 
 

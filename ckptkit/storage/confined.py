@@ -18,7 +18,9 @@ HF Trainer directories and their shard indexes) goes through :func:`open_member`
 
 Messages name the member and why; never the size or content of what a link points to.
 Native tensor files are read with :meth:`Member.readinto` (``pread`` into the
-caller's memory), not mapped: a mapped file truncated meanwhile would raise SIGBUS.
+caller's memory), or, for a restore into a model, mapped from the checked descriptor
+under a read lease where nothing can truncate them meanwhile (``storage/mapping.py``):
+a mapped file truncated under the reader would raise SIGBUS.
 """
 
 from __future__ import annotations

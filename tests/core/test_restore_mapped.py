@@ -54,7 +54,6 @@ def _child(code: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.xfail(strict=True, reason="no mapped restore yet")
 def test_a_truncation_waits_until_the_mapped_file_is_released(tmp_path: Path) -> None:
     """The guarantee the zero-copy restore rests on: while a file is mapped, a truncate
     (here by another process, as `truncate -s 0` does it) waits; every mapped byte stays
@@ -199,7 +198,6 @@ def test_restores_while_another_process_keeps_damaging_the_files(tmp_path: Path)
         assert Path(f).read_bytes() == data
 
 
-@pytest.mark.xfail(strict=True, reason="no mapped restore yet")
 def test_a_file_open_for_writing_elsewhere_is_read_without_mapping(tmp_path: Path) -> None:
     """The kernel refuses a read lease while someone holds the file open for writing:
     restore then reads it with pread, and still gives back the exact weights."""

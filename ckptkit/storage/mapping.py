@@ -1,0 +1,244 @@
+"""Checkpoint files mapped into memory for one restore, so that a model's weights are
+copied once, straight from the file's pages into the parameters (docs/FORMAT.md,
+"Restore speed").
+
+A mapped file that shrinks under the mapping raises SIGBUS on the next access, which
+Python cannot turn into an exception: the process dies. So a file is mapped only where
+nothing can change it while it is mapped, and read with ``pread`` otherwise:
+
+- on Linux, on a local disk filesystem recognised by ``fstatfs`` (ext2/3/4, xfs, btrfs,
+  tmpfs, zfs, f2fs). Never on FUSE (a Drive mount), NFS, SMB/CIFS, 9p or overlayfs:
+  their files can change behind the kernel's back (the other machine, the Drive
+  daemon, the layer below);
+- under a read lease (``fcntl(F_SETLEASE, F_RDLCK)``). The kernel grants it only while
+  nobody has the file open for writing, and from then on makes every open-for-write or
+  truncate of it (ours included) wait until the lease is released, for up to
+  ``/proc/sys/fs/lease-break-time`` (45 s by default). A restore reads in well under
+  that, and it looks at the lease between pieces: a pending break makes it give the
+  mapping up and read that file again with ``pread``, where a file that changes is a
+  short read or a hash mismatch, i.e. a CorruptCheckpointError. The kernel announces a
+  break with a signal; it is set to SIGURG, which is ignored unless a program asks for
+  it, so that nothing is killed by the default SIGIO;
+- the size is checked with ``fstat`` after the lease is taken (a truncation between
+  open and lease), and a file of the wrong size is corrupt.
+
+The mapping is private and writable (copy-on-write): a caller that writes into a view
+changes only its own copy of the page, never the file, and never faults on a read-only
+page. A lease needs the file to be ours (or CAP_LEASE); where it is refused, the file is
+simply read the other way.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import ctypes.util
+import fcntl
+import mmap
+import os
+import signal
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from ckptkit.errors import CorruptCheckpointError
+
+# fstatfs f_type magic numbers of filesystems whose files change only through this
+# kernel's VFS (linux/magic.h).
+_LOCAL_FILESYSTEMS = {
+    0xEF53,  # ext2/3/4
+    0x58465342,  # xfs
+    0x9123683E,  # btrfs
+    0x01021994,  # tmpfs
+    0x2FC12FC1,  # zfs
+    0xF2F52010,  # f2fs
+}
+# linux/fcntl.h (F_SETSIG is not exported by Python's fcntl module).
+_F_SETSIG = 10
+_F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
+_F_GETLEASE = getattr(fcntl, "F_GETLEASE", 1025)
+_MADV_POPULATE_READ = 22  # Linux 5.14+: prefault the pages for reading, one call
+# Bytes hashed between two looks at the lease (a break is noticed within one piece).
+PIECE = 16 << 20
+
+
+class _StatFs(ctypes.Structure):
+    # Only f_type is read; the rest of struct statfs (120 bytes on 64-bit Linux) is room.
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 256)]
+
+
+def _fstatfs_type(fd: int) -> int | None:
+    libc = _libc()
+    if libc is None:
+        return None
+    buf = _StatFs()
+    if libc.fstatfs(fd, ctypes.byref(buf)) != 0:
+        return None
+    return buf.f_type & 0xFFFFFFFF
+
+
+_LIBC: list[Any] = []
+
+
+def _libc() -> Any:
+    if not _LIBC:
+        try:
+            _LIBC.append(ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True))
+        except OSError:
+            _LIBC.append(None)
+    return _LIBC[0]
+
+
+def mappable_here(fd: int) -> bool:
+    """Whether the file behind ``fd`` lies on a filesystem where a read lease keeps it
+    unchanged (see the module docstring)."""
+    return sys.platform.startswith("linux") and _fstatfs_type(fd) in _LOCAL_FILESYSTEMS
+
+
+class MappedFile:
+    """One checkpoint file mapped under a read lease: :attr:`view` (its bytes) and
+    :meth:`tensor` (a view of a range as a tensor, no copy)."""
+
+    def __init__(self, fd: int, size: int, url: str) -> None:
+        self.url = url
+        self.size = size
+        self._fd = fd
+        self._map = mmap.mmap(
+            fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+        )
+        with contextlib.suppress(OSError, ValueError):  # an older kernel: faulted lazily
+            self._map.madvise(_MADV_POPULATE_READ)
+        self.view: memoryview | None = memoryview(self._map)
+        self._bytes: torch.Tensor | None = torch.frombuffer(self._map, dtype=torch.uint8)
+        self.start = self._bytes.data_ptr()
+        self.end = self.start + size
+
+    def intact(self) -> bool:
+        """Whether the lease still holds (no one waits to write or truncate the file)."""
+        try:
+            return fcntl.fcntl(self._fd, _F_GETLEASE) == fcntl.F_RDLCK
+        except OSError:
+            return False
+
+    def tensor(
+        self, offset: int, nbytes: int, dtype: torch.dtype, shape: list[int]
+    ) -> torch.Tensor:
+        """The bytes at ``offset`` as a tensor of ``dtype`` and ``shape``: a view of the
+        mapping when aligned for ``dtype`` (a copy otherwise, or when empty)."""
+        assert self._bytes is not None
+        if nbytes and offset % dtype.itemsize == 0:
+            return self._bytes[offset : offset + nbytes].view(dtype).reshape(shape)
+        out = torch.empty(shape, dtype=dtype)
+        if nbytes:
+            out.reshape(-1).view(torch.uint8).copy_(self._bytes[offset : offset + nbytes])
+        return out
+
+    def owns(self, t: torch.Tensor) -> bool:
+        ptr = t.untyped_storage().data_ptr()
+        return self.start <= ptr < self.end
+
+    def close(self) -> bool:
+        """Unmap and release the lease; False (still mapped, lease held) while a view of
+        it is alive somewhere, to be retried later."""
+        if self._map is None:
+            return True
+        self._bytes = None
+        if self.view is not None:
+            with contextlib.suppress(BufferError):
+                self.view.release()
+                self.view = None
+        try:
+            self._map.close()
+        except BufferError:
+            return False
+        self._map = None  # type: ignore[assignment]
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self._fd, _F_SETLEASE, fcntl.F_UNLCK)
+        os.close(self._fd)
+        return True
+
+
+def map_file(fd: int, size: int, url: str) -> MappedFile | None:
+    """``fd`` (a confined, checked descriptor of ``size`` bytes) mapped under a read
+    lease, or None where that is not safe or not granted (read it with ``pread``)."""
+    if size == 0 or not mappable_here(fd):
+        return None
+    own = os.dup(fd)
+    try:
+        fcntl.fcntl(own, _F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(own, _F_SETLEASE, fcntl.F_RDLCK)
+    except OSError:  # open for writing somewhere, not our file, or no leases here
+        os.close(own)
+        return None
+    try:
+        if os.fstat(own).st_size != size:  # changed between the open and the lease
+            raise CorruptCheckpointError(
+                f"{url}: its size differs from the {size} bytes the manifest records "
+                "(truncated, damaged or replaced)"
+            )
+        return MappedFile(own, size, url)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(own, _F_SETLEASE, fcntl.F_UNLCK)
+        os.close(own)
+        raise
+
+
+class LeaseBroken(Exception):
+    """Someone wants to write or truncate a mapped file: read it another way."""
+
+
+# Mappings a finished restore could not close yet (a view still referenced, e.g. by a
+# traceback): closed by a later restore, or when the process exits.
+_UNCLOSED: list[MappedFile] = []
+
+
+class Lending:
+    """The files mapped for one restore, lent as views to the models named ``keys``
+    (whose ``load_state_dict`` copies them into their parameters) and closed after it."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self.keys = set(keys)
+        self.files: list[MappedFile] = []
+
+    def map(self, fd: int | None, size: int, url: str) -> MappedFile | None:
+        if fd is None:
+            return None
+        mapped = map_file(fd, size, url)
+        if mapped is not None:
+            self.files.append(mapped)
+        return mapped
+
+    def drop(self, mapped: MappedFile) -> None:
+        """Give one mapping up early (its lease is being broken)."""
+        if mapped in self.files:
+            self.files.remove(mapped)
+            if not mapped.close():
+                _UNCLOSED.append(mapped)
+
+    def settle(self, modules: Iterable[torch.nn.Module]) -> None:
+        """Give every parameter or buffer of ``modules`` that still points into a
+        mapping (a custom ``_load_from_state_dict`` that kept the tensor it was given)
+        memory of its own, so that nothing outlives the mapping."""
+        if not self.files:
+            return
+        for module in modules:
+            for t in [*module.parameters(), *module.buffers()]:
+                if any(f.owns(t) for f in self.files):
+                    with torch.no_grad():
+                        t.data = t.data.clone()
+
+    def close(self) -> None:
+        pending = [f for f in [*_UNCLOSED, *self.files] if not f.close()]
+        _UNCLOSED[:] = pending
+        self.files = []
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    for f in _UNCLOSED:
+        with contextlib.suppress(Exception):
+            f.close()

@@ -109,6 +109,8 @@ def test_restored_bytes_equal_the_saved(quick: Path) -> None:
     assert re.search(r"every restore gives back the saved bytes \| all equal \| \*\*PASS", summary)
     latest = _rows((quick / "latest.md").read_text())
     assert latest["local"][-1] == "yes", latest  # latest() found the newest checkpoint
+    small, big = latest["local"][-2].split(" / ")  # manifests read: the same at both sizes
+    assert small == big and int(small) >= 1, latest
     if not latest["gs://"][0].startswith("n/a"):
         assert latest["gs://"][-1] == "yes", latest
 

@@ -784,7 +784,7 @@ class CheckpointManager:
         lending = Lending(modules)
         try:
             loaded = self._load(which, verify=verify, trust=trust, lending=lending)
-            result = self._apply(state, full, loaded, force)
+            result = self._apply(state, full, loaded, force, lending.still_valid)
             lending.settle(modules.values())
             return result
         finally:
@@ -797,6 +797,7 @@ class CheckpointManager:
         full: dict[str, Any],
         loaded: tuple[CheckpointInfo | None, Loaded] | None,
         force: bool,
+        still_valid: Any = None,
     ) -> ResumeResult:
         group = self._group
         if loaded is None:
@@ -808,7 +809,10 @@ class CheckpointManager:
         classes = meta.get("state_classes") if isinstance(meta, Mapping) else None
         saved = distmod.for_this_rank(full, data, group)  # this rank's RNG and position
         notes = distmod.restore_apply(
-            group, lambda: apply_state(full, saved, data.source, classes=classes, force=force)
+            group,
+            lambda: apply_state(
+                full, saved, data.source, classes=classes, force=force, still_valid=still_valid
+            ),
         )
         for key in state:
             if not isinstance(state[key], torch.nn.Module):

@@ -16,7 +16,7 @@ take part by defining the check protocol (see docs/PLUGINS.md)::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 import numpy as np
@@ -31,7 +31,7 @@ from ckptkit.checks import (
     fill_tied,
     first_line,
 )
-from ckptkit.errors import ConfigError, IncompatibleCheckpointError
+from ckptkit.errors import ConfigError, CorruptCheckpointError, IncompatibleCheckpointError
 
 _PLAIN = (type(None), bool, int, float, str, bytes, torch.Tensor, torch.dtype, torch.Size)
 
@@ -155,10 +155,14 @@ def apply_state(
     *,
     classes: Mapping[str, Any] | None = None,
     force: bool = False,
+    still_valid: Callable[[str], str | None] | None = None,
 ) -> list[str]:
     """Load ``saved`` into ``state`` in place, all or nothing; returns notes on what was
     missing. Everything is checked first (``check_state``), so a refused restore leaves
-    every object as it was."""
+    every object as it was.
+
+    ``still_valid(key)``, asked right before each object loads, says why what was read
+    for it can no longer be used (a mapped file someone wants to change), or None."""
     saved, mapped = _fit_models(state, saved)
     saved, tied = with_tied(state, saved)
     check_state(state, saved, source, classes=classes, force=force)
@@ -173,6 +177,10 @@ def apply_state(
         if not is_stateful(target):
             state[key] = saved[key]
             continue
+        why = still_valid(key) if still_valid is not None else None
+        if why is not None:
+            also = f" (already restored: {', '.join(done)})" if done else ""
+            raise CorruptCheckpointError(f"{source}: cannot load state['{key}']: {why}{also}")
         try:
             target.load_state_dict(saved[key])
         except LOAD_ERRORS as exc:

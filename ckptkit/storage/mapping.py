@@ -219,6 +219,19 @@ class Lending:
             if not mapped.close():
                 _UNCLOSED.append(mapped)
 
+    def still_valid(self, key: str) -> str | None:
+        """Why the views lent to ``key`` must not be touched any more, or None. Asked
+        right before a model copies them: if anyone has waited to write or truncate a
+        mapped file since (user code run meanwhile, in this very thread even: the
+        kernel revokes the lease after lease-break-time and lets the truncate through),
+        touching its pages could raise SIGBUS, so the restore stops instead."""
+        if key in self.keys and not all(f.intact() for f in self.files):
+            return (
+                "a checkpoint file was opened for writing or truncated while it was being "
+                "restored: restore again once nothing writes to the run"
+            )
+        return None
+
     def settle(self, modules: Iterable[torch.nn.Module]) -> None:
         """Give every parameter or buffer of ``modules`` that still points into a
         mapping (a custom ``_load_from_state_dict`` that kept the tensor it was given)

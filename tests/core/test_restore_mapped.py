@@ -266,7 +266,6 @@ def test_mapped_restore_is_exact_with_tied_weights_and_optimizer(
     assert all(torch.equal(s1[i][k], s2[i][k]) for i in s1 for k in s1[i])
 
 
-@pytest.mark.xfail(strict=True, reason="models copy from the mapping even after a write attempt")
 def test_a_write_attempt_during_restore_stops_it_before_the_model_touches_the_file(
     tmp_path: Path,
 ) -> None:

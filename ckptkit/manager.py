@@ -19,7 +19,7 @@ import torch
 from ckptkit import distributed as distmod
 from ckptkit import run as runmod
 from ckptkit.asyncsave import AsyncSaver
-from ckptkit.atomic import CommitStrategy, get_strategy
+from ckptkit.atomic import CommitStrategy, get_strategy, without_manifest
 from ckptkit.errors import (
     CheckpointNotFoundError,
     ConfigError,
@@ -884,10 +884,9 @@ class CheckpointManager:
     def _committed_names(self) -> list[str]:
         """Checkpoint directories with a manifest, oldest first, whether it parses or
         not: an interrupted save (no manifest) is a leftover, not a checkpoint."""
-        self.storage.invalidate()
-        names = [n for n in self.storage.listdir("") if parse_name(n) is not None]
-        names.sort(key=lambda n: parse_name(n) or (0, 0))
-        return [n for n in names if self.storage.exists(join_key(n, MANIFEST))]
+        names = runmod.checkpoint_names(self.storage)  # a fresh listing
+        missing = set(without_manifest(self.storage, names))  # one more (find) on gs://
+        return [n for n in names if n not in missing]
 
     def _delete_all(self, names: list[str]) -> None:
         """Delete these checkpoints, the damaged ones (no manifest that parses) too."""

@@ -16,6 +16,7 @@ from ckptkit.atomic.strategies import (
     MarkerCommit,
     RenameCommit,
     get_strategy,
+    without_manifest,
 )
 
-__all__ = ["CommitStrategy", "MarkerCommit", "RenameCommit", "get_strategy"]
+__all__ = ["CommitStrategy", "MarkerCommit", "RenameCommit", "get_strategy", "without_manifest"]

@@ -70,7 +70,7 @@ class RenameCommit:
         return entries
 
     def leftovers(self, storage: Storage, names: list[str]) -> list[str]:
-        return [n for n in names if n.startswith(TMP_PREFIX)] + _uncommitted(storage, names)
+        return [n for n in names if n.startswith(TMP_PREFIX)] + without_manifest(storage, names)
 
 
 class MarkerCommit:
@@ -104,10 +104,10 @@ class MarkerCommit:
         return entries
 
     def leftovers(self, storage: Storage, names: list[str]) -> list[str]:
-        return _uncommitted(storage, names)
+        return without_manifest(storage, names)
 
 
-def _uncommitted(storage: Storage, names: list[str]) -> list[str]:
+def without_manifest(storage: Storage, names: list[str]) -> list[str]:
     """The checkpoint folders among ``names`` without a manifest. A storage that lists a
     whole tree at once (``find``: object stores) is asked once, not once per checkpoint
     (1,000 checkpoints made opening a writer on gs:// take ~15 s); others per name."""

@@ -11,9 +11,11 @@ is never cut off while it is moving:
     no answer for this long, retries included. Large reads go in ranges sized to the
     observed speed, and the clock restarts with each range received.
 ``write_timeout`` (``CKPTKIT_REMOTE_WRITE_TIMEOUT``, default 120 s)
-    an upload fails when no part of it has been acknowledged for this long, retries
-    included. Parts are sized to the observed speed so that each is acknowledged in
-    a fraction of the limit.
+    an upload fails when no part of it has been acknowledged, and the socket has
+    taken no byte of it, for this long, retries included (:func:`until_stalled`).
+    Parts are sized to the observed speed so that each is acknowledged in a fraction
+    of the limit: the kernel's socket buffers take megabytes at once, so bytes taken
+    alone do not show that the server is still receiving.
 
 Both can also be given per URL (``gs://b/run?timeout=10&write_timeout=300``) or as
 storage options; the URL wins over the environment.
@@ -21,14 +23,19 @@ storage options; the URL wins over the environment.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import os
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ckptkit.errors import ConfigError
+
+T = TypeVar("T")
 
 TIMEOUT_ENV = "CKPTKIT_REMOTE_TIMEOUT"
 WRITE_TIMEOUT_ENV = "CKPTKIT_REMOTE_WRITE_TIMEOUT"
@@ -161,4 +168,26 @@ class Pace:
         return max(lo, min(int(rate * limit / 4), hi) // lo * lo)
 
 
-__all__ = ["Clock", "Health", "Pace", "Timeouts", "next_part"]
+async def until_stalled(
+    clock: Clock, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any
+) -> T:
+    """Await ``fn(*args, **kwargs)``, a coroutine that calls ``clock.progress()`` as it
+    moves (a streamed upload), until it finishes or ``clock`` runs out; then it is
+    cancelled and :class:`TimeoutError` raised. A fixed ``asyncio.wait_for`` would cut
+    off an upload that takes longer than the limit while it keeps moving."""
+    task = asyncio.ensure_future(fn(*args, **kwargs))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=max(0.0, clock.remaining()))
+            if done:
+                return task.result()
+            if clock.remaining() <= 0:
+                raise TimeoutError(f"no progress for {clock.limit:g} s")
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait({task}, timeout=1.0)
+
+
+__all__ = ["Clock", "Health", "Pace", "Timeouts", "next_part", "until_stalled"]

@@ -44,7 +44,7 @@ from ckptkit.errors import CkptError, MissingDependencyError, StorageError, inst
 from ckptkit.storage import confined
 from ckptkit.storage.base import Storage, join_key
 from ckptkit.storage.confined import Member
-from ckptkit.storage.deadlines import Clock, Health, Pace, Timeouts, next_part
+from ckptkit.storage.deadlines import Clock, Health, Pace, Timeouts, next_part, until_stalled
 from ckptkit.storage.registry import scheme_of
 
 T = TypeVar("T")
@@ -229,31 +229,89 @@ async def _initiate_upload(fs: Any, bucket: str, name: str) -> str:
     return str(await initiate_upload(fs, bucket, name, _CTYPE))
 
 
+# What an upload hands the socket at a time: its no-progress clock advances each time
+# one is taken (aiohttp asks for the next once the socket has room again), so a part
+# moving slowly keeps its upload alive and a stalled one ends it.
+SLICE = MIN_PART
+_BODY: Any = None  # the aiohttp Payload class below, made once aiohttp is imported
+
+
+def _body(views: list[memoryview], clock: Clock) -> Any:
+    """A request body streamed from ``views`` (the caller's own buffers: no copy),
+    which can be sent again (gcsfs retries a request with the same body)."""
+    global _BODY
+    if _BODY is None:
+        from aiohttp.payload import Payload
+
+        class Body(Payload):
+            _autoclose = True  # views of memory, nothing to close
+
+            def __init__(self, views: list[memoryview], clock: Clock) -> None:
+                super().__init__(views, content_type=_CTYPE)
+                self._size = sum(len(v) for v in views)
+                self._clock = clock
+
+            async def write(self, writer: Any) -> None:
+                for view in self._value:
+                    for at in range(0, len(view), SLICE):
+                        await writer.write(view[at : at + SLICE])
+                        self._clock.progress()
+
+            async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+                await self.write(writer)  # the length is ours: Content-Length is the size
+
+            def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+                return b"".join(self._value).decode(encoding, errors)
+
+        _BODY = Body
+    return _BODY(views, clock)
+
+
+def _after(views: list[memoryview], n: int) -> list[memoryview]:
+    """``views`` without their first ``n`` bytes."""
+    out = []
+    for view in views:
+        if n >= len(view):
+            n -= len(view)
+        else:
+            out.append(view[n:])
+            n = 0
+    return out
+
+
 async def _put_part(
-    fs: Any, location: str, data: Buffer, offset: int, total: int | None
+    fs: Any,
+    location: str,
+    views: list[memoryview],
+    offset: int,
+    total: int | None,
+    clock: Clock,
 ) -> dict[str, Any] | None:
-    """Send one part of a resumable upload at ``offset``; ``total`` (the object's size)
-    on the last part only, which finalizes the object (its JSON is returned). gcsfs's
-    ``upload_chunk`` needs the total on every part, which a stream does not know."""
-    n = len(data)
+    """Send one part of a resumable upload at ``offset``, streamed from ``views``;
+    ``total`` (the object's size) on the last part only, which finalizes the object
+    (its JSON is returned). gcsfs's ``upload_chunk`` needs the total on every part,
+    which a stream does not know, and a buffer holding the whole part."""
+    n = sum(len(v) for v in views)
     end = "*" if total is None else str(total)
     head = {
         "Content-Range": f"bytes {offset}-{offset + n - 1}/{end}" if n else f"bytes */{end}",
         "Content-Type": _CTYPE,
         "Content-Length": str(n),
     }
+    data = _body(views, clock) if n else b""
     headers, text = await fs._call("POST", location, headers=head, data=data)
     if "Range" in headers:  # the server kept less than sent: send the rest again
         kept = int(headers["Range"].split("-")[1]) + 1
         if kept < offset + n:
-            return await _put_part(fs, location, data[kept - offset :], kept, total)
+            rest = _after(views, kept - offset)
+            return await _put_part(fs, location, rest, kept, total, clock)
     return json.loads(text) if text else None
 
 
 class _Parts:
     """Cuts a stream of chunks into parts of the sizes asked for, reading one chunk
-    ahead to know whether a part is the last. A part inside one chunk is a slice of it
-    (no copy); one spanning chunks is joined into a new buffer."""
+    ahead to know whether a part is the last. A part is a list of views of the chunks
+    (never a copy): it holds the memory of at most one part and one chunk."""
 
     def __init__(self, chunks: Iterable[Buffer]) -> None:
         self._chunks = iter(chunks)
@@ -261,8 +319,9 @@ class _Parts:
         self._buffered = 0
         self._ended = False
 
-    def take(self, n: int) -> tuple[Buffer, bool]:
-        """The next part (``n`` bytes, fewer only when last) and whether it is the last."""
+    def take(self, n: int) -> tuple[list[memoryview], int, bool]:
+        """The next part (``n`` bytes, fewer only when last), its size and whether it
+        is the last."""
         while self._buffered <= n and not self._ended:
             chunk = next(self._chunks, None)
             if chunk is None:
@@ -273,25 +332,17 @@ class _Parts:
         want = min(n, self._buffered)
         last = self._ended and self._buffered <= n
         self._buffered -= want
-        if not self._pending:
-            return b"", last
-        if len(self._pending[0]) >= want:
-            head = self._pending[0]
-            self._pending[0] = head[want:]
-            if not len(self._pending[0]):
-                self._pending.pop(0)
-            return head[:want], last
-        out, filled = bytearray(want), 0
+        part, filled = [], 0
         while filled < want:
             head = self._pending[0]
             take = min(len(head), want - filled)
-            out[filled : filled + take] = head[:take]
+            part.append(head[:take])
             filled += take
             if take == len(head):
                 self._pending.pop(0)
             else:
                 self._pending[0] = head[take:]
-        return out, last
+        return part, want, last
 
 
 class FsspecStorage:
@@ -365,17 +416,20 @@ class FsspecStorage:
         *args: Any,
         write: bool = False,
         clock: Clock | None = None,
+        watched: bool = False,
         **kwargs: Any,
     ) -> Any:
         """Call ``fn`` (a filesystem method's name, or a function) with retries, within
-        the no-progress limit (``clock``, else a fresh one for this call). A missing
-        key or a precondition failure passes through; anything else is a StorageError
-        naming the URL."""
+        the no-progress limit (``clock``, else a fresh one for this call). ``watched``:
+        ``fn`` is a coroutine that advances ``clock`` itself as it makes progress (a
+        streamed upload), stopped only once the clock runs out, not after a fixed
+        time. A missing key or a precondition failure passes through; anything else
+        is a StorageError naming the URL."""
         limit = self.timeouts.write_timeout if write else self.timeouts.timeout
         clock = clock or self._health.clock(limit)
         for attempt in range(1, self.attempts + 1):
             try:
-                out = self._invoke(fn, args, kwargs, clock.remaining())
+                out = self._invoke(fn, args, kwargs, clock.remaining(), clock if watched else None)
             except (FileNotFoundError, FileExistsError, CkptError):
                 self._health.mark(up=True)  # it answered
                 raise
@@ -399,12 +453,17 @@ class FsspecStorage:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         left: float,
+        watch: Clock | None = None,
     ) -> Any:
         """One try. On a network filesystem the coroutine runs on fsspec's loop under
-        ``asyncio.wait_for`` (fsspec's ``timeout=``): past the deadline it is cancelled,
-        not left hanging."""
+        ``asyncio.wait_for`` (fsspec's ``timeout=``), or, with ``watch``, until that
+        clock runs out: past the deadline it is cancelled, not left hanging."""
         if left <= 0:
             raise TimeoutError("no time left")
+        if watch is not None and inspect.iscoroutinefunction(fn):
+            from fsspec.asyn import sync
+
+            return sync(self._fs.loop, until_stalled, watch, fn, *args, **kwargs)
         if isinstance(fn, str):
             method = getattr(self._fs, fn)
             # fsspec's blocking wrappers of coroutines take timeout= themselves.
@@ -670,11 +729,12 @@ class FsspecStorage:
 
         Parts are sized to the speed seen (the first to the last upload's speed, then
         what a quarter of ``write_timeout`` moves, up to :attr:`part_size`): few round
-        trips on a fast link, each part acknowledged in time on a slow one. The upload
-        fails once no part was acknowledged for ``write_timeout`` (retries included),
-        however long the whole upload takes. A chunk holding a whole part is sent
-        without a copy (``write_bytes`` never copies its buffer); smaller chunks are
-        joined into a part, so a stream holds at most one part and one chunk."""
+        trips on a fast link (a checkpoint file of up to 64 MiB is a session and one
+        part), each part acknowledged in time on a slow one. Each part is streamed
+        from views of the chunks, never joined into a copy: a stream holds at most one
+        part's views and one chunk, and a failed part is sent again from those views.
+        The upload fails once no part was acknowledged, and no byte taken, for
+        ``write_timeout`` (retries included), however long the whole upload takes."""
         bucket, name, _ = self._fs.split_path(path)
         # gcsfs's own writers do this; a cached listing of the parent would hide the
         # new object from info()/exists().
@@ -689,24 +749,34 @@ class FsspecStorage:
         offset, result = 0, None
         part = self._pace.first_part(limit=clock.limit, lo=MIN_PART, hi=hi)
         while True:
-            chunk, last = parts.take(part)
-            total = offset + len(chunk) if last else None
-            if size is not None and (offset + len(chunk) > size or (last and total != size)):
+            views, n, last = parts.take(part)
+            total = offset + n if last else None
+            if size is not None and (offset + n > size or (last and total != size)):
                 raise StorageError(
                     f"{self.url_of(key)}: the data is not the {size} bytes announced "
                     "(it changed while being written); write it again"
                 )
             started = time.monotonic()
             result = self._call(
-                key, _put_part, self._fs, location, chunk, offset, total, write=True, clock=clock
+                key,
+                _put_part,
+                self._fs,
+                location,
+                views,
+                offset,
+                total,
+                clock,
+                write=True,
+                clock=clock,
+                watched=True,
             )
             seconds = time.monotonic() - started
             clock.progress()
-            self._pace.observe(len(chunk), seconds)
-            offset += len(chunk)
+            self._pace.observe(n, seconds)
+            offset += n
             if last:
                 break
-            part = next_part(len(chunk), seconds, part, limit=clock.limit, lo=MIN_PART, hi=hi)
+            part = next_part(n, seconds, part, limit=clock.limit, lo=MIN_PART, hi=hi)
         self._fs.invalidate_cache(path)
         if not isinstance(result, dict) or int(result.get("size", -1)) != offset:
             raise StorageError(
@@ -769,6 +839,20 @@ class FsspecStorage:
 
     def _delete(self, key: str, recursive: bool) -> None:
         path = self._p(key)
+        if self.protocol in _BUCKETED and "/" in path:
+            # No metadata request first (rotation deletes on every save): a file is one
+            # DELETE, a tree one listing (which holds a file at ``key`` too) and a
+            # DELETE per object. Only a file that is not there is asked about again,
+            # in case it is a prefix (not removed without ``recursive``).
+            if recursive:
+                self._fs.invalidate_cache(path)  # list what is there now
+                found = self._call(key, "find", path)
+                if found:
+                    self._call(key, "rm", found)
+                return
+            with contextlib.suppress(FileNotFoundError):
+                self._call(key, "rm_file", path)
+                return
         info = self._info(key)
         if info is None:
             return

@@ -108,6 +108,42 @@ def test_upload_of_chunks_round_trips_at_every_boundary(gcs_bucket: str) -> None
             assert st.read_bytes(key) == whole, key
 
 
+def test_streamed_upload_holds_no_copy_of_the_object(gcs_bucket: str) -> None:
+    """A stream of many small chunks (a checkpoint of many small tensors) is sent from
+    the chunks themselves: no part-sized buffer is built, whatever the part size."""
+    import tracemalloc
+
+    st = FsspecStorage(f"gs://{gcs_bucket}/nocopy")
+    chunks = [os.urandom(64 << 10) for _ in range(256)]  # 16 MiB in 64 KiB pieces
+    tracemalloc.start()
+    try:
+        st.write_stream("many.bin", (memoryview(c) for c in chunks), 16 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert st.read_bytes("many.bin") == b"".join(chunks)
+    assert peak < 4 << 20, f"{peak / 2**20:.1f} MiB allocated to upload 16 MiB"
+
+
+def test_a_save_costs_its_uploads_and_little_else(gcs_bucket: str, requests: Requests) -> None:
+    """A save with rotation: each file is one upload (a large one a session and one
+    part), the manifest one, the rotated checkpoint one listing and a DELETE per
+    object; no metadata request (``info``/``exists``) about any object."""
+    state = {"model": torch.nn.Linear(1024, 1024), "step": torch.zeros(2)}
+    with CheckpointManager(f"gs://{gcs_bucket}/runs/cost", keep_last=1) as mgr:
+        mgr.save(1, state)
+        requests.clear()
+        mgr.save(2, state)
+        seen = [(m, p) for m, p in requests.seen if ".lock" not in p]  # the heartbeat's
+    metadata = [(m, p) for m, p in seen if m == "GET" and not p.endswith("/o")]
+    listings = [(m, p) for m, p in seen if m == "GET" and p.endswith("/o")]
+    assert metadata == [], seen
+    assert sum(1 for m, p in seen if m == "POST" and "upload_id=" in p) == 1, seen
+    assert len(listings) <= 3, seen  # the run (the manager's) and the rotated folder
+    # step 1's objects: its manifest, model/step tensor files and state.json
+    assert sum(1 for m, _ in seen if m == "DELETE") == 4, seen
+
+
 # == latest() at 10 and 1,000 checkpoints ============================================
 @dataclass
 class ManifestReads:

@@ -155,8 +155,12 @@ class _Tensors:
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    """The bytes of a contiguous CPU tensor, without a copy (the view keeps it alive)."""
+    if t.dim() == 0:
+        t = t.reshape(1)
+    if t.requires_grad:
+        t = t.detach()
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
 
 
 def tensor_chunks(t: torch.Tensor) -> Iterator[memoryview]:
@@ -199,6 +203,16 @@ class _Encoder:
         return tree
 
     def value(self, v: Any, path: str, where: str) -> Any:
+        # The two kinds a state is made of, first: its hundreds of tensors and dicts.
+        if isinstance(v, torch.Tensor):
+            return self.tensor(v, path, where)
+        if type(v) is dict:
+            return {
+                "dict": [
+                    [self.value(k, "", f"a key of {where}"), self.value(x, _join(path, k), where)]
+                    for k, x in v.items()
+                ]
+            }
         if v is None or isinstance(v, bool | str):
             return v
         if isinstance(v, int):
@@ -240,13 +254,17 @@ class _Encoder:
             )
         if t.dtype not in _DTYPES:
             raise ConfigError(f"{where} holds a tensor of dtype {t.dtype}, which is not saved")
-        t = t.detach().resolve_conj().resolve_neg()
+        if t.requires_grad:
+            t = t.detach()
+        if t.is_conj() or t.is_neg():
+            t = t.resolve_conj().resolve_neg()
         # The same view of the same memory (tied weights) is written once.
-        ident = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
-        if t.numel() and ident in self.seen:
+        numel = t.numel()
+        ident = (t.device, t.data_ptr(), t.dtype, t.shape, t.stride())
+        if numel and ident in self.seen:
             return {"tensor": self.seen[ident]}
         ref = [self.current.fname, self.current.add(path, t)]
-        if t.numel():
+        if numel:
             self.seen[ident] = ref
         return {"tensor": ref}
 

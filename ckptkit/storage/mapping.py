@@ -33,7 +33,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
-import ctypes.util
 import fcntl
 import mmap
 import os
@@ -86,7 +85,8 @@ _LIBC: list[Any] = []
 def _libc() -> Any:
     if not _LIBC:
         try:
-            _LIBC.append(ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True))
+            # The running interpreter's own symbols include libc's (no ldconfig lookup).
+            _LIBC.append(ctypes.CDLL(None, use_errno=True))
         except OSError:
             _LIBC.append(None)
     return _LIBC[0]

@@ -302,3 +302,16 @@ def test_a_write_attempt_during_restore_stops_it_before_the_model_touches_the_fi
         assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
         assert mgr.restore({"meddler": Meddler(), "model": target}).resumed
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in target.state_dict().items())
+
+
+def test_only_local_disk_filesystems_are_mapped(tmp_path: Path) -> None:
+    """A file on a filesystem whose files can change behind the kernel's back (here
+    procfs, standing in for FUSE/NFS, which tests cannot mount) is never mapped."""
+    from ckptkit.storage import mapping
+
+    fd = os.open("/proc/self/status", os.O_RDONLY)
+    try:
+        assert not mapping.mappable_here(fd)
+        assert mapping.map_file(fd, 100, "/proc/self/status") is None
+    finally:
+        os.close(fd)

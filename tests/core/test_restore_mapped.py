@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,40 @@ import ckptkit
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux leases")
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _maps_here(folder: Path) -> bool:
+    from ckptkit.storage import mapping
+
+    probe = folder / "probe"
+    probe.write_bytes(b"x" * 64)
+    fd = os.open(probe, os.O_RDONLY)
+    try:
+        mapped = mapping.map_file(fd, 64, str(probe))
+        return mapped is not None and mapped.close()
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+@pytest.fixture
+def tmp_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh folder on a filesystem that grants read leases: pytest's own (ext4 on
+    these machines), else one in /dev/shm (tmpfs); the tests skip only where neither
+    does (leases disabled), since then restore never maps and has nothing to prove."""
+    base = tmp_path_factory.mktemp("mapped")
+    if _maps_here(base):
+        yield base
+        return
+    if Path("/dev/shm").is_dir():
+        shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
+        try:
+            if _maps_here(shm):
+                yield shm
+                return
+        finally:
+            shutil.rmtree(shm, ignore_errors=True)
+    pytest.skip("no filesystem here grants read leases (/proc/sys/fs/leases-enable?)")
 
 
 def _model(seed: int = 0) -> torch.nn.Module:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
-import fcntl
 import mmap
 import os
 import signal
@@ -44,6 +43,11 @@ from typing import Any
 import torch
 
 from ckptkit.errors import CorruptCheckpointError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no leases, so nothing is mapped
+    fcntl = None  # type: ignore[assignment]
 
 # fstatfs f_type magic numbers of filesystems whose files change only through this
 # kernel's VFS (linux/magic.h).
@@ -59,6 +63,8 @@ _LOCAL_FILESYSTEMS = {
 _F_SETSIG = 10
 _F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 _F_GETLEASE = getattr(fcntl, "F_GETLEASE", 1025)
+_F_RDLCK = getattr(fcntl, "F_RDLCK", 0)
+_F_UNLCK = getattr(fcntl, "F_UNLCK", 2)
 _MADV_POPULATE_READ = 22  # Linux 5.14+: prefault the pages for reading, one call
 # Bytes hashed between two looks at the lease (a break is noticed within one piece).
 PIECE = 16 << 20
@@ -95,7 +101,11 @@ def _libc() -> Any:
 def mappable_here(fd: int) -> bool:
     """Whether the file behind ``fd`` lies on a filesystem where a read lease keeps it
     unchanged (see the module docstring)."""
-    return sys.platform.startswith("linux") and _fstatfs_type(fd) in _LOCAL_FILESYSTEMS
+    return (
+        sys.platform.startswith("linux")
+        and fcntl is not None
+        and _fstatfs_type(fd) in _LOCAL_FILESYSTEMS
+    )
 
 
 class MappedFile:
@@ -119,7 +129,7 @@ class MappedFile:
     def intact(self) -> bool:
         """Whether the lease still holds (no one waits to write or truncate the file)."""
         try:
-            return fcntl.fcntl(self._fd, _F_GETLEASE) == fcntl.F_RDLCK
+            return fcntl.fcntl(self._fd, _F_GETLEASE) == _F_RDLCK
         except OSError:
             return False
 
@@ -156,7 +166,7 @@ class MappedFile:
             return False
         self._map = None  # type: ignore[assignment]
         with contextlib.suppress(OSError):
-            fcntl.fcntl(self._fd, _F_SETLEASE, fcntl.F_UNLCK)
+            fcntl.fcntl(self._fd, _F_SETLEASE, _F_UNLCK)
         os.close(self._fd)
         return True
 
@@ -169,7 +179,7 @@ def map_file(fd: int, size: int, url: str) -> MappedFile | None:
     own = os.dup(fd)
     try:
         fcntl.fcntl(own, _F_SETSIG, signal.SIGURG)
-        fcntl.fcntl(own, _F_SETLEASE, fcntl.F_RDLCK)
+        fcntl.fcntl(own, _F_SETLEASE, _F_RDLCK)
     except OSError:  # open for writing somewhere, not our file, or no leases here
         os.close(own)
         return None
@@ -182,7 +192,7 @@ def map_file(fd: int, size: int, url: str) -> MappedFile | None:
         return MappedFile(own, size, url)
     except BaseException:
         with contextlib.suppress(OSError):
-            fcntl.fcntl(own, _F_SETLEASE, fcntl.F_UNLCK)
+            fcntl.fcntl(own, _F_SETLEASE, _F_UNLCK)
         os.close(own)
         raise
 

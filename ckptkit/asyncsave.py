@@ -5,16 +5,20 @@ the manager finishes the save (hooks, retention) when it collects the result.
 Two writers, chosen per save (docs/RESUME.md, "Async save"):
 
 - **fork** (Linux, a local filesystem, every tensor on the CPU, called from the main
-  thread): the parent forks right after ``collect_state``; the child's copy-on-write view
+  thread, and the state at least half of the process's resident memory: a fork costs,
+  and shares with the child, the whole process): the parent forks right after
+  ``collect_state``; the child's copy-on-write view
   of memory *is* the snapshot, so ``save()`` blocks only for the fork. The child writes and
   commits, reports over a pipe and ``os._exit``\\ s. It dies with its parent
   (``PR_SET_PDEATHSIG``) and checks that its parent lives before the commit itself, so a
   killed run never has a second writer; it touches none of the parent's threads (lock
   heartbeat, uploaders, event loops) and runs no atexit handler.
-- **thread** (everything else: gs://, memory://, drive://, CUDA tensors): ``save()``
-  copies every tensor (CUDA: device to host into reusable pinned buffers on a side
-  stream, synchronized before it returns; CPU: a copy), then a thread writes the copy.
-  This path blocks for the copy.
+- **thread** (everything else: a state small beside the process, gs://, memory://,
+  drive://, CUDA tensors): ``save()`` copies every tensor into buffers kept from save to
+  save (CPU: one flat buffer, a memcpy per storage; CUDA: device to host into pinned
+  buffers on a side stream, synchronized before it returns), then a thread writes the
+  copy. This path blocks for the copy (and, on a manager's first save, the buffer's page
+  faults).
 
 At most one save is in flight: the next ``save`` first waits for the previous one. A
 background error is raised by the next ``save``/``wait``/``close`` (and printed at
@@ -23,6 +27,7 @@ interpreter exit when the manager was never closed), never dropped.
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import contextlib
 import copy
@@ -84,13 +89,15 @@ class AsyncSaver:
         mgr = self.manager
         name = mgr._next_name(manifest.step)
         info = CheckpointInfo(name=name, url=mgr.storage.url_of(name), manifest=manifest)
-        if _can_fork(mgr, collected):
+        found = _Tensors(collected)
+        if _can_fork(mgr, found):
+            self._buffers.release()  # a copy of a smaller state is not needed any more
             try:
                 job: _Job = _ForkedWrite(mgr, collected, manifest, name)
             except OSError:  # no memory to fork a large process (strict overcommit)
-                job = self._threaded(collected, manifest, name)
+                job = self._threaded(collected, found, manifest, name)
         else:
-            job = self._threaded(collected, manifest, name)
+            job = self._threaded(collected, found, manifest, name)
         now = time.monotonic()
         # Told now, not when the result is collected: an interval trigger must not fire
         # again at the next step only because the write is still running.
@@ -100,8 +107,10 @@ class AsyncSaver:
         _IN_FLIGHT[id(self)] = self  # held until finished: never dropped with its manager
         return info
 
-    def _threaded(self, collected: dict[str, Any], manifest: Manifest, name: str) -> _Job:
-        snapshot = self._buffers.snapshot(collected)
+    def _threaded(
+        self, collected: dict[str, Any], found: _Tensors, manifest: Manifest, name: str
+    ) -> _Job:
+        snapshot = self._buffers.snapshot(collected, found)
         return _ThreadWrite(self.manager, snapshot, manifest, name)
 
     def poll(self) -> None:
@@ -138,13 +147,15 @@ class AsyncSaver:
         return info
 
     def abandon(self) -> None:
-        """Stop waiting for the save in flight (``close()`` interrupted, say by a second
-        Ctrl+C): a forked writer is killed, since the run lock is about to be released
-        and no writer may outlive it; its half-written checkpoint stays invisible."""
+        """Called by every ``close()``: free the kept snapshot buffers, and stop waiting
+        for a save still in flight (``close()`` interrupted, say by a second Ctrl+C): a
+        forked writer is killed, since the run lock is about to be released and no
+        writer may outlive it; its half-written checkpoint stays invisible."""
         pending = self._pending
         if pending is not None:
             self._forget()
             pending.job.cancel()
+        self._buffers.release()
 
     def _forget(self) -> None:
         self._pending = None
@@ -156,7 +167,6 @@ class AsyncSaver:
 _IN_FLIGHT: dict[int, AsyncSaver] = {}
 
 
-@atexit.register
 def _finish_at_exit() -> None:
     for saver in list(_IN_FLIGHT.values()):
         try:
@@ -167,6 +177,16 @@ def _finish_at_exit() -> None:
                 file=sys.stderr,
                 flush=True,
             )
+
+
+# Run where Python joins its non-daemon threads, before any atexit handler (as when the
+# thread writer was one): a handler registered after ckptkit's import (a storage
+# library's cleanup) must not run before the write it may serve is finished.
+_at_shutdown = getattr(threading, "_register_atexit", None)
+if _at_shutdown is not None:
+    _at_shutdown(_finish_at_exit)
+else:  # pragma: no cover - Python < 3.9 has no such hook
+    atexit.register(_finish_at_exit)
 
 
 class _Pending:
@@ -198,31 +218,36 @@ class _Job:
 
 class _ThreadWrite(_Job):
     def __init__(
-        self, mgr: CheckpointManager, snapshot: dict[str, Any], manifest: Manifest, name: str
+        self, mgr: CheckpointManager, snapshot: _Snapshot, manifest: Manifest, name: str
     ) -> None:
         self._out: tuple[CheckpointInfo, float] | None = None
         self._error: BaseException | None = None
+        self._done = threading.Event()
 
         def write() -> None:
             t0 = time.monotonic()
             try:
-                info = mgr._write(snapshot, manifest, name=name)
+                info = mgr._write(snapshot.tree(), manifest, name=name)
                 self._out = (info, time.monotonic() - t0)
             except BaseException as exc:  # noqa: BLE001 - raised by result()
                 self._error = exc
+            finally:
+                self._done.set()
 
-        # Not a daemon: a write under way is finished before the interpreter exits.
-        self._thread = threading.Thread(target=write, name="ckptkit-async-save")
-        self._thread.start()
+        # A bare thread: threading.Thread.start() waits until the new thread runs, and
+        # then for the GIL back, which a save blocks for (up to 10 ms on a busy
+        # machine). Python does not join such a thread at exit: _finish_at_exit does,
+        # at the same point (the save stays in _IN_FLIGHT until collected).
+        _thread.start_new_thread(write, ())
 
     def done(self) -> bool:
-        return not self._thread.is_alive()
+        return self._done.is_set()
 
     def finished(self) -> bool:
-        return not self._thread.is_alive()
+        return self._done.is_set()
 
     def result(self) -> tuple[CheckpointInfo, float]:
-        self._thread.join()
+        self._done.wait()
         if self._error is not None:
             raise self._error
         assert self._out is not None
@@ -240,53 +265,156 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(v)
 
 
+_ATOMS = (str, bytes, int, float, complex, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _rebuilt_tree(value: Any, memo: dict[int, Any], *, copy_rest: bool = True) -> Any:
+    """``value`` with its containers copied and each tensor in ``memo`` replaced by what
+    it maps to; immutable leaves are kept, anything else deep-copied (``copy_rest``) or
+    kept. Faster than ``copy.deepcopy`` of the whole tree (a save blocks for it). Any
+    mapping becomes a dict, any list or tuple (a namedtuple) a plain one: the encoder
+    reads them alike, so the files are the same (a torch.Size is a leaf: it is written
+    as a size, not as a tuple)."""
+    if isinstance(value, _ATOMS):
+        return value
+    if isinstance(value, Mapping):
+        return {k: _rebuilt_tree(v, memo, copy_rest=copy_rest) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rebuilt_tree(v, memo, copy_rest=copy_rest) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_rebuilt_tree(v, memo, copy_rest=copy_rest) for v in value)
+    if isinstance(value, torch.Tensor) and id(value) in memo:
+        return memo[id(value)]
+    if not copy_rest:
+        return value
+    return copy.deepcopy(value)  # its own memo: a tensor inside it is copied, never live
+
+
 def _plain(t: torch.Tensor) -> bool:
     """A dense tensor whose storage can be copied as bytes (others are deep-copied)."""
     return type(t) is torch.Tensor and t.layout == torch.strided and not t.is_quantized
 
 
+_ALIGN = 64  # each storage's copy starts 64-aligned, as the CPU allocator aligns them
+
+StorageKey = tuple[torch.device, int, int]  # device, address, size
+
+
+class _Tensors:
+    """The tensors of a collected state and their storages, found in one walk (which
+    both the choice of writer and the snapshot need; a save blocks for it)."""
+
+    def __init__(self, collected: Mapping[str, Any]) -> None:
+        self.tensors: list[tuple[torch.Tensor, StorageKey]] = []  # plain: copied by storage
+        self.storages: dict[StorageKey, torch.UntypedStorage] = {}
+        self.odd: list[torch.Tensor] = []  # sparse, quantized, meta...: deep-copied
+        self.cpu_only = True
+        for t in _tensors(collected):
+            device = t.device
+            if device.type != "cpu":
+                self.cpu_only = False
+            if not _plain(t) or device.type == "meta":
+                self.odd.append(t)
+                continue
+            src = t.untyped_storage()
+            key = (device, src.data_ptr(), src.nbytes())
+            self.tensors.append((t, key))
+            self.storages.setdefault(key, src)
+
+    def cpu_bytes(self) -> int:
+        return sum(k[2] for k in self.storages if k[0].type == "cpu")
+
+
+class _Snapshot:
+    """A copied state, as the thread writer gets it: the containers and odd values
+    copied, the plain tensors still the live ones (they are replaced by views of their
+    copies in ``tree()``, which the writer calls)."""
+
+    def __init__(
+        self,
+        partial: Any,
+        tensors: list[tuple[torch.Tensor, StorageKey]],
+        copies: dict[StorageKey, tuple[torch.UntypedStorage, int]],
+    ) -> None:
+        self._partial, self._tensors, self._copies = partial, tensors, copies
+
+    def tree(self) -> dict[str, Any]:
+        views: dict[int, Any] = {}
+        for t, key in self._tensors:
+            if id(t) in views:
+                continue
+            dst, offset = self._copies[key]
+            view = torch.empty(0, dtype=t.dtype)
+            # offset is 64-aligned, so a whole number of elements of any dtype.
+            view.set_(dst, offset // t.element_size() + t.storage_offset(), t.size(), t.stride())
+            if t.requires_grad:  # as a sync save sees it
+                view.requires_grad_(True)
+            views[id(t)] = view
+        return _rebuilt_tree(self._partial, views, copy_rest=False)
+
+
 class _HostBuffers:
     """Copies a collected state for the thread writer, tensors by storage (two views of
-    one storage stay views of one copy, so the encoder sees the same sharing). CUDA
-    storages go to pinned host buffers kept for the next save (one save in flight, so a
-    buffer is free again when the next snapshot starts)."""
+    one storage stay views of one copy, so the encoder sees the same sharing).
+
+    CPU storages are copied into one flat buffer kept for the next save (one save in
+    flight, so it is free again when the next snapshot starts): a fresh buffer costs a
+    page fault per 4 KiB, several times the copy itself, so only a run's first snapshot
+    (or one of a larger state) pays them. CUDA storages go to pinned host buffers, also
+    kept, copied on a side stream."""
 
     def __init__(self) -> None:
+        self._flat = torch.empty(0, dtype=torch.uint8)
         self._pinned: list[torch.Tensor] = []
         self._streams: dict[torch.device, Any] = {}
 
-    def snapshot(self, collected: dict[str, Any]) -> dict[str, Any]:
-        memo: dict[int, Any] = {}
-        copies: dict[tuple[str, int, int], torch.UntypedStorage] = {}
+    def release(self) -> None:
+        """Free the kept buffers (the manager closes, or the next save forks)."""
+        self._flat = torch.empty(0, dtype=torch.uint8)
+        self._pinned.clear()
+
+    def snapshot(self, collected: dict[str, Any], found: _Tensors) -> _Snapshot:
+        storages = found.storages
+        copies = self._copy_cpu({k: s for k, s in storages.items() if k[0].type == "cpu"})
         used: list[Any] = []
-        slot = 0
-        for t in _tensors(collected):
-            if id(t) in memo or not _plain(t) or t.device.type == "meta":
-                continue
-            src = t.untyped_storage()
-            key = (str(t.device), src.data_ptr(), src.nbytes())
-            dst = copies.get(key)
-            if dst is None:
-                dst = copies[key] = self._copy(src, t.device, slot, used)
-                slot += 1
-            view = torch.empty(0, dtype=t.dtype)
-            view.set_(dst, t.storage_offset(), t.size(), t.stride())
-            if t.requires_grad:  # pickled with the tensor: the encoded bytes must match
-                view.requires_grad_(True)
-            memo[id(t)] = view
+        others = [(k, s) for k, s in storages.items() if k[0].type != "cpu"]
+        for slot, (key, src) in enumerate(others):
+            copies[key] = (self._copy_cuda(src, key[0], slot, used), 0)
         for stream in used:
             stream.synchronize()  # the copies are complete before save() returns
-        # Everything else (lists, dicts, numbers, numpy arrays, odd tensors) is copied too:
-        # the loop may change a list it handed to the state after save() returns.
-        return copy.deepcopy(collected, memo)
+        # Everything else (lists, dicts, numbers, numpy arrays, odd tensors) is copied
+        # now too: the loop may change a list it handed to the state after save() returns.
+        # The copied tensors' views are made by the writer (_Snapshot.tree), off the
+        # loop's time: a tensor's shape, strides and offset do not change under it.
+        live = {id(t): t for t, _ in found.tensors}
+        return _Snapshot(_rebuilt_tree(collected, live), found.tensors, copies)
 
-    def _copy(
+    def _copy_cpu(
+        self, storages: dict[StorageKey, torch.UntypedStorage]
+    ) -> dict[StorageKey, tuple[torch.UntypedStorage, int]]:
+        offsets, total = [], 0
+        for src in storages.values():
+            offsets.append(total)
+            total += -(-src.nbytes() // _ALIGN) * _ALIGN
+        if self._flat.numel() < total:
+            self._flat = torch.empty(0, dtype=torch.uint8)  # freed before the larger one
+            self._flat = torch.empty(total, dtype=torch.uint8)
+        flat = self._flat
+        base = flat.data_ptr()
+        for offset, src in zip(offsets, storages.values(), strict=True):
+            if src.nbytes():
+                # A plain memcpy on this thread (ctypes releases the GIL meanwhile), not
+                # torch's copy_: that runs a parallel region per tensor, and on a busy
+                # machine each waits for a descheduled worker (seconds for 592 tensors).
+                ctypes.memmove(base + offset, src.data_ptr(), src.nbytes())
+        storage = flat.untyped_storage()
+        return {key: (storage, off) for key, off in zip(storages, offsets, strict=True)}
+
+    def _copy_cuda(
         self, src: torch.UntypedStorage, device: torch.device, slot: int, used: list[Any]
     ) -> torch.UntypedStorage:
         n = src.nbytes()
         source = torch.empty(0, dtype=torch.uint8, device=device).set_(src)
-        if device.type != "cuda":
-            return source.clone().untyped_storage()
         while len(self._pinned) <= slot:
             self._pinned.append(torch.empty(0, dtype=torch.uint8))
         if self._pinned[slot].numel() != n:  # the storage's exact size: the encoder writes it
@@ -308,7 +436,17 @@ class _HostBuffers:
 # -- the fork writer -----------------------------------------------------------------
 
 
-def _can_fork(mgr: CheckpointManager, collected: Mapping[str, Any]) -> bool:
+# Fork when the state is at least this share of the process's resident memory. A fork
+# costs in proportion to the whole process (it copies the page tables of every resident
+# page, and the child shares, so the PSS counts half of, all of them); a copy costs in
+# proportion to the state. Measured on 2 cores (bench/results/save.md, memory.md): a
+# 96 MB GPT-2 + AdamW state in a 375 MB process forks in ~20 ms, and its child's PSS is
+# 188 MB; the copy takes ~12 ms and 96 MB. At 503 MB of a 761 MB process, the fork takes
+# ~40 ms and its child 382 MB, the copy ~65 ms and 503 MB. Both cross near one half.
+_FORK_MIN_SHARE = 0.5
+
+
+def _can_fork(mgr: CheckpointManager, found: _Tensors) -> bool:
     storage = mgr.storage
     if not sys.platform.startswith("linux") or _prctl() is None:
         return False  # no PR_SET_PDEATHSIG: a child could outlive its parent
@@ -316,16 +454,33 @@ def _can_fork(mgr: CheckpointManager, collected: Mapping[str, Any]) -> bool:
         return False  # PDEATHSIG follows the forking thread, which may end first
     if getattr(storage, "write_behind", False) or storage.local_path("") is None:
         return False
-    return all(_copy_on_write(t) for t in _tensors(collected))
+    if not found.cpu_only or found.cpu_bytes() < _FORK_MIN_SHARE * _resident_bytes():
+        return False  # checked first: it is cheap, and decides for small states
+    pinned_matters = torch.cuda.is_initialized()
+    # One tensor per storage is enough: sharing and pinning are the storage's.
+    firsts = {key: t for t, key in reversed(found.tensors)}
+    return all(_copy_on_write(t, pinned_matters) for t in [*firsts.values(), *found.odd])
 
 
-def _copy_on_write(t: torch.Tensor) -> bool:
+def _resident_bytes() -> int:
+    """This process's resident memory (what a forked child would share)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _copy_on_write(t: torch.Tensor, pinned_matters: bool) -> bool:
     """Whether a forked child sees ``t`` as it is now, whatever the parent does next:
     private CPU memory only. Shared memory (``share_memory_()``, ``from_file``) would show
     the parent's later writes; CUDA's pinned host memory is not mapped in a child."""
-    if t.device.type != "cpu" or t.is_shared():
+    try:
+        if t.device.type != "cpu" or t.is_shared():
+            return False
+        return not (pinned_matters and t.is_pinned())
+    except (RuntimeError, NotImplementedError):  # a layout that cannot say: copy it
         return False
-    return not (torch.cuda.is_initialized() and t.is_pinned())
 
 
 _libc_prctl: Any = None

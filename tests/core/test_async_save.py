@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 import uuid
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from ckptkit import CheckpointManager, hookimpl
+from ckptkit import CheckpointManager, asyncsave, hookimpl
 from ckptkit.atomic import MarkerCommit, RenameCommit
 from ckptkit.errors import StorageError
 from ckptkit.hooks.manager import get_plugin_manager
@@ -68,6 +69,14 @@ class Backends:
 @pytest.fixture(autouse=True)
 def backends() -> None:
     get_plugin_manager().register(Backends(), name="async-test-backends")
+
+
+@pytest.fixture(autouse=True)
+def fork_any_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests' states are tiny beside the test process, which the rule (fork only a
+    state at least half the process's memory) copies in a thread: here every local save
+    forks, so that the fork writer is what they test. The rule has its own tests below."""
+    monkeypatch.setattr(asyncsave, "_FORK_MIN_SHARE", 0.0, raising=False)
 
 
 class Recording:
@@ -370,3 +379,162 @@ def test_an_interrupted_close_leaves_no_writer_behind(tmp_path) -> None:
         os.kill(writer, 0)  # killed and reaped
     with CheckpointManager(url) as again:  # the lock was released
         assert again.list() == []
+
+
+def _peak_rss_growth(action: Any) -> int | None:
+    """Growth of this process's peak RSS over ``action()`` (None where the peak cannot
+    be reset)."""
+
+    def status_kb(field: str) -> int:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith(field + ":"))
+        return int(line.split()[1])
+
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the peak RSS := the current RSS
+    except OSError:
+        return None
+    before = status_kb("VmRSS")
+    action()
+    return (status_kb("VmHWM") - before) * 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fork writer is Linux-only")
+def test_the_writer_is_chosen_by_the_states_share_of_the_process(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """A state small beside the process is copied and written by a thread (a fork would
+    cost, and share, the whole process); one that is a large share of it is forked."""
+    with open("/proc/self/statm") as f:
+        resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    big = {"w": torch.randn(resident // 4 // 10)}  # a tenth of the process
+    small = {"w": torch.randn(1000)}
+    monkeypatch.setattr(asyncsave, "_FORK_MIN_SHARE", 0.05, raising=False)
+    strategy = Recording(RenameCommit(), str(tmp_path / "log"))
+    with CheckpointManager(str(tmp_path / "r"), async_save=True, commit=strategy) as mgr:
+        mgr.save(1, small)
+        mgr.wait()
+        mgr.save(2, big)
+        mgr.wait()
+    (_, small_pid, small_thread), (_, big_pid, _) = strategy.where()
+    assert small_pid == os.getpid() and small_thread != threading.main_thread().name
+    assert big_pid != os.getpid(), "a state a tenth of the process was not forked"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/clear_refs")
+def test_a_small_state_is_copied_into_one_buffer_kept_from_save_to_save(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """The thread writer's copy: the data files are a sync save's, the first save needs
+    about one copy of the state, and the next saves reuse it (no new memory, no page
+    faults); close() frees it."""
+    monkeypatch.setattr(asyncsave, "_FORK_MIN_SHARE", 0.5, raising=False)
+    state = training_state()
+    state["big"] = torch.randn(6_000_000)  # 24 MB: what the copy's memory shows
+    size = state["big"].nbytes
+    with CheckpointManager(str(tmp_path / "sync"), run_name="r") as sync:
+        sync.save(1, state)
+        expected = committed_files(sync, "step-000000000001")
+    strategy = Recording(RenameCommit(), str(tmp_path / "log"))
+    url = str(tmp_path / "async")
+    with CheckpointManager(url, run_name="r", async_save=True, commit=strategy) as mgr:
+
+        def save(step: int) -> None:
+            mgr.save(step, state)
+            mutate(state)
+            with torch.no_grad():
+                state["big"].mul_(2.0)
+            mgr.wait()
+
+        first = _peak_rss_growth(lambda: save(1))
+        assert committed_files(mgr, "step-000000000001") == expected
+        again = _peak_rss_growth(lambda: save(2))
+    assert {pid for _, pid, _ in strategy.where()} == {os.getpid()}
+    if first is not None and again is not None:
+        assert 0.9 * size < first < 1.5 * size, "the first save's copy is not one copy"
+        assert again < 0.25 * size, "the next save allocated its copy again"
+
+
+def test_the_kept_buffer_copies_every_dtype_view_and_layout_change_exactly(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """The thread writer's one buffer, reused and regrown: storages of odd sizes and mixed
+    dtypes side by side (each copy aligned for any dtype), two dtypes viewing one storage,
+    a view at an offset, a state that grows, then shrinks, then changes its tensors;
+    every checkpoint's files are a sync save's, though the loop changes it all after
+    ``save()`` returns."""
+    monkeypatch.setattr(asyncsave, "_FORK_MIN_SHARE", float("inf"), raising=False)
+    floats = torch.randn(7)
+    base = torch.arange(13, dtype=torch.float64)
+
+    def states() -> list[dict[str, Any]]:
+        return [
+            {
+                "i8": torch.arange(3, dtype=torch.int8),
+                "f64": base[1:],
+                "bits": floats.view(torch.int32),
+                "floats": floats,
+                "bf16": torch.randn(5).to(torch.bfloat16),
+                "flag": torch.tensor([True, False, True]),
+                "c64": torch.randn(3, dtype=torch.complex64),
+            },
+            {"big": torch.randn(300, 7).t(), "i8": torch.arange(9, dtype=torch.int8)},
+            {"one": torch.tensor(2.5)},
+            {"i16": torch.arange(11, dtype=torch.int16), "f64": torch.randn(4, 3).double()},
+        ]
+
+    with (
+        CheckpointManager(str(tmp_path / "sync"), run_name="r", keep_last=None) as sync,
+        CheckpointManager(
+            str(tmp_path / "async"), run_name="r", keep_last=None, async_save=True
+        ) as mgr,
+    ):
+        for step, state in enumerate(states(), start=1):
+            sync.save(step, state)
+            mgr.save(step, state)
+            for t in state.values():
+                t.zero_()  # after save() returns: the snapshot must not see it
+            base.add_(1.0)
+            mgr.wait()
+            name = f"step-{step:012d}"
+            assert committed_files(mgr, name) == committed_files(sync, name), name
+
+
+def test_the_thread_snapshot_keeps_every_container_and_leaf_kind(tmp_path) -> None:
+    """Sizes, dtypes, a namedtuple and a mapping holding tensors, an OrderedDict, nested
+    lists and tuples, numpy arrays: written by the thread path exactly as a sync save
+    writes them, though the loop changes each tensor and array after ``save()``."""
+    import collections
+
+    import numpy as np
+
+    class Stats:
+        def __init__(self) -> None:
+            self.w = torch.arange(4.0)
+
+        def state_dict(self) -> dict[str, Any]:
+            pair = collections.namedtuple("Pair", "a b")
+            return {
+                "size": torch.Size([2, 3]),
+                "dtype": torch.float16,
+                "pair": pair(self.w, torch.ones(2)),
+                "ordered": collections.OrderedDict(x=self.w[1:], y=[1, (2, self.w)]),
+                "np": np.arange(3.0),
+                "none": None,
+                "bytes": b"\x00\x01",
+            }
+
+        def load_state_dict(self, sd: dict[str, Any]) -> None:
+            pass
+
+    stats = Stats()
+    state = {"stats": stats}
+    with CheckpointManager(str(tmp_path / "sync"), run_name="r") as sync:
+        sync.save(1, state)
+        expected = committed_files(sync, "step-000000000001")
+    with CheckpointManager(f"nolocal://{tmp_path}/async", run_name="r", async_save=True) as mgr:
+        mgr.save(1, state)
+        stats.w.add_(10.0)
+        mgr.wait()
+        assert committed_files(mgr, "step-000000000001") == expected

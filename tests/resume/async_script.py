@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ckptkit import CheckpointManager
+from ckptkit import CheckpointManager, asyncsave
 from ckptkit.atomic import RenameCommit
 from ckptkit.errors import StorageError
 
@@ -89,6 +89,9 @@ def step(state: dict[str, Any]) -> None:
 def main(mode: str, run: str) -> int:
     state = build()
     if mode == "kill":
+        # The forked writer is what this mode kills: fork this tiny state too (the rule
+        # copies a state so small beside the process in a thread: ckptkit/asyncsave.py).
+        asyncsave._FORK_MIN_SHARE = 0.0
         mgr = CheckpointManager(run, async_save=True, commit=Holding())
         mgr.resume(state)
         step(state)

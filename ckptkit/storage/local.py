@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from ckptkit.errors import CorruptCheckpointError, StorageError
-from ckptkit.storage import confined
+from ckptkit.storage import confined, direct
 from ckptkit.storage.base import Storage, join_key
 
 # One write(2) call moves at most this much (Linux caps a call just below 2 GiB).
@@ -250,12 +250,13 @@ class LocalStorage:
             os.close(dir_fd)
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        self._write(key, [memoryview(data)])
+        self._write(key, [memoryview(data)], len(data))
 
     def write_stream(self, key: str, chunks: Iterable[memoryview], size: int | None = None) -> None:
-        """Write ``chunks`` straight from the caller's memory (``os.write`` loop), then
-        fsync: no copy of the object is ever held."""
-        self._write(key, chunks)
+        """Write ``chunks`` straight from the caller's memory (``os.write`` loop; a large
+        file of known ``size`` around the page cache: ``storage/direct.py``), then fsync:
+        no copy of the object is ever held."""
+        self._write(key, chunks, size)
 
     @contextlib.contextmanager
     def synced_together(self) -> Iterator[None]:
@@ -289,13 +290,16 @@ class LocalStorage:
             for fd, _ in pending:
                 os.close(fd)
 
-    def _write(self, key: str, chunks: Iterable[memoryview]) -> None:
+    def _write(self, key: str, chunks: Iterable[memoryview], size: int | None = None) -> None:
         try:
             fd = self._create(key, exclusive=False)
             assert fd is not None
             batch = getattr(self._batch, "fds", None)
             try:
                 written = flushed = 0
+                if direct.usable(fd, size):
+                    written = flushed = direct.write(fd, chunks)
+                    chunks = ()
                 for chunk in chunks:
                     view = memoryview(chunk).cast("B")
                     while view:

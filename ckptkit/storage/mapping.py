@@ -32,33 +32,24 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import mmap
 import os
 import signal
 import sys
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 
 from ckptkit.errors import CorruptCheckpointError
+from ckptkit.storage import fsinfo
 
 try:
     import fcntl
 except ImportError:  # Windows: no leases, so nothing is mapped
     fcntl = None  # type: ignore[assignment]
 
-# fstatfs f_type magic numbers of filesystems whose files change only through this
-# kernel's VFS (linux/magic.h).
-_LOCAL_FILESYSTEMS = {
-    0xEF53,  # ext2/3/4
-    0x58465342,  # xfs
-    0x9123683E,  # btrfs
-    0x01021994,  # tmpfs
-    0x2FC12FC1,  # zfs
-    0xF2F52010,  # f2fs
-}
+# Filesystems whose files change only through this kernel's VFS.
+_LOCAL_FILESYSTEMS = {fsinfo.EXT, fsinfo.XFS, fsinfo.BTRFS, fsinfo.TMPFS, fsinfo.ZFS, fsinfo.F2FS}
 # linux/fcntl.h (F_SETSIG is not exported by Python's fcntl module).
 _F_SETSIG = 10
 _F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
@@ -70,41 +61,13 @@ _MADV_POPULATE_READ = 22  # Linux 5.14+: prefault the pages for reading, one cal
 PIECE = 16 << 20
 
 
-class _StatFs(ctypes.Structure):
-    # Only f_type is read; the rest of struct statfs (120 bytes on 64-bit Linux) is room.
-    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 256)]
-
-
-def _fstatfs_type(fd: int) -> int | None:
-    libc = _libc()
-    if libc is None:
-        return None
-    buf = _StatFs()
-    if libc.fstatfs(fd, ctypes.byref(buf)) != 0:
-        return None
-    return buf.f_type & 0xFFFFFFFF
-
-
-_LIBC: list[Any] = []
-
-
-def _libc() -> Any:
-    if not _LIBC:
-        try:
-            # The running interpreter's own symbols include libc's (no ldconfig lookup).
-            _LIBC.append(ctypes.CDLL(None, use_errno=True))
-        except OSError:
-            _LIBC.append(None)
-    return _LIBC[0]
-
-
 def mappable_here(fd: int) -> bool:
     """Whether the file behind ``fd`` lies on a filesystem where a read lease keeps it
     unchanged (see the module docstring)."""
     return (
         sys.platform.startswith("linux")
         and fcntl is not None
-        and _fstatfs_type(fd) in _LOCAL_FILESYSTEMS
+        and fsinfo.fs_type(fd) in _LOCAL_FILESYSTEMS
     )
 
 

@@ -1,0 +1,144 @@
+"""Writing a large checkpoint file around the page cache (``O_DIRECT``).
+
+A checkpoint keeps the previous one until it is committed, so every save writes a whole
+new copy into fresh space. Through the page cache that needs as much fresh memory as
+the checkpoint, every time; on the VMs these benchmarks run on, memory not touched
+recently costs a fault to the host per page, and a 500 MB buffered write of a new file
+measured 0.58-1.11 s where the same bytes went out with ``O_DIRECT`` in 0.33-0.42 s
+(raw ``write`` + fsync overwriting one file in place: 0.38-0.56 s). The checkpoint's
+bytes also never evict what training reads from the cache.
+
+``O_DIRECT`` needs buffers, offsets and lengths aligned to the device's blocks, which a
+tensor's memory is not. So the bytes pass through one page-aligned bounce buffer, reused
+from write to write (a memcpy, far above disk speed), each full buffer written at an
+aligned offset; the unaligned tail is written with ``O_DIRECT`` switched off. Used on
+ext4, xfs and btrfs only (tmpfs refuses it; FUSE, NFS and zfs<2.3 treat it their own
+ways); anything refused on the way (``EINVAL``) falls back to a plain buffered write of
+what is left, so it is only ever faster. The fsync that makes the file durable is the
+caller's, as for any write.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+from collections.abc import Iterable
+
+from ckptkit.storage import fsinfo
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+_FILESYSTEMS = {fsinfo.EXT, fsinfo.XFS, fsinfo.BTRFS}
+ALIGN = 4096  # covers 512-byte and 4 KiB logical blocks
+BUFFER = 8 << 20  # one write call: large enough for the device, small beside a state
+MIN_SIZE = 16 << 20  # smaller files go through the page cache: not worth a bounce
+
+_pool: list[mmap.mmap] = []  # bounce buffers kept between writes (fresh pages are slow)
+_pool_lock = threading.Lock()
+
+
+def usable(fd: int, size: int | None) -> bool:
+    """Whether a file of ``size`` bytes at ``fd`` is written with ``O_DIRECT``."""
+    return (
+        _O_DIRECT != 0
+        and fcntl is not None
+        and size is not None
+        and size >= MIN_SIZE
+        and fsinfo.fs_type(fd) in _FILESYSTEMS
+    )
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    assert fcntl is not None
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, (flags | _O_DIRECT) if on else (flags & ~_O_DIRECT))
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return False
+        raise
+    return True
+
+
+def _take() -> mmap.mmap:
+    with _pool_lock:
+        return _pool.pop() if _pool else mmap.mmap(-1, BUFFER)
+
+
+def _give(buf: mmap.mmap) -> None:
+    with _pool_lock:
+        if len(_pool) < 2:
+            _pool.append(buf)
+            return
+    buf.close()
+
+
+def write(fd: int, chunks: Iterable[memoryview]) -> int:
+    """Write ``chunks`` at the start of the empty file ``fd`` (see the module
+    docstring); returns the bytes written."""
+    if not _set_direct(fd, True):
+        return _buffered(fd, chunks, 0)
+    buf = _take()
+    view = memoryview(buf)
+    try:
+        offset = fill = 0
+        direct = True
+        for chunk in chunks:
+            data = memoryview(chunk).cast("B")
+            while data:
+                if not direct:
+                    offset += _write_all(fd, data, offset)
+                    break
+                n = min(len(data), BUFFER - fill)
+                view[fill : fill + n] = data[:n]
+                fill, data = fill + n, data[n:]
+                if fill == BUFFER:
+                    direct = _flush(fd, view, offset)
+                    offset, fill = offset + BUFFER, 0
+        if fill:  # the tail: its aligned part direct, the rest through the cache
+            whole = fill - fill % ALIGN if direct else 0
+            if whole:
+                direct = _flush(fd, view[:whole], offset)
+                offset += whole
+            if direct:
+                _set_direct(fd, False)
+            offset += _write_all(fd, view[whole:fill], offset)
+        return offset
+    finally:
+        view.release()
+        _give(buf)
+
+
+def _flush(fd: int, view: memoryview, offset: int) -> bool:
+    """Write the aligned ``view`` at ``offset`` with O_DIRECT; False (and written
+    buffered instead, O_DIRECT off) where the filesystem refuses it."""
+    try:
+        done = os.pwrite(fd, view, offset)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        done = 0
+    if done == len(view):
+        return True
+    _set_direct(fd, False)  # a short or refused direct write: the rest goes buffered
+    _write_all(fd, view[done:], offset + done)
+    return False
+
+
+def _write_all(fd: int, view: memoryview, offset: int) -> int:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+    return done
+
+
+def _buffered(fd: int, chunks: Iterable[memoryview], offset: int) -> int:
+    for chunk in chunks:
+        offset += _write_all(fd, memoryview(chunk).cast("B"), offset)
+    return offset

@@ -20,11 +20,13 @@ caller's, as for any write.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
 import threading
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from ckptkit.storage import fsinfo
 
@@ -81,38 +83,49 @@ def _give(buf: mmap.mmap) -> None:
 
 def write(fd: int, chunks: Iterable[memoryview]) -> int:
     """Write ``chunks`` at the start of the empty file ``fd`` (see the module
-    docstring); returns the bytes written."""
+    docstring); returns the bytes written. Two bounce buffers: while one is written (a
+    thread, outside the GIL), the next is filled, so the copy hides behind the disk."""
     if not _set_direct(fd, True):
         return _buffered(fd, chunks, 0)
-    buf = _take()
-    view = memoryview(buf)
+    bufs = [_take(), _take()]
+    views = [memoryview(b) for b in bufs]
+    writing: list[Future[bool] | None] = [None, None]
+    pool = ThreadPoolExecutor(1, thread_name_prefix="ckptkit-direct")
     try:
-        offset = fill = 0
-        direct = True
+        offset = fill = cur = 0
         for chunk in chunks:
             data = memoryview(chunk).cast("B")
             while data:
-                if not direct:
-                    offset += _write_all(fd, data, offset)
-                    break
                 n = min(len(data), BUFFER - fill)
-                view[fill : fill + n] = data[:n]
+                views[cur][fill : fill + n] = data[:n]
                 fill, data = fill + n, data[n:]
                 if fill == BUFFER:
-                    direct = _flush(fd, view, offset)
-                    offset, fill = offset + BUFFER, 0
+                    writing[cur] = pool.submit(_flush, fd, views[cur], offset)
+                    offset, fill, cur = offset + BUFFER, 0, 1 - cur
+                    if writing[cur] is not None:  # the other buffer: free once written
+                        writing[cur].result()  # type: ignore[union-attr]
+                        writing[cur] = None
+        for future in writing:
+            if future is not None:
+                future.result()
+        writing = [None, None]
         if fill:  # the tail: its aligned part direct, the rest through the cache
-            whole = fill - fill % ALIGN if direct else 0
+            whole = fill - fill % ALIGN
             if whole:
-                direct = _flush(fd, view[:whole], offset)
+                _flush(fd, views[cur][:whole], offset)
                 offset += whole
-            if direct:
-                _set_direct(fd, False)
-            offset += _write_all(fd, view[whole:fill], offset)
+            _set_direct(fd, False)
+            offset += _write_all(fd, views[cur][whole:fill], offset)
         return offset
     finally:
-        view.release()
-        _give(buf)
+        for future in writing:  # a failure: nothing may still write from a buffer
+            if future is not None:
+                with contextlib.suppress(BaseException):
+                    future.result()
+        pool.shutdown(wait=True)
+        for view, buf in zip(views, bufs, strict=True):
+            view.release()
+            _give(buf)
 
 
 def _flush(fd: int, view: memoryview, offset: int) -> bool:

@@ -45,6 +45,18 @@ _pool: list[mmap.mmap] = []  # bounce buffers kept between writes (fresh pages a
 _pool_lock = threading.Lock()
 
 
+def _after_fork_in_child() -> None:
+    # A forked async writer must not inherit the lock held by a parent thread that was
+    # inside _take/_give at the fork, nor write into buffers shared copy-on-write.
+    global _pool_lock
+    _pool_lock = threading.Lock()
+    _pool.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def usable(fd: int, size: int | None) -> bool:
     """Whether a file of ``size`` bytes at ``fd`` is written with ``O_DIRECT``."""
     return (

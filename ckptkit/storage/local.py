@@ -20,18 +20,8 @@ from ckptkit.storage.base import Storage, join_key
 _WRITE_MAX = 1 << 30
 
 
-# Bytes written between two starts of writeback (see _start_writeback).
+# Bytes written between two starts of writeback (see _drop_cached).
 _KICK = 32 << 20
-
-
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start writing the range just written to the disk, without waiting (on Linux,
-    POSIX_FADV_DONTNEED on dirty pages starts their writeback, like sync_file_range): the
-    disk then works while the rest of the checkpoint is copied into the page cache,
-    instead of all at once in the final fsync, which then waits for the tail only."""
-    if hasattr(os, "posix_fadvise"):
-        with contextlib.suppress(OSError):
-            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 def _sync_and_drop(fd: int) -> None:
@@ -39,16 +29,17 @@ def _sync_and_drop(fd: int) -> None:
     _drop_cached(fd)
 
 
-def _drop_cached(fd: int) -> None:
-    """Drop a durable file's pages from the page cache. A checkpoint is written far more
-    often than it is read back, so its pages would only evict what training reads (its
-    data); and the next save, which must write a whole new copy before the old one is
-    rotated away, then reuses this memory instead of claiming more (on the 2-core VMs
-    of bench/results/save.md that halved the spread of a 500 MB save). A restore in the
-    same process reads from the disk instead of the cache: the price, at disk speed."""
+def _drop_cached(fd: int, offset: int = 0, length: int = 0) -> None:
+    """POSIX_FADV_DONTNEED on a range of ``fd`` (0: to the end). On pages still dirty it
+    starts their writeback without waiting, as sync_file_range does: called every
+    _KICK bytes, the disk works while the rest is copied in, and the final fsync waits
+    for the tail only. On a durable file it drops the pages: a checkpoint is written far
+    more often than read back, so they would only evict what training reads, and the
+    next save (a whole new copy before the old one is rotated away) reuses this memory
+    instead of claiming more. A same-process restore then reads from the disk."""
     if hasattr(os, "posix_fadvise"):  # not on macOS
         with contextlib.suppress(OSError):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 def storage_error(url: str, exc: OSError) -> StorageError:
@@ -307,10 +298,11 @@ class LocalStorage:
                         view = view[n:]
                         written += n
                         if written - flushed >= _KICK:
-                            _start_writeback(fd, flushed, written - flushed)
+                            _drop_cached(fd, flushed, written - flushed)
                             flushed = written
                 if batch is not None:  # synced with the others when the block ends
-                    _start_writeback(fd, flushed, written - flushed)
+                    if written > flushed:
+                        _drop_cached(fd, flushed, written - flushed)
                     batch.append((fd, key))
                     fd = None
                 else:

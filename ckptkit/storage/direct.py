@@ -101,7 +101,7 @@ def write(fd: int, chunks: Iterable[memoryview]) -> int:
         return _buffered(fd, chunks, 0)
     bufs = [_take(), _take()]
     views = [memoryview(b) for b in bufs]
-    writing: list[Future[bool] | None] = [None, None]
+    writing: list[Future[None] | None] = [None, None]
     pool = ThreadPoolExecutor(1, thread_name_prefix="ckptkit-direct")
     try:
         offset = fill = cur = 0
@@ -140,20 +140,18 @@ def write(fd: int, chunks: Iterable[memoryview]) -> int:
             _give(buf)
 
 
-def _flush(fd: int, view: memoryview, offset: int) -> bool:
-    """Write the aligned ``view`` at ``offset`` with O_DIRECT; False (and written
-    buffered instead, O_DIRECT off) where the filesystem refuses it."""
+def _flush(fd: int, view: memoryview, offset: int) -> None:
+    """Write the aligned ``view`` at ``offset`` with O_DIRECT; where the filesystem
+    refuses it (or writes short), O_DIRECT goes off and the rest is written buffered."""
     try:
         done = os.pwrite(fd, view, offset)
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise
         done = 0
-    if done == len(view):
-        return True
-    _set_direct(fd, False)  # a short or refused direct write: the rest goes buffered
-    _write_all(fd, view[done:], offset + done)
-    return False
+    if done < len(view):  # a short or refused direct write: the rest goes buffered
+        _set_direct(fd, False)
+        _write_all(fd, view[done:], offset + done)
 
 
 def _write_all(fd: int, view: memoryview, offset: int) -> int:

@@ -463,15 +463,21 @@ def test_a_small_state_is_copied_into_one_buffer_kept_from_save_to_save(
         assert again < 0.25 * size, "the next save allocated its copy again"
 
 
+@pytest.mark.parametrize("copiers", ["one thread", "two threads, tiny pieces"])
 def test_the_kept_buffer_copies_every_dtype_view_and_layout_change_exactly(
-    monkeypatch: pytest.MonkeyPatch, tmp_path
+    monkeypatch: pytest.MonkeyPatch, tmp_path, copiers: str
 ) -> None:
     """The thread writer's one buffer, reused and regrown: storages of odd sizes and mixed
     dtypes side by side (each copy aligned for any dtype), two dtypes viewing one storage,
     a view at an offset, a state that grows, then shrinks, then changes its tensors;
     every checkpoint's files are a sync save's, though the loop changes it all after
-    ``save()`` returns."""
+    ``save()`` returns. Also with the copy shared by two threads in pieces that split
+    every storage at odd byte counts."""
     monkeypatch.setattr(asyncsave, "_FORK_MIN_SHARE", float("inf"), raising=False)
+    if copiers != "one thread":
+        monkeypatch.setattr(asyncsave, "_PARALLEL_MIN", 0)
+        monkeypatch.setattr(asyncsave, "_PIECE", 37)
+        monkeypatch.setattr(asyncsave, "_cores", lambda: 2)
     floats = torch.randn(7)
     base = torch.arange(13, dtype=torch.float64)
 
@@ -545,3 +551,82 @@ def test_the_thread_snapshot_keeps_every_container_and_leaf_kind(tmp_path) -> No
         stats.w.add_(10.0)
         mgr.wait()
         assert committed_files(mgr, "step-000000000001") == expected
+
+
+def test_a_failed_piece_of_the_two_thread_copy_fails_the_snapshot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A piece the helper thread could not copy leaves the snapshot incomplete: the error
+    is raised by the copy (so by save()), after both threads stopped, never a hang or a
+    silently partial copy."""
+    monkeypatch.setattr(asyncsave, "_cores", lambda: 2)
+    src = torch.arange(64, dtype=torch.uint8)
+    dst = torch.zeros(64, dtype=torch.uint8)
+    pieces = [(dst.data_ptr() + i, src.data_ptr() + i, 1) for i in range(64)]
+    real = ctypes.memmove
+    main = threading.get_ident()
+
+    def memmove(d: int, s: int, n: int) -> Any:
+        if threading.get_ident() != main:
+            raise OSError("injected: the helper's copy failed")
+        time.sleep(0.001)  # let the helper take pieces
+        return real(d, s, n)
+
+    monkeypatch.setattr(asyncsave.ctypes, "memmove", memmove)
+    with pytest.raises(OSError, match="injected"):
+        asyncsave._copy_pieces(pieces, 1 << 30)
+    monkeypatch.setattr(asyncsave.ctypes, "memmove", real)
+    asyncsave._copy_pieces(pieces, 1 << 30)
+    assert torch.equal(dst, src)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_the_kept_copy_is_left_out_of_forks_and_never_unmapped_in_a_child(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """The kept snapshot buffer is not mapped in a forked child (a DataLoader worker
+    forked between saves), so the parent's next copy finds its pages still its own; the
+    child, which inherits the Python objects that own the mapping, keeps them for good
+    (freeing one would munmap whatever the child mapped there since) and runs on."""
+    monkeypatch.setattr(asyncsave, "_FORK_MIN_SHARE", float("inf"), raising=False)
+    state = {"w": torch.randn(3_000_000)}
+    with CheckpointManager(str(tmp_path / "run"), run_name="r", async_save=True) as mgr:
+        mgr.save(1, state)
+        mgr.wait()
+        flat = mgr._background._buffers._flat
+        start = flat.data_ptr()
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report whether the range is mapped, free, remap, check
+            code = 1
+            try:
+                with open("/proc/self/maps") as f:
+                    mapped = any(
+                        int(lo, 16) <= start < int(hi, 16)
+                        for lo, hi in (line.split()[0].split("-") for line in f)
+                    )
+                kept = len(asyncsave._KEPT_IN_CHILD) >= 1
+                mgr._background._buffers.release()
+                del flat
+                import gc
+
+                gc.collect()
+                fresh = bytearray(64 << 20)  # may land where the parent's copy is
+                fresh[-1] = 7
+                os.write(w, json.dumps([mapped, kept, fresh[-1]]).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        report = json.loads(os.read(r, 1000) or b"null")
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert report == [False, True, 7]
+        state["w"].add_(1.0)
+        mgr.save(2, state)  # the parent's buffer is intact and still used
+        mgr.wait()
+        assert mgr._background._buffers._flat.data_ptr() == start
+        restored = {"w": torch.zeros(3_000_000)}
+        mgr.restore(restored)
+        assert torch.equal(restored["w"], state["w"])

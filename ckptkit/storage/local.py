@@ -289,7 +289,7 @@ class LocalStorage:
             try:
                 written = flushed = 0
                 if direct.usable(fd, size):
-                    written = flushed = direct.write(fd, chunks)
+                    written = flushed = direct.write(fd, chunks, size)
                     chunks = ()
                 for chunk in chunks:
                     view = memoryview(chunk).cast("B")

@@ -67,6 +67,45 @@ def test_the_direct_path_is_taken_on_this_disk(tmp_path: Path) -> None:
     assert path.read_bytes() == b"x" * (direct.BUFFER + 10)
 
 
+def test_bounce_buffers_are_sized_to_the_file() -> None:
+    """Two bounce buffers are a write's extra memory: 1/64 of the file, 1 to 8 MiB, so a
+    small checkpoint does not pay 16 MiB for them."""
+    assert direct.buffer_size(None) == direct.BUFFER
+    assert direct.buffer_size(direct.MIN_SIZE) == direct.MIN_BUFFER
+    assert direct.buffer_size(256 * MB) == 4 * MB
+    assert direct.buffer_size(8 << 30) == direct.BUFFER
+    assert direct.buffer_size(100 * MB + 1) % direct.ALIGN == 0
+
+
+def test_kept_buffers_of_another_size_still_write_exact_bytes(tmp_path: Path) -> None:
+    """A write reuses a kept buffer larger than it needs (filled only to its own size);
+    files of different sizes one after the other, each byte for byte."""
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        if not direct.usable(fd, direct.MIN_SIZE):
+            pytest.skip("the test folder is not on ext4/xfs/btrfs here")
+    finally:
+        os.close(fd)
+    direct._pool.clear()
+    for i, (total, size) in enumerate(
+        [
+            (direct.BUFFER * 2 + 99, None),
+            (direct.MIN_SIZE + 4097, direct.MIN_SIZE + 4097),
+            (5 * MB + 3, 300 * MB),
+            (direct.BUFFER + 1, None),
+        ]
+    ):
+        data = _payload(total, i)
+        path = tmp_path / f"f{i}.bin"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            assert direct.write(fd, _chunks(data, [1, 3 * MB]), size) == total
+        finally:
+            os.close(fd)
+        assert path.read_bytes() == data
+        assert len(direct._pool) <= 2
+
+
 def test_a_filesystem_that_refuses_o_direct_gets_a_buffered_write() -> None:
     """tmpfs refuses O_DIRECT: direct.write still writes every byte (through the cache)."""
     if not Path("/dev/shm").is_dir():

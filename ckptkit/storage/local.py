@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from ckptkit.errors import CorruptCheckpointError, StorageError
-from ckptkit.storage import confined, direct
+from ckptkit.storage import confined, direct, freeing
 from ckptkit.storage.base import Storage, join_key
 
 # One write(2) call moves at most this much (Linux caps a call just below 2 GiB).
@@ -282,6 +282,8 @@ class LocalStorage:
                 os.close(fd)
 
     def _write(self, key: str, chunks: Iterable[memoryview], size: int | None = None) -> None:
+        if size is None or size >= freeing.MIN_SIZE:
+            freeing.wait()  # the space of files removed before is free before it is claimed
         try:
             fd = self._create(key, exclusive=False)
             assert fd is not None
@@ -349,13 +351,18 @@ class LocalStorage:
                 return
             fd, name = parent
             try:
-                mode = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
-                if not stat.S_ISDIR(mode):
-                    os.unlink(name, dir_fd=fd)
-                elif recursive:
-                    _remove_tree(fd, name)
-                else:
-                    os.rmdir(name, dir_fd=fd)
+                info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                held: list[int] = []  # large files unlinked but open: freed off this thread
+                try:
+                    if not stat.S_ISDIR(info.st_mode):
+                        size = info.st_size if stat.S_ISREG(info.st_mode) else 0
+                        freeing.unlink(name, fd, size, held)
+                    elif recursive:
+                        _remove_tree(fd, name, held)
+                    else:
+                        os.rmdir(name, dir_fd=fd)
+                finally:
+                    freeing.close_later(held)
             finally:
                 os.close(fd)
         except FileNotFoundError:
@@ -401,13 +408,23 @@ class LocalStorage:
         pass
 
     def flush(self) -> None:
-        pass
+        freeing.wait()  # removed files' space is free again (freeing.py)
 
     def close(self) -> None:
-        pass
+        freeing.wait()
 
 
-def _remove_tree(parent_fd: int, name: str) -> None:
+def _file_size(entry: os.DirEntry[str]) -> int:
+    """A regular file's size (0 for anything else, or when it is gone)."""
+    try:
+        return (
+            entry.stat(follow_symlinks=False).st_size if entry.is_file(follow_symlinks=False) else 0
+        )
+    except OSError:
+        return 0
+
+
+def _remove_tree(parent_fd: int, name: str, held: list[int]) -> None:
     """Remove the folder ``name`` of ``parent_fd`` and everything in it, descending only
     into real folders (opened ``O_NOFOLLOW``): a link inside is unlinked, never followed
     (shutil.rmtree takes ``dir_fd`` only from Python 3.11)."""
@@ -420,13 +437,13 @@ def _remove_tree(parent_fd: int, name: str) -> None:
         return
     try:
         with os.scandir(fd) as it:
-            entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
-        for entry, is_dir in entries:
+            entries = [(e.name, e.is_dir(follow_symlinks=False), _file_size(e)) for e in it]
+        for entry, is_dir, size in entries:
             with contextlib.suppress(FileNotFoundError):
                 if is_dir:
-                    _remove_tree(fd, entry)
+                    _remove_tree(fd, entry, held)
                 else:
-                    os.unlink(entry, dir_fd=fd)
+                    freeing.unlink(entry, fd, size, held)
     finally:
         os.close(fd)
     os.rmdir(name, dir_fd=parent_fd)

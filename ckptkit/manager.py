@@ -786,12 +786,14 @@ class CheckpointManager:
             loaded = group.on_main(lambda: self._load(which, verify=verify, trust=trust), "restore")
             return self._apply(state, full, loaded, force)
         # A model's weights may be lent as views of the mapped files: its load_state_dict
-        # copies them into the parameters, the one copy of a restore (storage/mapping.py).
+        # copies them into the parameters, the one copy of a restore; an optimizer's are
+        # copied into the state tensors it holds (storage/mapping.py, Lending.adopt).
         modules = {k: v for k, v in full.items() if isinstance(v, torch.nn.Module)}
-        lending = Lending(modules)
+        optimizers = [k for k, v in full.items() if isinstance(v, torch.optim.Optimizer)]
+        lending = Lending([*modules, *optimizers])
         try:
             loaded = self._load(which, verify=verify, trust=trust, lending=lending)
-            result = self._apply(state, full, loaded, force, lending.still_valid)
+            result = self._apply(state, full, loaded, force, lending.still_valid, lending.adopt)
             lending.settle(modules.values())
             return result
         finally:
@@ -805,6 +807,7 @@ class CheckpointManager:
         loaded: tuple[CheckpointInfo | None, Loaded] | None,
         force: bool,
         still_valid: Any = None,
+        adopt: Any = None,
     ) -> ResumeResult:
         group = self._group
         if loaded is None:
@@ -818,7 +821,13 @@ class CheckpointManager:
         notes = distmod.restore_apply(
             group,
             lambda: apply_state(
-                full, saved, data.source, classes=classes, force=force, still_valid=still_valid
+                full,
+                saved,
+                data.source,
+                classes=classes,
+                force=force,
+                still_valid=still_valid,
+                adopt=adopt,
             ),
         )
         for key in state:

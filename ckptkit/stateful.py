@@ -156,13 +156,15 @@ def apply_state(
     classes: Mapping[str, Any] | None = None,
     force: bool = False,
     still_valid: Callable[[str], str | None] | None = None,
+    adopt: Callable[[str, Any, Any], Any] | None = None,
 ) -> list[str]:
     """Load ``saved`` into ``state`` in place, all or nothing; returns notes on what was
     missing. Everything is checked first (``check_state``), so a refused restore leaves
     every object as it was.
 
     ``still_valid(key)``, asked right before each object loads, says why what was read
-    for it can no longer be used (a mapped file someone wants to change), or None."""
+    for it can no longer be used (a mapped file someone wants to change), or None;
+    ``adopt(key, target, value)`` then gives what it loads (``Lending.adopt``)."""
     saved, mapped = _fit_models(state, saved)
     saved, tied = with_tied(state, saved)
     check_state(state, saved, source, classes=classes, force=force)
@@ -181,8 +183,9 @@ def apply_state(
         if why is not None:
             also = f" (already restored: {', '.join(done)})" if done else ""
             raise CorruptCheckpointError(f"{source}: cannot load state['{key}']: {why}{also}")
+        value = saved[key] if adopt is None else adopt(key, target, saved[key])
         try:
-            target.load_state_dict(saved[key])
+            target.load_state_dict(value)
         except LOAD_ERRORS as exc:
             also = f" (already restored: {', '.join(done)})" if done else ""
             if _unchecked(target):

@@ -279,8 +279,8 @@ def test_a_damaged_mapped_file_is_refused_before_any_weight_changes(tmp_path: Pa
 def test_mapped_restore_is_exact_with_tied_weights_and_optimizer(
     tmp_path: Path, verify: bool
 ) -> None:
-    """Tied weights stay tied, the optimizer (whose state is kept, so never a view) and
-    the model restore bit for bit, verified or not."""
+    """Tied weights stay tied, the optimizer (a fresh one: its state is cloned out of the
+    mapping, never left a view) and the model restore bit for bit, verified or not."""
     torch.manual_seed(3)
     emb = torch.nn.Embedding(100, 32)
     head = torch.nn.Linear(32, 100, bias=False)
@@ -352,3 +352,92 @@ def test_only_local_disk_filesystems_are_mapped(tmp_path: Path) -> None:
         assert mapping.map_file(fd, 100, "/proc/self/status") is None
     finally:
         os.close(fd)
+
+
+def _trained(seed: int, steps: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = _model(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for i in range(steps):
+        torch.manual_seed(seed * 100 + i)
+        model(torch.randn(8, 256)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+@pytest.mark.parametrize("target_steps", [0, 1], ids=["fresh optimizer", "optimizer with state"])
+def test_restored_optimizer_state_never_points_into_the_checkpoint_file(
+    tmp_path: Path, target_steps: int
+) -> None:
+    """The optimizer keeps the tensors it loads: they are copied into its own state
+    tensors (one that has them) or cloned (a fresh one), never views of the mapping.
+    Truncating every checkpoint file after restore, then stepping, does not crash (it
+    would SIGBUS otherwise), and the step is the one the original run takes."""
+    model, opt = _trained(0, 2)
+    run = tmp_path / "run"
+    with ckptkit.CheckpointManager(str(run)) as mgr:
+        mgr.save(1, {"model": model, "optimizer": opt})
+    torch.manual_seed(42)
+    model(torch.randn(8, 256)).square().mean().backward()
+    opt.step()  # what the resumed run must do next
+    torch.save(model.state_dict(), tmp_path / "expected.pt")
+    out = _child(
+        f"""
+        import os, glob, torch, ckptkit
+        from tests.core.test_restore_mapped import _trained
+        model, opt = _trained(5, {target_steps})
+        with ckptkit.CheckpointManager({str(run)!r}) as mgr:
+            assert mgr.restore({{"model": model, "optimizer": opt}}).resumed
+        for f in glob.glob({str(run)!r} + "/step-*/*"):
+            os.truncate(f, 0)
+        torch.manual_seed(42)
+        model(torch.randn(8, 256)).square().mean().backward()
+        opt.step()
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, expected[k]), k
+        print("ok")
+        """
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr[-2000:])
+
+
+def test_an_optimizer_with_state_gets_its_own_tensors_back_filled(tmp_path: Path) -> None:
+    """No new memory for an optimizer's state when it has tensors of the saved shapes:
+    the restored moments are in the very tensors it held (each copied once, from the
+    mapped file), equal to the saved ones."""
+    model, opt = _trained(0, 2)
+    with ckptkit.CheckpointManager(str(tmp_path / "run")) as mgr:
+        mgr.save(1, {"model": model, "optimizer": opt})
+    model2, opt2 = _trained(9, 1)
+    before = {
+        (i, k): v.data_ptr() for i, st in opt2.state_dict()["state"].items() for k, v in st.items()
+    }
+    with ckptkit.CheckpointManager(str(tmp_path / "run")) as mgr:
+        mgr.restore({"model": model2, "optimizer": opt2})
+    saved, got = opt.state_dict()["state"], opt2.state_dict()["state"]
+    for i, st in saved.items():
+        for k, v in st.items():
+            assert torch.equal(got[i][k], v), (i, k)
+            assert got[i][k].data_ptr() == before[(i, k)], f"{(i, k)}: new memory"
+
+
+def test_a_damaged_optimizer_file_leaves_the_optimizer_as_it_was(tmp_path: Path) -> None:
+    """The in-place copy into the optimizer's tensors happens only after every byte of
+    the file was verified: a flipped byte is refused, and its state is untouched."""
+    model, opt = _trained(0, 2)
+    run = tmp_path / "run"
+    with ckptkit.CheckpointManager(str(run)) as mgr:
+        mgr.save(1, {"model": model, "optimizer": opt})
+    (path,) = run.glob("step-*/optimizer.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0xFF
+    path.write_bytes(bytes(data))
+    model2, opt2 = _trained(9, 1)
+    before = {
+        (i, k): v.clone() for i, st in opt2.state_dict()["state"].items() for k, v in st.items()
+    }
+    with ckptkit.CheckpointManager(str(run)) as mgr, pytest.raises(ckptkit.CorruptCheckpointError):
+        mgr.restore({"model": model2, "optimizer": opt2}, 1)
+    for (i, k), v in before.items():
+        assert torch.equal(opt2.state_dict()["state"][i][k], v), (i, k)

@@ -21,7 +21,7 @@ from typing import Any
 from bench import _state, _writers
 from bench._harness import NA, Samples, Target, fmt_ratio, interleaved, mb, ratio, table, timed
 
-RAW = "raw write + fsync (the disk)"
+RAW = "raw write + fsync of a new file (the disk)"
 TORCH = "torch.save + fsync"
 ST = "safetensors save_file + fsync"
 DCP = "torch.distributed.checkpoint.save"
@@ -111,7 +111,21 @@ def _save_rows(
     }
     if async_mgr is not None:
         cases[ASYNC_COMMIT] = async_save
-    rows: dict[str, Samples | None] = dict(interleaved(cases, reps, warmup=warmup))
+
+    def before(name: str) -> None:
+        if name == RAW:  # the disk's speed for fresh bytes, not also freeing the old file's
+            (dirs["raw"] / "state.bin").unlink(missing_ok=True)
+
+    def after(name: str) -> None:
+        if name == SYNC:
+            # Untimed, as training would run here: the previous checkpoint's folder is
+            # removed on a thread after save() returns (storage/reclaim.py); the other
+            # rows must not run beside it.
+            sync.wait()
+
+    rows: dict[str, Samples | None] = dict(
+        interleaved(cases, reps, before=before, after=after, warmup=warmup)
+    )
     if warmup:
         del blocked.values[:1]  # the untimed round's
     commit = rows.pop(ASYNC_COMMIT, None)

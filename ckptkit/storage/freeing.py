@@ -6,8 +6,9 @@ on these machines (ext4, ``discard``): 0.28 ms per MB, so 200 ms for a 700 MB fi
 of the save whose rotation removes the previous checkpoint.
 
 The kernel frees an unlinked file's blocks at its last close, not at the unlink. So a
-folder removal (``LocalStorage.delete``) opens each large regular file before unlinking
-it, and hands the descriptor to this module's closer thread: the folder is gone when the
+folder removal (``LocalStorage.delete``) on a local disk filesystem opens each large
+regular file before unlinking it (never on FUSE, a Drive mount, or NFS: they keep an
+unlinked open file as a hidden entry of its folder, which could then not be removed), and hands the descriptor to this module's closer thread: the folder is gone when the
 call returns, exactly as before (a listing, a reader, an error such as ``EBUSY`` see no
 difference), and only the blocks come back a little later. Bounded:
 
@@ -28,6 +29,8 @@ import os
 import stat
 import threading
 
+from ckptkit.storage import fsinfo
+
 # Files smaller than this are unlinked plainly: their blocks free fast, an open costs.
 MIN_SIZE = 1 << 20
 
@@ -44,7 +47,7 @@ def unlink(name: str, dir_fd: int, size: int, held: list[int]) -> None:
     for ``close_later`` once the whole folder is removed (a close that frees blocks
     while the rest is unlinked would make those unlinks wait for it in the journal)."""
     fd = -1
-    if size >= MIN_SIZE:
+    if size >= MIN_SIZE and fsinfo.fs_type(dir_fd) in fsinfo.LOCAL_DISKS:
         with contextlib.suppress(OSError):
             # O_NOFOLLOW, O_NONBLOCK: a link or FIFO swapped in is never followed or
             # waited on; only a regular file is kept (checked on the open descriptor).

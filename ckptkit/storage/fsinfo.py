@@ -15,6 +15,10 @@ BTRFS = 0x9123683E
 TMPFS = 0x01021994
 ZFS = 0x2FC12FC1
 F2FS = 0xF2F52010
+# Filesystems whose files change only through this kernel's VFS, and where an unlinked
+# file that is still open simply lives on unnamed (FUSE and NFS rename it to a hidden
+# name in its folder instead, which would then not be empty).
+LOCAL_DISKS = frozenset({EXT, XFS, BTRFS, TMPFS, ZFS, F2FS})
 
 
 class _StatFs(ctypes.Structure):

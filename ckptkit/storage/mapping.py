@@ -48,8 +48,6 @@ try:
 except ImportError:  # Windows: no leases, so nothing is mapped
     fcntl = None  # type: ignore[assignment]
 
-# Filesystems whose files change only through this kernel's VFS.
-_LOCAL_FILESYSTEMS = {fsinfo.EXT, fsinfo.XFS, fsinfo.BTRFS, fsinfo.TMPFS, fsinfo.ZFS, fsinfo.F2FS}
 # linux/fcntl.h (F_SETSIG is not exported by Python's fcntl module).
 _F_SETSIG = 10
 _F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
@@ -67,7 +65,7 @@ def mappable_here(fd: int) -> bool:
     return (
         sys.platform.startswith("linux")
         and fcntl is not None
-        and fsinfo.fs_type(fd) in _LOCAL_FILESYSTEMS
+        and fsinfo.fs_type(fd) in fsinfo.LOCAL_DISKS
     )
 
 

@@ -179,3 +179,18 @@ def test_a_kill_with_closes_pending_frees_the_space(tmpfs: Path) -> None:
     finally:
         proc.wait(30)
     assert _free(tmpfs) >= before - MB
+
+
+def test_off_a_local_disk_files_are_unlinked_plainly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FUSE (a Drive mount) and NFS keep an unlinked open file as a hidden entry of its
+    folder, which then could not be removed: there nothing is held open."""
+    from ckptkit.storage import fsinfo
+
+    monkeypatch.setattr(fsinfo, "fs_type", lambda fd: 0x65735546)  # FUSE_SUPER_MAGIC
+    storage = LocalStorage(str(tmp_path))
+    storage.write_bytes("ckpt/big.bin", b"x" * (2 * MB))
+    storage.delete("ckpt", recursive=True)
+    assert not (tmp_path / "ckpt").exists()
+    assert freeing._pending == [] and _held_fds() == []

@@ -29,6 +29,7 @@ from ckptkit.manifest import MANIFEST
 from ckptkit.storage.base import join_key
 from ckptkit.storage.local import LocalStorage
 from tests.core.helpers import make_training, tensors_equal, train_steps
+from tests.oshelpers import in_fork
 
 
 class DiskOnly(LocalStorage):
@@ -595,33 +596,24 @@ def test_the_kept_copy_is_left_out_of_forks_and_never_unmapped_in_a_child(
         mgr.wait()
         flat = mgr._background._buffers._flat
         start = flat.data_ptr()
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: report whether the range is mapped, free, remap, check
-            code = 1
-            try:
-                with open("/proc/self/maps") as f:
-                    mapped = any(
-                        int(lo, 16) <= start < int(hi, 16)
-                        for lo, hi in (line.split()[0].split("-") for line in f)
-                    )
-                kept = len(asyncsave._KEPT_IN_CHILD) >= 1
-                mgr._background._buffers.release()
-                del flat
-                import gc
 
-                gc.collect()
-                fresh = bytearray(64 << 20)  # may land where the parent's copy is
-                fresh[-1] = 7
-                os.write(w, json.dumps([mapped, kept, fresh[-1]]).encode())
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(w)
-        report = json.loads(os.read(r, 1000) or b"null")
-        os.close(r)
-        _, status = os.waitpid(pid, 0)
-        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        def child() -> list[Any]:  # whether the range is mapped; free, remap, check
+            with open("/proc/self/maps") as f:
+                mapped = any(
+                    int(lo, 16) <= start < int(hi, 16)
+                    for lo, hi in (line.split()[0].split("-") for line in f)
+                )
+            kept = len(asyncsave._KEPT_IN_CHILD) >= 1
+            mgr._background._buffers.release()
+            import gc
+
+            gc.collect()
+            fresh = bytearray(64 << 20)  # may land where the parent's copy is
+            fresh[-1] = 7
+            return [mapped, kept, fresh[-1]]
+
+        del flat
+        report = in_fork(child)
         assert report == [False, True, 7]
         state["w"].add_(1.0)
         mgr.save(2, state)  # the parent's buffer is intact and still used

@@ -24,6 +24,7 @@ from ckptkit.cli import _register_commands, cli
 from ckptkit.hooks.manager import get_plugin_manager
 from ckptkit.lock import LOCK, RunLock
 from ckptkit.storage.local import LocalStorage
+from tests.oshelpers import mounted_tmpfs
 
 from .helpers import make_training
 
@@ -31,19 +32,8 @@ from .helpers import make_training
 @pytest.fixture
 def small_fs(tmp_path):
     """A 1 MiB tmpfs with 64 inodes, unmounted afterwards."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=64", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
-        yield str(mnt)
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with mounted_tmpfs(tmp_path / "fs", "size=1m,nr_inodes=64") as mnt:
+        yield mnt
 
 
 def fill_space(mnt: str) -> str:

@@ -48,15 +48,19 @@ def test_a_large_file_holds_exactly_its_bytes(tmp_path: Path, total: int, sizes:
     assert (tmp_path / "f.bin").read_bytes() == data
 
 
-def test_the_direct_path_is_taken_on_this_disk(tmp_path: Path) -> None:
-    """On the ext4 of these machines the path under test is really O_DIRECT (else the
-    test above would only cover the buffered fallback)."""
-    fd = os.open(tmp_path, os.O_RDONLY)
+def _skip_unless_direct(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
     try:
         if not direct.usable(fd, direct.MIN_SIZE):
             pytest.skip("the test folder is not on ext4/xfs/btrfs here")
     finally:
         os.close(fd)
+
+
+def test_the_direct_path_is_taken_on_this_disk(tmp_path: Path) -> None:
+    """On the ext4 of these machines the path under test is really O_DIRECT (else the
+    test above would only cover the buffered fallback)."""
+    _skip_unless_direct(tmp_path)
     path = tmp_path / "probe"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
@@ -80,12 +84,7 @@ def test_bounce_buffers_are_sized_to_the_file() -> None:
 def test_kept_buffers_of_another_size_still_write_exact_bytes(tmp_path: Path) -> None:
     """A write reuses a kept buffer larger than it needs (filled only to its own size);
     files of different sizes one after the other, each byte for byte."""
-    fd = os.open(tmp_path, os.O_RDONLY)
-    try:
-        if not direct.usable(fd, direct.MIN_SIZE):
-            pytest.skip("the test folder is not on ext4/xfs/btrfs here")
-    finally:
-        os.close(fd)
+    _skip_unless_direct(tmp_path)
     direct._pool.clear()
     for i, (total, size) in enumerate(
         [

@@ -5,7 +5,6 @@ and nothing outside the folder is opened or followed."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,6 +18,7 @@ import torch
 from ckptkit import CheckpointManager
 from ckptkit.storage import freeing
 from ckptkit.storage.local import LocalStorage
+from tests.oshelpers import in_fork, mounted_tmpfs
 
 MB = 1 << 20
 
@@ -26,20 +26,9 @@ MB = 1 << 20
 @pytest.fixture
 def tmpfs(tmp_path: Path):
     """A 40 MiB tmpfs (it too frees an unlinked file's pages at its last close)."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
+    with mounted_tmpfs(tmp_path / "fs", "size=40m") as mnt:
+        yield Path(mnt)
         freeing.wait()
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.fixture(autouse=True)
@@ -114,21 +103,12 @@ def test_a_forked_child_holds_none_of_the_pending_files(
     storage.write_bytes("ckpt/big.bin", b"x" * (2 * MB))
     storage.delete("ckpt", recursive=True)
     assert len(_held_fds()) == 1
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            freeing.wait()  # no closer thread in a child: must not block
-            os.write(w, json.dumps(_held_fds()).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    report = json.loads(os.read(r, 10000) or b"null")
-    os.close(r)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+    def child() -> list[str]:
+        freeing.wait()  # no closer thread in a child: must not block
+        return _held_fds()
+
+    report = in_fork(child)
     assert report == []
     monkeypatch.undo()
     freeing._run()

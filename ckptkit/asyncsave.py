@@ -249,7 +249,8 @@ class _ThreadWrite(_Job):
         return self._done.is_set()
 
     def result(self) -> tuple[CheckpointInfo, float]:
-        self._done.wait()
+        while not self._done.wait(0.2):  # woken often: see _ForkedWrite.result
+            pass
         if self._error is not None:
             raise self._error
         assert self._out is not None
@@ -645,7 +646,16 @@ class _ForkedWrite(_Job):
     def result(self) -> tuple[CheckpointInfo, float]:
         if self._status is None:
             # An interrupt (Ctrl+C) here leaves the job as it was: a later call goes on.
-            while chunk := os.read(self._r, 65536):
+            # The wait wakes up every 0.2 s: a signal that another thread took (the
+            # kernel may hand a process-wide one to any thread) interrupts no read of
+            # this one, and Python runs its handler only when this thread runs.
+            while True:
+                ready, _, _ = select.select([self._r], [], [], 0.2)
+                if not ready:
+                    continue
+                chunk = os.read(self._r, 65536)
+                if not chunk:
+                    break
                 self._report += chunk
             self._status = self._reap()
             os.close(self._r)

@@ -99,7 +99,8 @@ def _run() -> None:
 
 def wait() -> None:
     """Return once every file handed over so far is closed (its space free)."""
-    _idle.wait()
+    while not _idle.wait(0.2):  # woken often, so that a Ctrl+C is noticed
+        pass
 
 
 def _after_fork_in_child() -> None:

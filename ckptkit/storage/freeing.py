@@ -8,7 +8,8 @@ of the save whose rotation removes the previous checkpoint.
 The kernel frees an unlinked file's blocks at its last close, not at the unlink. So a
 folder removal (``LocalStorage.delete``) on a local disk filesystem opens each large
 regular file before unlinking it (never on FUSE, a Drive mount, or NFS: they keep an
-unlinked open file as a hidden entry of its folder, which could then not be removed), and hands the descriptor to this module's closer thread: the folder is gone when the
+unlinked open file as a hidden entry of its folder, which could then not be removed),
+and hands the descriptor to this module's closer thread: the folder is gone when the
 call returns, exactly as before (a listing, a reader, an error such as ``EBUSY`` see no
 difference), and only the blocks come back a little later. Bounded:
 
@@ -92,6 +93,9 @@ def _run() -> None:
                 _running = False
                 _idle.set()
                 return
+            # Taken off the list before the close: once closed, its number may be reused,
+            # and a child forked meanwhile must never close an unrelated descriptor (a
+            # child forked during this close keeps that one file until it exits).
             fd = _pending.pop(0)
         with contextlib.suppress(OSError):
             os.close(fd)  # the last reference: the kernel frees the blocks here

@@ -232,8 +232,9 @@ class Lending:
             if isinstance(v, dict):
                 mine = cur if isinstance(cur, dict) else {}
                 return {k: own(x, mine.get(k)) for k, x in v.items()}
-            if isinstance(v, (list, tuple)):
-                return type(v)(own(x, None) for x in v) if type(v) in (list, tuple) else v
+            if isinstance(v, (list, tuple)):  # the decoder makes plain ones only
+                items = [own(x, None) for x in v]
+                return items if isinstance(v, list) else tuple(items)
             return v
 
         return own(value, current)

@@ -18,7 +18,7 @@ import torch
 
 from ckptkit import distributed as distmod
 from ckptkit import run as runmod
-from ckptkit.asyncsave import AsyncSaver
+from ckptkit.asyncsave import SNAPSHOTS, AsyncSaver
 from ckptkit.atomic import CommitStrategy, get_strategy, without_manifest
 from ckptkit.errors import (
     CheckpointNotFoundError,
@@ -161,7 +161,11 @@ class CheckpointManager:
 
     ``async_save=True``: ``save()`` returns once a consistent snapshot of the state is
     taken and writes it in the background; it is committed by the next ``save``, or
-    ``wait()``/``close()`` (docs/RESUME.md, "Async save").
+    ``wait()``/``close()`` (docs/RESUME.md, "Async save"). ``async_snapshot``:
+    ``"deferred"`` (the default) copies what the state's optimizers own (their parameters
+    and state) after ``save()`` returns, before their next ``step()``, which waits for it;
+    ``"eager"`` copies every tensor inside ``save()`` (for a loop that writes parameters
+    in place outside ``step()`` through ``.data``).
     """
 
     def __init__(
@@ -190,9 +194,15 @@ class CheckpointManager:
         distributed: bool | None = None,
         distributed_timeout: float = distmod.DEFAULT_TIMEOUT,
         async_save: bool = False,
+        async_snapshot: str = "deferred",
     ) -> None:
         if mode not in ("min", "max"):
             raise ConfigError(f"mode must be 'min' or 'max', got {mode!r}")
+        if async_snapshot not in SNAPSHOTS:
+            raise ConfigError(
+                f"async_snapshot must be one of {', '.join(map(repr, SNAPSHOTS))}, "
+                f"got {async_snapshot!r}"
+            )
         self.url = url
         self.storage: Storage = open_storage(url)
         self.strategy = get_strategy(self.storage, commit)
@@ -257,7 +267,9 @@ class CheckpointManager:
         # A save still in flight at interpreter exit is finished there (asyncsave). A
         # distributed save is a collective that every rank joins: it stays synchronous.
         self._background = (
-            AsyncSaver(self) if async_save and self.writer and self._group is None else None
+            AsyncSaver(self, async_snapshot)
+            if async_save and self.writer and self._group is None
+            else None
         )
 
     def _open(self, break_lock: bool, run_name: str | None) -> str:
@@ -529,7 +541,7 @@ class CheckpointManager:
 
             folder = sharded.encode({k: collected.pop(k) for k in sharded_keys}, None)
         if self._background is not None and folder is None:
-            return self._background.submit(collected, manifest, existing, started)
+            return self._background.submit(collected, manifest, existing, started, full)
         info = self._write(collected, manifest, folder)
         self._finish(info, existing, started)
         return info
@@ -780,6 +792,8 @@ class CheckpointManager:
         has ``resumed=False``.
         """
         verify = self.verify if verify is None else verify
+        if self._background is not None:
+            self._background.settle()  # an async save may still be copying the state
         full = self._with_extra_state(state)
         group = self._group
         if group is not None:  # rank 0 reads and verifies; every rank gets what it read

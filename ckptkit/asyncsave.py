@@ -518,9 +518,12 @@ def _optimizers(objects: Mapping[str, Any]) -> Iterator[torch.optim.Optimizer]:
         seen: set[int] = set()
         while value is not None and id(value) not in seen:
             seen.add(id(value))
-            if isinstance(value, torch.optim.Optimizer):
-                if getattr(type(value).step, "hooked", False) and id(value) not in found:
-                    found.add(id(value))  # a scheduler names its optimizer too
+            # accelerate's wrapper is an Optimizer whose own step runs no hooks: unwrap it
+            if isinstance(value, torch.optim.Optimizer) and getattr(
+                type(value).step, "hooked", False
+            ):
+                if id(value) not in found:  # a scheduler names its optimizer too
+                    found.add(id(value))
                     yield value
                 break
             value = _wrapped(value)

@@ -268,9 +268,7 @@ class Wrapper:
         self.optimizer.load_state_dict(sd)
 
 
-def test_a_wrapped_optimizers_tensors_are_deferred_and_its_step_waits(
-    tmp_path, held: Held
-) -> None:
+def test_a_wrapped_optimizers_tensors_are_deferred_and_its_step_waits(tmp_path, held: Held) -> None:
     state = state_with_buffers()
     model, opt = state["model"], state["optimizer"]
     wrapped = {"model": model, "optimizer": Wrapper(opt)}
@@ -293,3 +291,51 @@ def test_a_wrapped_optimizers_tensors_are_deferred_and_its_step_waits(
     with CheckpointManager(url, readonly=True) as reader:
         reader.restore({"model": fresh["model"], "optimizer": Wrapper(fresh["optimizer"])})
     assert tensors_equal(copy_of(fresh)["model"], before["model"])
+
+
+def test_accelerates_optimizer_is_found_through_its_wrapper(tmp_path, held: Held) -> None:
+    accelerate = pytest.importorskip("accelerate")
+    state = state_with_buffers()
+    accelerator = accelerate.Accelerator(cpu=True)
+    model, opt = accelerator.prepare(state["model"], state["optimizer"])
+    assert not isinstance(opt, torch.optim.AdamW)  # the wrapper, as a loop holds it
+    before = copy_of(state)
+    url = f"deferred://{tmp_path}/async"
+    with CheckpointManager(url, run_name="r", async_save=True) as mgr:
+        mgr.save(1, {"model": model, "optimizer": opt})
+        assert held.started.wait(10)
+        loss = model(torch.randn(4, 4)).pow(2).mean()
+        accelerator.backward(loss)
+        stepper, errors = in_thread(opt.step)
+        stepper.join(0.5)
+        assert stepper.is_alive(), "accelerate's optimizer stepped before the copy"
+        held.release()
+        stepper.join(30)
+        assert not errors
+        mgr.wait()
+    fresh = state_with_buffers()
+    with CheckpointManager(url, readonly=True) as reader:  # AdamW into an AdamW's wrapper
+        reader.restore({"model": fresh["model"], "optimizer": fresh["optimizer"]}, force=True)
+    assert tensors_equal(copy_of(fresh)["model"], before["model"])
+
+
+def test_ctrl_c_while_a_step_waits_for_the_copy_interrupts_it_and_the_save_commits(
+    tmp_path, held: Held
+) -> None:
+    import _thread
+
+    state = state_with_buffers()
+    before = copy_of(state)
+    url = f"deferred://{tmp_path}/async"
+    with CheckpointManager(url, run_name="r", async_save=True) as mgr:
+        mgr.save(1, state)
+        assert held.started.wait(10)
+        timer = threading.Timer(0.3, _thread.interrupt_main)
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            train_steps(state, 1)  # waits in the step's pre-hook until interrupted
+        held.release()
+        mgr.wait()
+        assert [c.step for c in mgr.list()] == [1]
+    got = restored(url)
+    assert tensors_equal(copy_of(got)["model"], before["model"])

@@ -119,6 +119,7 @@ class _Tensors:
     def __init__(self, fname: str) -> None:
         self.fname = fname
         self.tensors: dict[str, torch.Tensor] = {}
+        self.nbytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> str:
         base, n = name or "tensor", 1
@@ -129,13 +130,18 @@ class _Tensors:
         return name
 
     def header(self) -> bytes:
+        """The safetensors header; sets ``nbytes``, the size of the data after it."""
         header: dict[str, Any] = {"__metadata__": {"format": FORMAT}}
         offset = 0
         for name, t in self.tensors.items():
             end = offset + t.numel() * t.element_size()
-            header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape)}
-            header[name]["data_offsets"] = [offset, end]
+            header[name] = {
+                "dtype": _DTYPES[t.dtype],
+                "shape": list(t.shape),
+                "data_offsets": [offset, end],
+            }
             offset = end
+        self.nbytes = offset
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # data starts 8-aligned, as safetensors writes it
         return struct.pack("<Q", len(text)) + text
@@ -148,9 +154,7 @@ class _Tensors:
             for t in self.tensors.values():
                 yield from tensor_chunks(t)
 
-        chunks.size = len(header) + sum(  # type: ignore[attr-defined]
-            t.numel() * t.element_size() for t in self.tensors.values()
-        )
+        chunks.size = len(header) + self.nbytes  # type: ignore[attr-defined]
         return chunks
 
 
@@ -203,17 +207,18 @@ class _Encoder:
         return tree
 
     def value(self, v: Any, path: str, where: str) -> Any:
-        # The two kinds a state is made of, first: its hundreds of tensors and dicts.
+        # The two kinds a state is made of, first: its hundreds of tensors and dicts (a
+        # save waits for this walk, so the common cases take no detour).
+        kind = type(v)
+        if kind is torch.Tensor or kind is torch.nn.Parameter:
+            return self.tensor(v, path, where)
+        if kind is dict:
+            return {"dict": [self._item(k, x, path, where) for k, x in v.items()]}
+        if kind is int or kind is str or v is None or kind is bool:
+            return v
         if isinstance(v, torch.Tensor):
             return self.tensor(v, path, where)
-        if type(v) is dict:
-            return {
-                "dict": [
-                    [self.value(k, "", f"a key of {where}"), self.value(x, _join(path, k), where)]
-                    for k, x in v.items()
-                ]
-            }
-        if v is None or isinstance(v, bool | str):
+        if isinstance(v, bool | str):
             return v
         if isinstance(v, int):
             return int(v)
@@ -223,8 +228,6 @@ class _Encoder:
             return self.value(v.item(), path, where)
         if isinstance(v, np.ndarray):
             return self.tensor(torch.from_numpy(np.ascontiguousarray(v)), path, where)
-        if isinstance(v, torch.Tensor):
-            return self.tensor(v, path, where)
         if isinstance(v, torch.dtype):
             return {"dtype": str(v).removeprefix("torch.")}
         if isinstance(v, torch.Size):
@@ -232,22 +235,24 @@ class _Encoder:
         if isinstance(v, bytes | bytearray):
             return {"bytes": base64.b64encode(bytes(v)).decode()}
         if isinstance(v, Mapping):
-            return {
-                "dict": [
-                    [self.value(k, "", f"a key of {where}"), self.value(x, _join(path, k), where)]
-                    for k, x in v.items()
-                ]
-            }
+            return {"dict": [self._item(k, x, path, where) for k, x in v.items()]}
         if isinstance(v, list | tuple):
-            items = [self.value(x, _join(path, i), where) for i, x in enumerate(v)]
+            if all(type(x) is int for x in v):  # a param group's "params": ids
+                items: list[Any] = list(v)
+            else:
+                items = [self.value(x, _join(path, i), where) for i, x in enumerate(v)]
             return items if isinstance(v, list) else {"tuple": items}
         raise ConfigError(
             f"{where} holds a {type(v).__name__}: give it state_dict()/load_state_dict(), "
             "or store plain values (numbers, strings, tensors, lists/dicts)"
         )
 
+    def _item(self, k: Any, x: Any, path: str, where: str) -> list[Any]:
+        key = k if type(k) is str or type(k) is int else self.value(k, "", f"a key of {where}")
+        return [key, self.value(x, f"{path}.{k}" if path else str(k), where)]
+
     def tensor(self, t: torch.Tensor, path: str, where: str) -> Any:
-        if t.layout != torch.strided or t.is_quantized or t.device.type == "meta":
+        if t.layout != torch.strided or t.is_quantized or t.is_meta:
             raise ConfigError(
                 f"{where} holds a {t.layout} {t.device.type} tensor: save dense tensors "
                 "(.to_dense(), .dequantize())"

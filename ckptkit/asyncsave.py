@@ -459,6 +459,19 @@ _IN_COPY_LOCK = threading.Lock()
 _HOOKED: weakref.WeakKeyDictionary[torch.optim.Optimizer, Any] = weakref.WeakKeyDictionary()
 
 
+def _no_copies_in_child() -> None:
+    # A forked child (a DataLoader worker) has no writer thread to take a copy it
+    # inherited as pending: an optimizer step there must not wait for it forever. The
+    # lock is new too: a parent thread may have held it at the fork.
+    global _IN_COPY_LOCK
+    _IN_COPY_LOCK = threading.Lock()
+    _IN_COPY.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_no_copies_in_child)
+
+
 class _DeferredCopy:
     def __init__(
         self,

@@ -8,6 +8,7 @@ against a sync save of the state as it was when ``save()`` returned.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -339,3 +340,22 @@ def test_ctrl_c_while_a_step_waits_for_the_copy_interrupts_it_and_the_save_commi
         assert [c.step for c in mgr.list()] == [1]
     got = restored(url)
     assert tensors_equal(copy_of(got)["model"], before["model"])
+
+
+def test_a_child_forked_during_the_copy_steps_without_waiting_for_it(tmp_path, held: Held) -> None:
+    from tests.oshelpers import in_fork
+
+    state = state_with_buffers()
+    url = f"deferred://{tmp_path}/async"
+    with CheckpointManager(url, run_name="r", async_save=True) as mgr:
+        mgr.save(1, state)
+        assert held.started.wait(10)
+
+        def child() -> int:
+            signal.alarm(30)  # a step that waits for the parent's copy: killed, not hung
+            train_steps(state, 1)  # its own copy of the state: nothing to wait for
+            return 0
+
+        assert in_fork(child) == 0
+        held.release()
+        mgr.wait()

@@ -63,10 +63,22 @@ import hashlib
 import os
 import re
 import stat
+import threading
 import uuid
 
 DEFAULT_ROOT = "/content/drive/MyDrive"
 _CHUNK = 4 << 20
+
+
+# A copy tells the upload thread that runs it that it moves, block by block: one that
+# does not move for CKPTKIT_DRIVE_TIMEOUT seconds hangs on the mount (_uploader).
+progress = threading.local()
+
+
+def _tick() -> None:
+    tick = getattr(progress, "tick", None)
+    if tick is not None:
+        tick()
 
 
 # -- the file copy: here, so that tests can make Drive fail (drive._copy_file = ...) --
@@ -88,6 +100,7 @@ def _copy_file(src: str, dst: str) -> str:
             while block := fin.read(_CHUNK):
                 h.update(block)
                 fout.write(block)
+                _tick()
             fout.flush()
             os.fsync(fout.fileno())
         os.replace(tmp, dst)  # replaces a link planted at dst, never its target
@@ -129,6 +142,7 @@ def _digest(path: str) -> tuple[int, str]:
         while block := f.read(_CHUNK):
             size += len(block)
             h.update(block)
+            _tick()
     return size, h.hexdigest()
 
 

@@ -13,6 +13,7 @@ from typing import TypeVar
 
 from ckptkit.errors import StorageError
 from ckptkit.storage import drive as _package  # the seams: _copy_file, _digest
+from ckptkit.storage.drive._answer import HUNG, Answering, MountHung, answering_for
 from ckptkit.storage.local import LocalStorage
 
 T = TypeVar("T")
@@ -60,7 +61,15 @@ class Mount:
 
     def __init__(self, root: str, run_staging: str) -> None:
         self.root = root
-        self.mount_point = mount_point_of(root)  # while the root is there, as when opened
+        # Every check of this root from the loop's threads is bounded (a hung mount
+        # blocks a stat forever): one Answering per root and process.
+        self.answering: Answering = answering_for(root)
+        # While the root is there, as when opened. A root that does not answer has none
+        # known: problem() says it hangs (its call is still stuck) until it answers.
+        try:
+            self.mount_point = self.answering.call(lambda: mount_point_of(root))
+        except MountHung:
+            self.mount_point = None
         self.marker = os.path.join(root, MARKER)
         self.run_staging = run_staging
         # The token seen in this root, kept next to the runs' staging folders: one record
@@ -90,6 +99,12 @@ class Mount:
     def known_problem(self) -> str | None:
         """Why the root is not the one the staging folder recorded (a read: readers ask
         too), or None; also None when the staging has no record of this root yet."""
+        try:
+            return self.answering.call(self._known_problem)
+        except MountHung as exc:
+            return str(exc)
+
+    def _known_problem(self) -> str | None:
         if problem := mount_problem(self.root, self.mount_point):
             return problem
         recorded = self._recorded()
@@ -130,7 +145,14 @@ class Mount:
             os.replace(tmp, self.record)
 
     def problem(self) -> str | None:
-        """Why the root is not the live mount now (after :meth:`establish`), or None."""
+        """Why the root is not the live mount now (after :meth:`establish`), or None;
+        also when it does not answer within the limit (``_answer``)."""
+        try:
+            return self.answering.call(self._problem)
+        except MountHung as exc:
+            return str(exc)
+
+    def _problem(self) -> str | None:
         if problem := mount_problem(self.root, self.mount_point):
             return problem
         with contextlib.suppress(OSError):
@@ -144,7 +166,13 @@ class Mount:
         return None
 
     def lost(self, url: str, why: BaseException | str) -> StorageError:
-        """The one-line error for a root that is not the live mount."""
+        """The one-line error for a root that is not the live mount (or hangs)."""
+        if isinstance(why, MountHung) or str(why).startswith(HUNG):
+            return StorageError(
+                f"{url}: Google Drive at {self.root} does not answer ({why}): remount it "
+                f"(in Colab: drive.mount('/content/drive', force_remount=True), or restart "
+                f"the runtime), then rerun: the staged uploads in {self.run_staging} replay"
+            )
         return StorageError(
             f"{url}: Google Drive is not mounted at {self.root} any more ({why}): remount "
             f"it (in Colab: drive.mount('/content/drive')), then rerun: the staged uploads "

@@ -9,10 +9,13 @@ import os
 import random
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
 from ckptkit.errors import StorageError
+from ckptkit.storage import drive as _package  # the progress of a copy: _package.progress
+from ckptkit.storage.drive._answer import hung_message, limit
 from ckptkit.storage.drive._journal import Op, Session, replay
 from ckptkit.storage.drive._mount import DriveFolder, Mount, MountLost
 
@@ -48,6 +51,9 @@ class Uploader:
         self._cond = threading.Condition()
         self._error: StorageError | None = None
         self._busy = False  # the worker holds an operation (until its staging is cleaned)
+        # When the worker last moved: took an operation, or copied / read back a block of
+        # one. A worker that does not move for limit() seconds hangs on the mount.
+        self._moved = time.monotonic()
         self._stopping = False
         self._seq = 0
         self.refs = 0
@@ -141,7 +147,11 @@ class Uploader:
             return list(self._queue)
 
     # -- the worker ---------------------------------------------------------------
+    def _moving(self) -> None:
+        self._moved = time.monotonic()
+
     def _run(self) -> None:
+        _package.progress.tick = self._moving  # this thread's copies report each block
         while True:
             with self._cond:
                 while not self._stopping and (not self._queue or self._error is not None):
@@ -150,6 +160,7 @@ class Uploader:
                     break
                 op = self._queue[0]
                 self._busy = True
+                self._moved = time.monotonic()
             failure = self._attempt(op)
             if failure is not None:
                 with self._cond:
@@ -233,6 +244,9 @@ class Uploader:
                     raise self._error
                 if not self._thread.is_alive():
                     raise StorageError(f"{self.url}: the Drive upload thread has stopped")
+                still = time.monotonic() - self._moved
+                if self._busy and still >= limit():  # stuck in a call on a hung mount
+                    raise self.lost(hung_message(still))
             self.check_mount()  # outside the lock: a slow mount must not stall the worker
             with self._cond:
                 if (self._queue or self._busy) and self._error is None and not until():
@@ -257,7 +271,7 @@ class Uploader:
                 self._cond.notify_all()
             # A worker stuck in a system call on a dead mount is left behind (a daemon
             # thread); its staged files stay for the next writer.
-            self._thread.join(timeout=None if self._error is None else 60)
+            self._thread.join(timeout=None if self._error is None else min(60.0, limit()))
 
 
 # -- one uploader per run and process ---------------------------------------------

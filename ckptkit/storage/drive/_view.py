@@ -15,6 +15,7 @@ from ckptkit.storage import confined
 from ckptkit.storage import drive as _package  # the seam: DEFAULT_ROOT
 from ckptkit.storage.base import Storage, join_key
 from ckptkit.storage.confined import Member
+from ckptkit.storage.drive._answer import MountHung
 from ckptkit.storage.drive._journal import Op
 from ckptkit.storage.drive._mount import (
     DriveFolder,
@@ -49,7 +50,14 @@ class _Run:
     the first write started it (reads alone never start one)."""
 
     def __init__(
-        self, url: str, root: str, target: str, run_staging: str, attempts: int, backoff: float
+        self,
+        url: str,
+        root: str,
+        target: str,
+        run_staging: str,
+        attempts: int,
+        backoff: float,
+        mount: Mount,
     ) -> None:
         self.url = url
         self.root = root
@@ -57,10 +65,18 @@ class _Run:
         self.run_staging = run_staging
         self.attempts = attempts
         self.backoff = backoff
-        self.files = LocalStorage(target)  # reads from Drive
+        self.files = LocalStorage(target)  # reads from Drive: through on_drive() only
+        self.mount = mount  # reads check nothing on it: they only need its bound on calls
         self.up: Uploader | None = None  # this storage's reference to the queue
         self.closed = False
         self._mutex = threading.Lock()
+
+    def on_drive(self, fn: Callable[[], T]) -> T:
+        """``fn()``, a read of the mount, given up when the mount does not answer."""
+        try:
+            return self.mount.answering.call(fn)
+        except MountHung as exc:
+            raise self.mount.lost(self.url, exc) from None
 
     def writer(self) -> Uploader:
         """The run's queue, started (and dead sessions adopted) on the first write."""
@@ -127,21 +143,25 @@ class DriveStorage:
                 f"{url}: give a folder inside your Drive, e.g. drive://Folder/runs/exp1"
             )
         root = os.path.abspath(os.environ.get(ROOT_ENV) or _package.DEFAULT_ROOT)
-        if mount_problem(root, mount_point_of(root)) is not None:
-            raise StorageError(
-                f"Google Drive is not mounted at {root}: in Colab run `from google.colab import "
-                f"drive; drive.mount('/content/drive')` (or set {ROOT_ENV})"
-            )
         target = os.path.join(root, *rel.split("/"))
         staging_root = staging or os.environ.get(STAGING_ENV) or default_staging()
         run_staging = os.path.join(staging_root, _slug(rel, target))
         self.url = url.rstrip("/")
+        mount = Mount(root, run_staging)
+        try:
+            unmounted = mount.answering.call(lambda: mount_problem(root, mount_point_of(root)))
+        except MountHung as exc:
+            raise mount.lost(self.url, exc) from None
+        if unmounted is not None:
+            raise StorageError(
+                f"Google Drive is not mounted at {root}: in Colab run `from google.colab import "
+                f"drive; drive.mount('/content/drive')` (or set {ROOT_ENV})"
+            )
         # An empty folder left by an unmount, where this machine's staging knows the
         # run: say so (readers too) rather than show an empty run.
-        mount = Mount(root, run_staging)
         if why := mount.known_problem():
             raise mount.lost(self.url, why)
-        self._run = _Run(self.url, root, target, run_staging, attempts, backoff)
+        self._run = _Run(self.url, root, target, run_staging, attempts, backoff, mount)
         self._prefix = ""
         self._owner = True
         self._closed = False
@@ -211,13 +231,30 @@ class DriveStorage:
 
         def on_drive(full: str) -> Member:
             # LocalStorage's opener: no link followed, a failing mount (EIO...) is one line.
-            return self._run.files.open_member(full, size=size, max_size=max_size)
+            return self._run.on_drive(
+                lambda: self._run.files.open_member(full, size=size, max_size=max_size)
+            )
 
         return self._local(key, staged, on_drive)
 
     def read_bytes(self, key: str) -> bytes:
-        with self.open_member(key) as member:
-            return member.read()
+        """The whole file; read from the mount in one bounded call (a manifest, the run
+        lock: a hang there must not stop the loop)."""
+        url = self.url_of(key)
+        confined.key_parts(key, url)
+
+        def staged(path: str) -> bytes:
+            with confined.open_local(path, "", url=url) as member:
+                return member.read()
+
+        def on_drive(full: str) -> bytes:
+            def read() -> bytes:
+                with self._run.files.open_member(full) as member:
+                    return member.read()
+
+            return self._run.on_drive(read)
+
+        return self._local(key, staged, on_drive)
 
     def size(self, key: str) -> int:
         with self.open_member(key) as member:
@@ -225,7 +262,11 @@ class DriveStorage:
 
     def mtime(self, key: str) -> float | None:
         try:
-            return self._local(key, os.path.getmtime, self._run.files.mtime)
+            return self._local(
+                key,
+                os.path.getmtime,
+                lambda full: self._run.on_drive(lambda: self._run.files.mtime(full)),
+            )
         except FileNotFoundError:
             return None
 
@@ -245,12 +286,16 @@ class DriveStorage:
     def exists(self, key: str) -> bool:
         full = self._k(key)
         state = self._queued_presence(full, dirs_only=False)
-        return self._run.files.exists(full) if state is None else state
+        if state is None:
+            return self._run.on_drive(lambda: self._run.files.exists(full))
+        return state
 
     def isdir(self, key: str) -> bool:
         full = self._k(key)
         state = self._queued_presence(full, dirs_only=True)
-        return self._run.files.isdir(full) if state is None else state
+        if state is None:
+            return self._run.on_drive(lambda: self._run.files.isdir(full))
+        return state
 
     def listdir(self, key: str = "") -> list[str]:
         full = self._k(key)
@@ -258,7 +303,8 @@ class DriveStorage:
         # both on Drive and in the snapshot (never in neither, which would show a file
         # that was just deleted, or hide one that was just uploaded).
         pending = self._run.pending()
-        names = {n for n in self._run.files.listdir(full) if not _package.PARTIAL.match(n)}
+        listed = self._run.on_drive(lambda: self._run.files.listdir(full))
+        names = {n for n in listed if not _package.PARTIAL.match(n)}
         prefix = full + "/" if full else ""
         for op in pending:
             if op.kind == "delete" and covers(op.key, full):
@@ -280,12 +326,14 @@ class DriveStorage:
         up.wait(until=lambda: not up.touches(full))
         try:
             return retry_call(
-                lambda: fn(up.drive),
+                lambda: up.mount.answering.call(lambda: fn(up.drive)),
                 attempts=up.attempts,
                 backoff=up.backoff,
-                transient=lambda exc: isinstance(exc, OSError) and not isinstance(exc, MountLost),
+                transient=lambda exc: (
+                    isinstance(exc, OSError) and not isinstance(exc, MountLost | MountHung)
+                ),
             )
-        except MountLost as exc:
+        except (MountLost, MountHung) as exc:
             raise up.lost(exc) from None
         except StorageError:
             raise

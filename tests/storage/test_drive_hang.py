@@ -1,0 +1,112 @@
+"""Drive: a mount that stops answering. When Colab's FUSE daemon hangs, every system call
+on the mount blocks in the kernel. These tests put a real FUSE mount that never answers
+(``tests/oshelpers.hung_fuse``) over the Drive root in the middle of a run, then check:
+``save()``, ``wait()`` and ``close()`` raise a one-line StorageError saying Drive does
+not answer within ``CKPTKIT_DRIVE_TIMEOUT`` (plus a little), nothing committed is lost,
+and once the mount answers again the run resumes, the staged uploads replayed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptkit import CheckpointManager, StorageError
+from ckptkit.hooks.manager import reset_plugin_manager
+from ckptkit.storage import drive as drive_mod
+from ckptkit.storage.drive._answer import TIMEOUT_ENV
+from tests.oshelpers import hung_fuse
+
+URL = "drive://T-L/runs/etth1"
+LIMIT = 2.0  # CKPTKIT_DRIVE_TIMEOUT in these tests
+BOUND = 25.0  # what a call may take at most, the limit and retries included
+HUNG = r"does not answer \(it has not answered for \d+ s: a hung FUSE connection\).*remount"
+
+
+@pytest.fixture(autouse=True)
+def short_limit(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv(TIMEOUT_ENV, str(LIMIT))
+    reset_plugin_manager()
+    yield
+    reset_plugin_manager()
+
+
+def _state(value: float) -> dict:
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.fill_(value)
+    return {"model": model}
+
+
+def _bounded(fn, *args):  # type: ignore[no-untyped-def]
+    """Run ``fn``; return (its error or None, seconds it took)."""
+    started = time.monotonic()
+    try:
+        fn(*args)
+    except StorageError as exc:
+        return exc, time.monotonic() - started
+    return None, time.monotonic() - started
+
+
+def _resume(expected_step: int) -> None:
+    fresh = _state(0.0)
+    with CheckpointManager(URL, keep_last=None) as mgr:
+        assert mgr.restore(fresh) == expected_step
+    assert torch.equal(fresh["model"].weight, torch.full((2, 3), float(expected_step)))
+
+
+@pytest.mark.timeout(180)
+def test_save_on_a_drive_that_stops_answering_fails_in_bounded_time(drive_root: Path) -> None:
+    mgr = CheckpointManager(URL, keep_last=None)
+    mgr.save(1, _state(1.0))
+    mgr.wait()
+    with hung_fuse(drive_root):
+        error, took = _bounded(mgr.save, 2, _state(2.0))
+        assert error is not None and took < BOUND, f"save() took {took:.1f} s"
+        assert "\n" not in str(error)
+        assert re.search(HUNG, str(error)), str(error)
+        error, took = _bounded(mgr.wait)  # nothing was queued: nothing to wait for
+        assert took < BOUND, f"wait() took {took:.1f} s"
+        error, took = _bounded(mgr.close)
+        assert took < BOUND, f"close() took {took:.1f} s"
+    _resume(1)  # the mount answers again: nothing committed was lost
+
+
+@pytest.mark.timeout(180)
+def test_an_upload_stuck_on_a_hung_mount_is_reported_and_replays_later(
+    drive_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entered, go = threading.Event(), threading.Event()
+    real = drive_mod._copy_file
+    armed: list[bool] = []
+
+    def copy(src: str, dst: str) -> str:
+        if armed:
+            entered.set()
+            assert go.wait(60)
+        return real(src, dst)  # into the hung mount: blocks in the kernel
+
+    monkeypatch.setattr(drive_mod, "_copy_file", copy)
+    mgr = CheckpointManager(URL, keep_last=None)
+    mgr.save(1, _state(1.0))
+    mgr.wait()
+    armed.append(True)
+    mgr.save(2, _state(2.0))  # staged; its upload starts and waits for the hang
+    assert entered.wait(30)
+    with hung_fuse(drive_root):
+        go.set()
+        error, took = _bounded(mgr.wait)
+        assert error is not None and took < BOUND, f"wait() took {took:.1f} s"
+        assert re.search(HUNG, str(error)), str(error)
+        armed.clear()
+    # Answering again: the stuck copy failed (EIO) and is retried, or left staged.
+    with contextlib.suppress(StorageError):
+        mgr.close()
+    _resume(2)

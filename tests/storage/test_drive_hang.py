@@ -110,3 +110,25 @@ def test_an_upload_stuck_on_a_hung_mount_is_reported_and_replays_later(
     with contextlib.suppress(StorageError):
         mgr.close()
     _resume(2)
+
+
+@pytest.mark.timeout(180)
+def test_readers_of_a_hung_drive_get_a_one_line_error_and_exit_7(drive_root: Path) -> None:
+    from click.testing import CliRunner
+
+    import ckptkit
+    from ckptkit.cli import _register_commands, cli
+
+    with CheckpointManager(URL) as mgr:
+        mgr.save(1, _state(1.0))
+    _register_commands()
+    with hung_fuse(drive_root):
+        error, took = _bounded(ckptkit.load, URL)
+        assert error is not None and re.search(HUNG, str(error)) and took < BOUND, took
+        started = time.monotonic()
+        result = CliRunner().invoke(cli, ["ls", URL])
+        assert time.monotonic() - started < BOUND
+        assert result.exit_code == 7, result.output
+        assert re.search(HUNG, result.stderr) and result.stderr.count("\n") == 1, result.stderr
+        assert "Traceback" not in result.output
+    _resume(1)

@@ -61,8 +61,10 @@ class Answering:
     def stuck_for(self) -> float | None:
         """Seconds the oldest unanswered call has waited, or None when none is stuck."""
         with self._lock:
-            if self._stuck is not None and not self._stuck.is_alive():
-                self._stuck = None  # it answered after all: the mount is back
+            if self._stuck is not None:
+                self._stuck.join(0.2)  # a mount that answers again ends it at once
+                if not self._stuck.is_alive():
+                    self._stuck = None  # it answered after all: the mount is back
             if self._stuck is None:
                 return None
             return time.monotonic() - self._stuck_since

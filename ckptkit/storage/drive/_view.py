@@ -49,20 +49,11 @@ class _Run:
     """What a DriveStorage and its children share: where the run is, and its queue once
     the first write started it (reads alone never start one)."""
 
-    def __init__(
-        self,
-        url: str,
-        root: str,
-        target: str,
-        run_staging: str,
-        attempts: int,
-        backoff: float,
-        mount: Mount,
-    ) -> None:
+    def __init__(self, url: str, mount: Mount, target: str, attempts: int, backoff: float) -> None:
         self.url = url
-        self.root = root
+        self.root = mount.root
         self.target = target
-        self.run_staging = run_staging
+        self.run_staging = mount.run_staging
         self.attempts = attempts
         self.backoff = backoff
         self.files = LocalStorage(target)  # reads from Drive: through on_drive() only
@@ -161,7 +152,7 @@ class DriveStorage:
         # run: say so (readers too) rather than show an empty run.
         if why := mount.known_problem():
             raise mount.lost(self.url, why)
-        self._run = _Run(self.url, root, target, run_staging, attempts, backoff, mount)
+        self._run = _Run(self.url, mount, target, attempts, backoff)
         self._prefix = ""
         self._owner = True
         self._closed = False

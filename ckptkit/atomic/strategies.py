@@ -10,7 +10,7 @@ from typing import NoReturn, Protocol
 
 from ckptkit.errors import ConfigError, StorageError
 from ckptkit.manifest import MANIFEST, FileEntry, file_hasher, parse_name
-from ckptkit.storage.base import Storage, join_key, write_stream
+from ckptkit.storage.base import Storage, WriteLost, join_key, write_stream
 from ckptkit.storage.local import storage_error
 
 TMP_PREFIX = ".tmp-"
@@ -124,9 +124,22 @@ def without_manifest(storage: Storage, names: list[str]) -> list[str]:
     return [n for n in steps if join_key(n, MANIFEST) not in keys]
 
 
+# Times a file is written again from its first byte when the store lost the write in
+# progress (WriteLost: a GCS upload session gone after its server restarted).
+REWRITES = 2
+
+
 def put(storage: Storage, key: str, payload: Payload) -> FileEntry:
     """Write one file, hashing each chunk as it goes by: the one place a checkpoint
-    file's size and hash are computed."""
+    file's size and hash are computed. A write the store lost midway is made again from
+    the payload (a callable gives its chunks anew), up to ``REWRITES`` times."""
+    for _ in range(REWRITES):
+        with contextlib.suppress(WriteLost):
+            return _put_once(storage, key, payload)
+    return _put_once(storage, key, payload)  # the last try: its WriteLost is raised
+
+
+def _put_once(storage: Storage, key: str, payload: Payload) -> FileEntry:
     hasher, size = file_hasher(), 0
 
     def hashed() -> Iterable[memoryview]:

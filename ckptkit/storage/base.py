@@ -10,8 +10,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from ckptkit.errors import StorageError
+
 if TYPE_CHECKING:
     from ckptkit.storage.confined import Member
+
+
+class WriteLost(StorageError):
+    """The store forgot a write in progress (a GCS resumable upload session expired, or
+    its server restarted and lost it: 404 on a part). Nothing of it became visible; the
+    object can only be written again from its first byte, which the caller may do once
+    more (``atomic.strategies.put`` does, from its payload)."""
 
 
 @runtime_checkable

@@ -42,7 +42,7 @@ from urllib.parse import parse_qsl
 
 from ckptkit.errors import CkptError, MissingDependencyError, StorageError, install_hint
 from ckptkit.storage import confined
-from ckptkit.storage.base import Storage, join_key
+from ckptkit.storage.base import Storage, WriteLost, join_key
 from ckptkit.storage.confined import Member
 from ckptkit.storage.deadlines import Clock, Health, Pace, Timeouts, next_part, until_stalled
 from ckptkit.storage.registry import scheme_of
@@ -757,19 +757,27 @@ class FsspecStorage:
                     "(it changed while being written); write it again"
                 )
             started = time.monotonic()
-            result = self._call(
-                key,
-                _put_part,
-                self._fs,
-                location,
-                views,
-                offset,
-                total,
-                clock,
-                write=True,
-                clock=clock,
-                watched=True,
-            )
+            try:
+                result = self._call(
+                    key,
+                    _put_part,
+                    self._fs,
+                    location,
+                    views,
+                    offset,
+                    total,
+                    clock,
+                    write=True,
+                    clock=clock,
+                    watched=True,
+                )
+            except FileNotFoundError as exc:  # the session, not the object (404)
+                if self._bucket_missing():
+                    raise self._missing_bucket_error() from None
+                raise WriteLost(
+                    f"{self.url_of(key)}: the store lost the upload after {offset} bytes "
+                    "(its session expired, or the server restarted); write it again"
+                ) from exc
             seconds = time.monotonic() - started
             clock.progress()
             self._pace.observe(n, seconds)

@@ -317,3 +317,35 @@ def test_save_interrupted_mid_upload_raises_and_is_never_committed(
     assert [(r["step"], r["status"]) for r in rows if r["status"] == "complete"] == [
         (1, "complete")
     ]
+
+
+def test_an_upload_the_restarted_server_lost_is_written_again_and_committed(
+    emulator: Emulator, proxy: FaultProxy
+) -> None:
+    """The emulator dies mid-upload and comes back at once without the upload session
+    (a restart that lost it, as one soak trial's did, or a GCS session that expired:
+    404 on the next part): the file is written again from its first byte, the save
+    succeeds, and the checkpoint restores bit for bit."""
+    url = f"gs://{BUCKET}/runs/exp1"
+    mgr = CheckpointManager(url, keep_last=None)
+    mgr.save(1, _state(1.0))
+    assert emulator.data_dir is not None
+    meta = Path(emulator.data_dir) / ".cloudstorage" / ".meta"
+
+    def bounce() -> None:
+        emulator.kill()
+        state = json.loads(meta.read_text())
+        assert state["resumable"], "no upload session in flight"
+        state["resumable"] = {}  # the sessions the server forgot
+        meta.write_text(json.dumps(state))
+        emulator.start()
+
+    fault = _fault_after(proxy, 1 << 20, bounce)  # a quarter into the 4 MiB model
+    mgr.save(2, _state(2.0))
+    fault.join(60)
+    mgr.close()
+    with CheckpointManager(url, readonly=True) as ro:
+        assert [c.step for c in ro.list()] == [1, 2]
+        target = _state(0.0)
+        assert ro.restore(target) == 2
+        assert torch.equal(target["model"].weight, torch.full((1024, 1024), 2.0))

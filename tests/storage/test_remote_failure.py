@@ -320,12 +320,16 @@ def test_save_interrupted_mid_upload_raises_and_is_never_committed(
 
 
 def test_an_upload_the_restarted_server_lost_is_written_again_and_committed(
-    emulator: Emulator, proxy: FaultProxy
+    emulator: Emulator, proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The emulator dies mid-upload and comes back at once without the upload session
     (a restart that lost it, as one soak trial's did, or a GCS session that expired:
     404 on the next part): the file is written again from its first byte, the save
     succeeds, and the checkpoint restores bit for bit."""
+    # Limits that outlast a restart of the emulator on a loaded machine (a new Python
+    # process: seconds), unlike the short ones of the dead-endpoint tests.
+    monkeypatch.setenv("CKPTKIT_REMOTE_TIMEOUT", "60")
+    monkeypatch.setenv("CKPTKIT_REMOTE_WRITE_TIMEOUT", "60")
     url = f"gs://{BUCKET}/runs/exp1"
     mgr = CheckpointManager(url, keep_last=None)
     mgr.save(1, _state(1.0))

@@ -96,13 +96,17 @@ class Mount:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
+    def _answered(self, check: Callable[[], str | None]) -> str | None:
+        """``check()`` on the mount, bounded: a mount that does not answer is a problem."""
+        try:
+            return self.answering.call(check)
+        except MountHung as exc:
+            return str(exc)
+
     def known_problem(self) -> str | None:
         """Why the root is not the one the staging folder recorded (a read: readers ask
         too), or None; also None when the staging has no record of this root yet."""
-        try:
-            return self.answering.call(self._known_problem)
-        except MountHung as exc:
-            return str(exc)
+        return self._answered(self._known_problem)
 
     def _known_problem(self) -> str | None:
         if problem := mount_problem(self.root, self.mount_point):
@@ -120,9 +124,15 @@ class Mount:
     def establish(self) -> None:
         """Learn the marker's token, creating the marker when neither the root nor this
         staging folder has seen one (raise :class:`MountLost` when it is not the root
-        the staging knows). Only a writer calls this."""
+        the staging knows, or does not answer). Only a writer calls this."""
         if problem := self.known_problem():
             raise MountLost(problem)
+        try:
+            self.answering.call(self._establish)
+        except MountHung as exc:
+            raise MountLost(str(exc)) from None
+
+    def _establish(self) -> None:
         recorded = self._recorded()
         found = self._read_marker()
         if found is None:
@@ -147,10 +157,7 @@ class Mount:
     def problem(self) -> str | None:
         """Why the root is not the live mount now (after :meth:`establish`), or None;
         also when it does not answer within the limit (``_answer``)."""
-        try:
-            return self.answering.call(self._problem)
-        except MountHung as exc:
-            return str(exc)
+        return self._answered(self._problem)
 
     def _problem(self) -> str | None:
         if problem := mount_problem(self.root, self.mount_point):

@@ -258,7 +258,7 @@ class _ThreadWrite(_Job):
         def write() -> None:
             t0 = time.monotonic()
             try:
-                snapshot.complete()  # the deferred copy first: the loop's next step waits
+                snapshot.deferred.run()  # first: the loop's next step waits for it
                 info = mgr._write(snapshot.tree(), manifest, name=name)
                 self._out = (info, time.monotonic() - t0)
             except BaseException as exc:  # noqa: BLE001 - raised by result()
@@ -270,11 +270,11 @@ class _ThreadWrite(_Job):
         # then for the GIL back, which a save blocks for (up to 10 ms on a busy
         # machine). Python does not join such a thread at exit: _finish_at_exit does,
         # at the same point (the save stays in _IN_FLIGHT until collected).
-        snapshot.arm()
+        snapshot.deferred.arm()
         try:
             _thread.start_new_thread(write, ())
         except BaseException:
-            snapshot.disarm()
+            snapshot.deferred.disarm()
             raise
 
     def done(self) -> bool:
@@ -284,7 +284,7 @@ class _ThreadWrite(_Job):
         return self._done.is_set()
 
     def settle(self) -> None:
-        self._snapshot.settle()
+        self._snapshot.deferred.wait()
 
     def result(self) -> tuple[CheckpointInfo, float]:
         while not self._done.wait(0.2):  # woken often: see _ForkedWrite.result
@@ -393,7 +393,7 @@ class _Snapshot:
     """A copied state, as the thread writer gets it: the containers and odd values
     copied, the plain tensors still the live ones (they are replaced by views of their
     copies in ``tree()``, which the writer calls). ``deferred``: the part of the copy
-    still to take (``complete``), before the loop's next optimizer step."""
+    still to take (its ``run``), before the loop's next optimizer step."""
 
     def __init__(
         self,
@@ -403,24 +403,7 @@ class _Snapshot:
         deferred: _DeferredCopy | None = None,
     ) -> None:
         self._partial, self._tensors, self._copies = partial, tensors, copies
-        self._deferred = deferred
-
-    def arm(self) -> None:
-        if self._deferred is not None:
-            self._deferred.arm()
-
-    def disarm(self) -> None:
-        if self._deferred is not None:
-            self._deferred.disarm()
-
-    def complete(self) -> None:
-        """Take the deferred copy (the writer, first); raises if the state changed."""
-        if self._deferred is not None:
-            self._deferred.run()
-
-    def settle(self) -> None:
-        if self._deferred is not None:
-            self._deferred.wait()
+        self.deferred = deferred or _DeferredCopy([], 0, [])  # nothing deferred: taken
 
     def tree(self) -> dict[str, Any]:
         views: dict[int, Any] = {}
@@ -481,10 +464,14 @@ class _DeferredCopy:
     ) -> None:
         self._pieces, self._nbytes, self._versions = pieces, nbytes, versions
         self._taken = threading.Event()
+        if not pieces:  # nothing to copy: taken already, and no step ever waits for it
+            self._taken.set()
 
     def arm(self) -> None:
         """From now on every optimizer step waits for this copy: called once nothing
         can fail before the writer that takes it runs."""
+        if not self._pieces:
+            return
         with _IN_COPY_LOCK:
             _IN_COPY.add(self)
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import _thread
 import atexit
+import bisect
 import contextlib
 import copy
 import ctypes
@@ -258,8 +259,10 @@ class _ThreadWrite(_Job):
         def write() -> None:
             t0 = time.monotonic()
             try:
-                snapshot.deferred.run()  # first: the loop's next step waits for it
-                info = mgr._write(snapshot.tree(), manifest, name=name)
+                deferred = snapshot.deferred
+                deferred.run()  # first (unless rolling): the loop's next step waits for it
+                watch = deferred if deferred.rolling else None
+                info = mgr._write(snapshot.tree(), manifest, name=name, watch=watch)
                 self._out = (info, time.monotonic() - t0)
             except BaseException as exc:  # noqa: BLE001 - raised by result()
                 self._error = exc
@@ -270,6 +273,9 @@ class _ThreadWrite(_Job):
         # then for the GIL back, which a save blocks for (up to 10 ms on a busy
         # machine). Python does not join such a thread at exit: _finish_at_exit does,
         # at the same point (the save stays in _IN_FLIGHT until collected).
+        # Rolling (copy each storage as it is streamed, free it once written) where the
+        # storage is done with each chunk before the next one: see _DeferredCopy.
+        snapshot.deferred.rolling = bool(getattr(mgr.storage, "releases_chunks", False))
         snapshot.deferred.arm()
         try:
             _thread.start_new_thread(write, ())
@@ -284,7 +290,7 @@ class _ThreadWrite(_Job):
         return self._done.is_set()
 
     def settle(self) -> None:
-        self._snapshot.deferred.wait()
+        self._snapshot.deferred.hurry()
 
     def result(self) -> tuple[CheckpointInfo, float]:
         while not self._done.wait(0.2):  # woken often: see _ForkedWrite.result
@@ -403,7 +409,7 @@ class _Snapshot:
         deferred: _DeferredCopy | None = None,
     ) -> None:
         self._partial, self._tensors, self._copies = partial, tensors, copies
-        self.deferred = deferred or _DeferredCopy([], 0, [])  # nothing deferred: taken
+        self.deferred = deferred or _DeferredCopy([])  # nothing deferred: taken
 
     def tree(self) -> dict[str, Any]:
         views: dict[int, Any] = {}
@@ -455,22 +461,56 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_no_copies_in_child)
 
 
-class _DeferredCopy:
+class _Range:
+    """One deferred storage: where its copy goes in the flat buffer (``start``..``end``,
+    addresses), its pieces, the version of each tensor over it when save() ran, and how
+    many file entries still have to stream it (``refs``) before its copy may be freed."""
+
+    __slots__ = ("start", "end", "pieces", "versions", "refs", "copied")
+
     def __init__(
-        self,
-        pieces: list[tuple[int, int, int]],
-        nbytes: int,
-        versions: list[tuple[torch.Tensor, int]],
+        self, start: int, end: int, pieces: list[tuple[int, int, int]], versions: list[Any]
     ) -> None:
-        self._pieces, self._nbytes, self._versions = pieces, nbytes, versions
+        self.start, self.end, self.pieces, self.versions = start, end, pieces, versions
+        self.refs = 0
+        self.copied = False
+
+
+class _DeferredCopy:
+    """The part of a snapshot copied after save() returned: what optimizers own.
+
+    Two ways to take it. Whole (``rolling`` off): the writer copies every range first
+    thing, then writes the copy. Rolling (a storage that ``releases_chunks``: local
+    disks): the writer copies each storage just before it streams it and frees that copy
+    once every file entry over it is written (``madvise(MADV_DONTNEED)``), so a save that
+    ends before the loop's next step holds only what is in flight, not a copy of the
+    state. Either way the next optimizer step (``_before_step``) or a restore takes what
+    is left at once, in its own thread (``take_rest``): the live tensors are never read
+    after that. Each storage's versions are compared right after its copy, so a change
+    made outside step() before then fails the save (raised before its manifest)."""
+
+    def __init__(
+        self, ranges: list[_Range], region: mmap.mmap | None = None, base: int = 0
+    ) -> None:
+        self._ranges = ranges  # in address order (the flat buffer's layout)
+        self._starts = [r.start for r in ranges]
+        self._left = len(ranges)
+        self._region, self._base = region, base
+        self._lock = threading.Lock()
+        self._changed = 0
+        self.rolling = False
         self._taken = threading.Event()
-        if not pieces:  # nothing to copy: taken already, and no step ever waits for it
+        if not ranges:  # nothing to copy: taken already, and no step ever waits for it
             self._taken.set()
 
+    @property
+    def empty(self) -> bool:
+        return not self._ranges
+
     def arm(self) -> None:
-        """From now on every optimizer step waits for this copy: called once nothing
-        can fail before the writer that takes it runs."""
-        if not self._pieces:
+        """From now on every optimizer step takes (or waits for) this copy first: called
+        once nothing can fail before the writer that takes it runs."""
+        if not self._ranges:
             return
         with _IN_COPY_LOCK:
             _IN_COPY.add(self)
@@ -481,23 +521,90 @@ class _DeferredCopy:
         self._taken.set()
 
     def run(self) -> None:
+        """The writer's first call: takes the whole copy unless ``rolling``; raises (for
+        that save) if a tensor changed before its copy."""
+        if self.rolling:
+            return
         try:
-            _copy_pieces(self._pieces, self._nbytes)
-            changed = sum(1 for t, version in self._versions if t._version != version)
+            self.take_rest()
         finally:
             self.disarm()  # even on failure: a step waiting for it must go on
-        if changed:
+        self.check()
+
+    def take_rest(self) -> None:
+        """Copy every range not copied yet (the loop's next step, a restore, the writer)."""
+        with self._lock:
+            todo = [r for r in self._ranges if not r.copied]
+            if todo:
+                self._copy(todo)
+
+    def hurry(self) -> None:
+        """Before the live state changes (an optimizer step, a restore): rolling, take the
+        rest here and now; otherwise wait for the writer, which is taking it."""
+        if self.rolling:
+            self.take_rest()
+        while not self._taken.wait(0.2):  # woken often: Ctrl+C still interrupts
+            pass
+
+    def _copy(self, ranges: list[_Range]) -> None:
+        pieces = [p for r in ranges for p in r.pieces]
+        _copy_pieces(pieces, sum(n for _, _, n in pieces))
+        for r in ranges:  # after the copy, before anything may write the live tensors
+            self._changed += sum(1 for t, version in r.versions if t._version != version)
+            r.copied = True
+        self._left -= len(ranges)
+        if not self._left:
+            self.disarm()
+
+    def check(self) -> None:
+        """Raise if any tensor changed before its copy (the writer: before the manifest)."""
+        self.take_rest()  # a range no entry streamed (there is none, but never commit less)
+        if self._changed:
             raise ConfigError(
-                f"{changed} tensor(s) of the state were changed in place after save() "
-                "returned and before the async save had copied them (outside "
+                f"{self._changed} tensor(s) of the state were changed in place after "
+                "save() returned and before the async save had copied them (outside "
                 "optimizer.step(): a restore or a manual update): that checkpoint was "
                 "not committed; pass async_snapshot='eager' to copy every tensor "
                 "inside save()"
             )
 
-    def wait(self) -> None:
-        while not self._taken.wait(0.2):  # woken often: Ctrl+C still interrupts
-            pass
+    # -- native.Watch: the rolling copy, told by the encoder as it streams each tensor --
+
+    def _range_of(self, t: torch.Tensor) -> _Range | None:
+        if not t.numel() or t.device.type != "cpu":
+            return None
+        address = t.data_ptr()
+        i = bisect.bisect_right(self._starts, address) - 1
+        if i < 0 or address >= self._ranges[i].end:
+            return None  # copied inside save() (not owned), or not from this snapshot
+        return self._ranges[i]
+
+    def planned(self, t: torch.Tensor) -> None:
+        r = self._range_of(t)
+        if r is not None:
+            r.refs += 1  # the files are planned before any is written: no lock needed
+
+    def before(self, t: torch.Tensor) -> None:
+        r = self._range_of(t)
+        if r is not None and not r.copied:
+            with self._lock:
+                if not r.copied:
+                    self._copy([r])
+
+    def after(self, t: torch.Tensor) -> None:
+        r = self._range_of(t)
+        if r is None:
+            return
+        with self._lock:
+            r.refs -= 1
+            if r.refs or self._region is None:
+                return
+            # The whole pages inside its copy (the ends share pages with its neighbours).
+            lo = -(-(r.start - self._base) // mmap.PAGESIZE) * mmap.PAGESIZE
+            hi = (r.end - self._base) // mmap.PAGESIZE * mmap.PAGESIZE
+            if hi > lo:
+                with contextlib.suppress(OSError, ValueError):
+                    self._region.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def _before_step(optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -507,7 +614,7 @@ def _before_step(optimizer: Any, args: Any, kwargs: Any) -> None:
     with _IN_COPY_LOCK:
         waiting = list(_IN_COPY)
     for deferred in waiting:
-        deferred.wait()
+        deferred.hurry()
 
 
 def _optimizers(objects: Mapping[str, Any]) -> Iterator[torch.optim.Optimizer]:
@@ -582,6 +689,7 @@ class _HostBuffers:
 
     def __init__(self) -> None:
         self._flat = torch.empty(0, dtype=torch.uint8)
+        self._region: mmap.mmap | None = None  # the mapping under _flat, if it is one
         self._pinned: list[torch.Tensor] = []
         self._streams: dict[torch.device, Any] = {}
 
@@ -589,6 +697,7 @@ class _HostBuffers:
         """Free the kept buffers (the manager closes, or the next save forks). A writer
         still using them keeps its views (and so the mapping) alive until it is done."""
         self._flat = torch.empty(0, dtype=torch.uint8)
+        self._region = None
         self._pinned.clear()
 
     def snapshot(
@@ -631,30 +740,36 @@ class _HostBuffers:
             total += -(-key[2] // _ALIGN) * _ALIGN
         if self._flat.numel() < total:
             self._flat = torch.empty(0, dtype=torch.uint8)  # freed before the larger one
-            self._flat = _unforked_buffer(total)
+            self._region = None
+            self._flat, self._region = _unforked_buffer(total)
         flat = self._flat
         base = flat.data_ptr()
         now: list[tuple[int, int, int]] = []
-        later: list[tuple[int, int, int]] = []
-        now_bytes = later_bytes = 0
+        ranges: list[_Range] = []
+        now_bytes = 0
         for key, offset in offsets.items():
             _, address, n = key
+            pieces = [
+                (base + offset + start, address + start, min(_PIECE, n - start))
+                for start in range(0, n, _PIECE)
+            ]
             if key in later_keys:
-                pieces, later_bytes = later, later_bytes + n
+                ranges.append(_Range(base + offset, base + offset + n, pieces, []))
             else:
-                pieces, now_bytes = now, now_bytes + n
-            if n <= _PIECE:
-                pieces.append((base + offset, address, n))
-                continue
-            for start in range(0, n, _PIECE):
-                pieces.append((base + offset + start, address + start, min(_PIECE, n - start)))
+                now.extend(pieces)
+                now_bytes += n
         deferred = None
-        if later:
-            versions = [(t, _version(t)) for t, key in found.tensors if key in later_keys]
-            if any(v is None for _, v in versions):  # no version counter: copied now
-                now, now_bytes, later = now + later, now_bytes + later_bytes, []
+        if ranges:
+            by_key = dict(zip([k for k in offsets if k in later_keys], ranges, strict=True))
+            for t, key in found.tensors:
+                r = by_key.get(key)
+                if r is not None:
+                    r.versions.append((t, _version(t)))
+            if any(v is None for r in ranges for _, v in r.versions):  # no version counter
+                now.extend(p for r in ranges for p in r.pieces)  # (an inference tensor): now
+                now_bytes += sum(r.end - r.start for r in ranges)
             else:
-                deferred = _DeferredCopy(later, later_bytes, versions)  # type: ignore[arg-type]
+                deferred = _DeferredCopy(ranges, self._region, base)
         _copy_pieces(now, now_bytes)
         storage = flat.untyped_storage()
         return {key: (storage, off) for key, off in offsets.items()}, deferred
@@ -702,21 +817,21 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_keep_in_child)
 
 
-def _unforked_buffer(nbytes: int) -> torch.Tensor:
+def _unforked_buffer(nbytes: int) -> tuple[torch.Tensor, mmap.mmap | None]:
     """A zeroed, page-aligned uint8 tensor over a private anonymous mapping that forks
-    leave out (where the platform can say so)."""
+    leave out (where the platform can say so), and that mapping (None: plain memory)."""
     if nbytes == 0:
-        return torch.empty(0, dtype=torch.uint8)
+        return torch.empty(0, dtype=torch.uint8), None
     try:
         region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except (AttributeError, OSError, ValueError):  # no anonymous mmap here: plain memory
-        return torch.empty(nbytes, dtype=torch.uint8)
+        return torch.empty(nbytes, dtype=torch.uint8), None
     with contextlib.suppress(AttributeError, OSError, ValueError):
         region.madvise(mmap.MADV_DONTFORK)
         _UNFORKED.add(region)
     # The tensor holds the mapping (a buffer export) until its last view is gone. (Huge
     # pages were tried: the first snapshot then stalled on compaction, 74 -> 223 ms.)
-    return torch.frombuffer(region, dtype=torch.uint8)
+    return torch.frombuffer(region, dtype=torch.uint8), region
 
 
 def _copy_pieces(pieces: list[tuple[int, int, int]], total: int) -> None:

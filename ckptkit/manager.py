@@ -593,13 +593,17 @@ class CheckpointManager:
         manifest: Manifest,
         folder: Any = None,
         name: str | None = None,
+        watch: native.Watch | None = None,
     ) -> CheckpointInfo:
         """Plan ``collected``'s files, pick the checkpoint's name (unless given: an async
         save names it when it is submitted) and commit it: the tensors are streamed from
         their own memory, hashed as they are written, manifest last. Reads ``collected``
         only; touches no committed checkpoint. ``folder``: already encoded sub-folder
-        files (``formats.sharded.Folder``: DCP shards) to add."""
-        files, entries = native.encode(collected)  # refuses what cannot be saved: no write yet
+        files (``formats.sharded.Folder``: DCP shards) to add. ``watch``: told as each
+        tensor is streamed, and checked before the manifest (``native.Watch``)."""
+        files, entries = native.encode(
+            collected, watch
+        )  # refuses what cannot be saved: no write yet
         layouts: dict[str, str] = {}
         if folder is not None:
             files.update(folder[0])
@@ -613,6 +617,8 @@ class CheckpointManager:
         written: list[Manifest] = []
 
         def final(entries: dict[str, FileEntry]) -> bytes:
+            if watch is not None:
+                watch.check()  # every data file is written: the last word before the commit
             written.append(dataclasses.replace(manifest, files=entries))
             return written[-1].to_bytes()
 

@@ -29,7 +29,7 @@ import math
 import re
 import struct
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -112,6 +112,22 @@ LAYOUTS: dict[str, LayoutReader] = {"dcp": _read_dcp}
 Payload = Callable[[], Iterator[memoryview]]
 
 
+class Watch(Protocol):
+    """Told about each tensor a file's payload streams (an async save's rolling copy,
+    ``asyncsave._DeferredCopy``): ``planned`` once per file that will stream it, when
+    the files are planned; ``before`` just before its bytes are read; ``after`` once
+    the consumer asked for the chunk after its last one. ``check`` runs after every
+    data file is written and before the manifest: it raises to stop the commit."""
+
+    def planned(self, t: torch.Tensor) -> None: ...
+
+    def before(self, t: torch.Tensor) -> None: ...
+
+    def after(self, t: torch.Tensor) -> None: ...
+
+    def check(self) -> None: ...
+
+
 # -- writing ---------------------------------------------------------------------------
 class _Tensors:
     """One tensor file being planned: names, tensors, header."""
@@ -146,13 +162,21 @@ class _Tensors:
         text += b" " * (-len(text) % 8)  # data starts 8-aligned, as safetensors writes it
         return struct.pack("<Q", len(text)) + text
 
-    def payload(self) -> Payload:
+    def payload(self, watch: Watch | None = None) -> Payload:
         header = self.header()
+        if watch is not None:
+            for t in self.tensors.values():
+                watch.planned(t)
 
         def chunks() -> Iterator[memoryview]:
             yield memoryview(header)
             for t in self.tensors.values():
+                if watch is None:
+                    yield from tensor_chunks(t)
+                    continue
+                watch.before(t)
                 yield from tensor_chunks(t)
+                watch.after(t)  # the consumer asked for more: it is done with t's bytes
 
         chunks.size = len(header) + self.nbytes  # type: ignore[attr-defined]
         return chunks
@@ -278,16 +302,19 @@ def _join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
-def encode(state: Mapping[str, Any]) -> tuple[dict[str, Payload], dict[str, str]]:
+def encode(
+    state: Mapping[str, Any], watch: Watch | None = None
+) -> tuple[dict[str, Payload], dict[str, str]]:
     """Plan the files of already-collected state (``{key: state_dict or value}``).
 
     Returns ``(files, entries)``: file name -> a function yielding its bytes (chunks that
     are views of the tensors' memory), and state key -> ``state.json``. Everything that
     can be refused (a type that is not saved) is refused here, before any byte is written.
+    ``watch``: told as each tensor is streamed (see ``Watch``).
     """
     enc = _Encoder()
     tree = {"format": FORMAT, "entries": {k: enc.entry(k, v) for k, v in state.items()}}
-    files: dict[str, Payload] = {f: t.payload() for f, t in enc.files.items()}
+    files: dict[str, Payload] = {f: t.payload(watch) for f, t in enc.files.items()}
     if state:  # an empty state is a checkpoint of no files
         text = json.dumps(tree, separators=(",", ":"), allow_nan=False).encode()
         files[TREE_FILE] = lambda: iter([memoryview(text)])

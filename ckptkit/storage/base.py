@@ -31,6 +31,12 @@ class Storage(Protocol):
     ``"rename"`` where a directory rename is atomic (local filesystems),
     ``"marker"`` where it is not (object stores, Drive): the manifest is then
     written last and is the commit.
+
+    Optional capabilities, read with ``getattr`` (absent means no): ``parallel_writes``
+    (how many files of a checkpoint may be written at once: object stores) and
+    ``releases_chunks`` (``write_stream`` is done with each chunk's bytes before it
+    asks for the next one, and never asks for a file's chunks twice: an async save
+    then frees what it copied for a tensor once the tensor is written).
     """
 
     url: str

@@ -67,6 +67,9 @@ class LocalStorage:
     """
 
     commit = "rename"
+    # write_stream copies or writes each chunk before it takes the next (os.write, or
+    # direct.py's bounce buffers) and writes a file once (storage/base.py).
+    releases_chunks = True
 
     def __init__(self, url: str) -> None:
         path = url[len("file://") :] if url.startswith("file://") else url

@@ -32,6 +32,8 @@ class ThreadOnly(LocalStorage):
         super().__init__(url.split("://", 1)[1])
         self.url = url
 
+    releases_chunks = False  # the whole copy first: a step waits for the writer's copy
+
     def local_path(self, key: str) -> str | None:
         return None
 
@@ -65,7 +67,7 @@ def held(monkeypatch: pytest.MonkeyPatch) -> Iterator[Held]:
     run = asyncsave._DeferredCopy.run
 
     def slow_run(self: Any) -> None:
-        if not self._pieces:  # nothing deferred: nothing to hold back
+        if self.empty:  # nothing deferred: nothing to hold back
             run(self)
             return
         gate.started.set()

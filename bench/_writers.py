@@ -169,6 +169,18 @@ def has_async_save() -> bool:
     return "async_save" in inspect.signature(CheckpointManager).parameters
 
 
+def has_snapshot(options: dict[str, Any]) -> bool:
+    """Whether this build takes async saves with these options (``async_snapshot``)."""
+    if not has_async_save():
+        return False
+    wanted = options.get("async_snapshot")
+    if wanted is None:
+        return True
+    from ckptkit import asyncsave
+
+    return wanted in getattr(asyncsave, "SNAPSHOTS", ())
+
+
 def manager(url: str, *, async_save: bool = False, **kwargs: Any) -> Any:
     """A CheckpointManager that keeps one checkpoint (a bench saves the same state over
     and over; rotation runs as in any real run)."""

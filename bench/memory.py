@@ -40,7 +40,9 @@ METHODS = {
     "dcp": "torch.distributed.checkpoint.save",
     "ckptkit": "ckptkit save (sync)",
     "ckptkit-async": "ckptkit save (async), until committed",
+    "ckptkit-rolling": "ckptkit save (async, `async_snapshot='rolling'`), until committed",
 }
+ASYNC = {"ckptkit-async": {}, "ckptkit-rolling": {"async_snapshot": "rolling"}}
 
 
 # -- inside the probe process -----------------------------------------------------------
@@ -121,7 +123,7 @@ def _saver(method: str, model: Any, opt: Any, root: Path, stack: ExitStack) -> A
             "dcp": _writers.dcp_save,
         }[method]
         return lambda: fn(model, opt, root)
-    mgr = _writers.manager(str(root / "run"), async_save=method == "ckptkit-async")
+    mgr = _writers.manager(str(root / "run"), async_save=method in ASYNC, **ASYNC.get(method, {}))
     stack.callback(mgr.close)
     state = _writers.ckptkit_state(model, opt)
     steps = iter(range(1, 1000))
@@ -195,7 +197,7 @@ def measure(megabytes: float, *, together: bool = False) -> dict[str, MemoryResu
     Methods not in this build get None."""
     from bench import _writers
 
-    available = [m for m in METHODS if m != "ckptkit-async" or _writers.has_async_save()]
+    available = [m for m in METHODS if m not in ASYNC or _writers.has_snapshot(ASYNC[m])]
     if together:
         found = run_probes(available, megabytes)
     else:
@@ -264,13 +266,14 @@ def _targets(per_method: dict[str, MemoryResult | None], state: int) -> list[Tar
                 extra <= limit,
             )
         )
-    goal = f"{size}: async save needs ≤ one copy of the state ({mb(state)}) extra"
-    asyn = per_method.get("ckptkit-async")
-    if asyn is None:
-        out.append(Target(goal, NA, None))
-    else:
-        extra = asyn.growth_bytes + asyn.child_pss_bytes
-        out.append(Target(goal, mb(extra), extra <= state))
+    for method, how in (("ckptkit-async", ""), ("ckptkit-rolling", " (rolling)")):
+        goal = f"{size}: async save{how} needs ≤ one copy of the state ({mb(state)}) extra"
+        asyn = per_method.get(method)
+        if asyn is None:
+            out.append(Target(goal, NA, None))
+        else:
+            extra = asyn.growth_bytes + asyn.child_pss_bytes
+            out.append(Target(goal, mb(extra), extra <= state))
     return out
 
 

@@ -72,7 +72,7 @@ _ORPHANED = 3  # the child's exit status when its parent died before the commit
 _STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
 
 
-SNAPSHOTS = ("deferred", "eager")  # CheckpointManager(async_snapshot=...)
+SNAPSHOTS = ("deferred", "rolling", "eager")  # CheckpointManager(async_snapshot=...)
 
 
 class AsyncSaver:
@@ -82,7 +82,8 @@ class AsyncSaver:
         self.manager = manager
         self._pending: _Pending | None = None
         self._buffers = _HostBuffers()
-        self._defer = snapshot == "deferred"
+        self._defer = snapshot != "eager"
+        self._rolling = snapshot == "rolling"
 
     @property
     def pending(self) -> bool:
@@ -131,7 +132,10 @@ class AsyncSaver:
     ) -> _Job:
         owned = _owned(objects) if self._defer and objects is not None else set()
         snapshot = self._buffers.snapshot(collected, found, owned)
-        return _ThreadWrite(self.manager, snapshot, manifest, name)
+        # Rolling where asked, or where a copy of the state would leave too little memory
+        # (a deferred copy then rolls by itself): see _DeferredCopy.
+        rolling = self._rolling or (bool(owned) and _memory_tight(found.cpu_bytes()))
+        return _ThreadWrite(self.manager, snapshot, manifest, name, rolling)
 
     def settle(self) -> None:
         """Wait until the save in flight no longer reads the live state (its deferred
@@ -248,7 +252,12 @@ class _Job:
 
 class _ThreadWrite(_Job):
     def __init__(
-        self, mgr: CheckpointManager, snapshot: _Snapshot, manifest: Manifest, name: str
+        self,
+        mgr: CheckpointManager,
+        snapshot: _Snapshot,
+        manifest: Manifest,
+        name: str,
+        rolling: bool = False,
     ) -> None:
         self._out: tuple[CheckpointInfo, float] | None = None
         self._error: BaseException | None = None
@@ -273,9 +282,10 @@ class _ThreadWrite(_Job):
         # then for the GIL back, which a save blocks for (up to 10 ms on a busy
         # machine). Python does not join such a thread at exit: _finish_at_exit does,
         # at the same point (the save stays in _IN_FLIGHT until collected).
-        # Rolling (copy each storage as it is streamed, free it once written) where the
-        # storage is done with each chunk before the next one: see _DeferredCopy.
-        snapshot.deferred.rolling = bool(getattr(mgr.storage, "releases_chunks", False))
+        # Rolling (copy each storage as it is streamed, free it once written) only where
+        # the storage is done with each chunk before the next one: see _DeferredCopy.
+        releases = bool(getattr(mgr.storage, "releases_chunks", False))
+        snapshot.deferred.rolling = rolling and releases
         snapshot.deferred.arm()
         try:
             _thread.start_new_thread(write, ())
@@ -479,15 +489,20 @@ class _Range:
 class _DeferredCopy:
     """The part of a snapshot copied after save() returned: what optimizers own.
 
-    Two ways to take it. Whole (``rolling`` off): the writer copies every range first
-    thing, then writes the copy. Rolling (a storage that ``releases_chunks``: local
-    disks): the writer copies each storage just before it streams it and frees that copy
-    once every file entry over it is written (``madvise(MADV_DONTNEED)``), so a save that
-    ends before the loop's next step holds only what is in flight, not a copy of the
-    state. Either way the next optimizer step (``_before_step``) or a restore takes what
-    is left at once, in its own thread (``take_rest``): the live tensors are never read
-    after that. Each storage's versions are compared right after its copy, so a change
-    made outside step() before then fails the save (raised before its manifest)."""
+    Two ways to take it. Whole (``async_snapshot="deferred"``, the default): the writer
+    copies every range first thing, at memory speed, then writes the copy; the copy is
+    kept for the next save (no page faults then). Rolling (``"rolling"``, or a deferred
+    copy where a copy of the state would take more than half the memory left; only on a
+    storage that ``releases_chunks``: local disks): the writer copies each storage just
+    before it streams it and frees that copy once every file entry over it is written
+    (``madvise(MADV_DONTNEED)``), so a save holds only what is in flight, not a copy of
+    the state; the loop's next step copies what is still unwritten itself, and each save
+    faults its copy's pages in anew (96 MB here: 101 -> 14 MB extra, and ~100 ms more on
+    the step after a save, which is why it is not the default). Either way the next
+    optimizer step (``_before_step``) or a restore takes what is left before it goes on
+    (``hurry``): the live tensors are never read after that. Each storage's versions are
+    compared right after its copy, so a change made outside step() before then fails the
+    save (raised before its manifest)."""
 
     def __init__(
         self, ranges: list[_Range], region: mmap.mmap | None = None, base: int = 0
@@ -902,6 +917,30 @@ def _cores() -> int:
 # 188 MB; the copy takes ~12 ms and 96 MB. At 503 MB of a 761 MB process, the fork takes
 # ~40 ms and its child 382 MB, the copy ~65 ms and 503 MB. Both cross near one half.
 _FORK_MIN_SHARE = 0.5
+
+
+def _available_memory() -> int | None:
+    """Bytes this process may still take: MemAvailable, or less under a cgroup (v2)
+    limit (a container, a SLURM job); None where neither can be read."""
+    found: list[int] = []
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo", "rb") as f:
+        for line in f:
+            if line.startswith(b"MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+                break
+    with contextlib.suppress(OSError, ValueError):
+        with open("/sys/fs/cgroup/memory.max", "rb") as f:
+            limit = f.read().strip()
+        if limit != b"max":
+            with open("/sys/fs/cgroup/memory.current", "rb") as f:
+                found.append(max(0, int(limit) - int(f.read())))
+    return min(found) if found else None
+
+
+def _memory_tight(nbytes: int) -> bool:
+    """A copy of ``nbytes`` would take more than half of the memory left."""
+    available = _available_memory()
+    return available is not None and 2 * nbytes > available
 
 
 def _can_fork(mgr: CheckpointManager, found: _Tensors) -> bool:

@@ -164,6 +164,10 @@ class CheckpointManager:
     ``wait()``/``close()`` (docs/RESUME.md, "Async save"). ``async_snapshot``:
     ``"deferred"`` (the default) copies what the state's optimizers own (their parameters
     and state) after ``save()`` returns, before their next ``step()``, which waits for it;
+    ``"rolling"`` (local disks; also chosen by itself when a copy of the state would take
+    more than half the memory left) copies each of those tensors just before it is
+    written and frees that copy once written, so a save needs far less than a copy of
+    the state, and the next ``step()`` copies what is still unwritten itself;
     ``"eager"`` copies every tensor inside ``save()`` (for a loop that writes parameters
     in place outside ``step()`` through ``.data``).
     """

@@ -14,7 +14,7 @@ def test_the_async_save_benchmark_runs_in_quick_mode(tmp_path, capsys) -> None:
     assert bench_async_save.main(["--quick", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert set(res["rows"]) == {"sync", "blocked", "commit"}
-    assert set(res["loops"]) == {"none", "sync", "async"}
+    assert set(res["loops"]) == {"none", "sync", "async", "async, rolling"}
     assert all(len(v) == res["reps"] and min(v) > 0 for v in res["rows"].values())
     table = capsys.readouterr().out
     assert "async `save()` blocks" in table and "target ≤ 0.10" in table

@@ -1,4 +1,5 @@
-"""The rolling copy of an async save on a storage that ``releases_chunks`` (local disks):
+"""The rolling copy of an async save (``async_snapshot="rolling"``, or a deferred copy
+where memory is tight) on a storage that ``releases_chunks`` (local disks):
 the writer copies each optimizer-owned storage just before it streams it and frees that
 copy once every file entry over it is written; the loop's next optimizer step (or a
 restore) copies whatever is left itself, at once, instead of waiting for the disk.
@@ -159,7 +160,9 @@ def test_a_step_during_a_rolling_save_copies_the_rest_itself_and_never_waits_for
     state = make_training(width=16)
     train_steps(state, 2)
     expected = sync_files(tmp_path, state, 3)
-    with CheckpointManager(f"rolling://{tmp_path}/async", run_name="r", async_save=True) as mgr:
+    with CheckpointManager(
+        f"rolling://{tmp_path}/async", run_name="r", async_save=True, async_snapshot="rolling"
+    ) as mgr:
         mgr.save(3, state)
         assert mid_file.started.wait(10)
         stepper, errors = in_thread(lambda: train_steps(state, 3, seed=9))
@@ -176,7 +179,9 @@ def test_views_of_one_storage_in_later_files_are_written_before_its_copy_is_free
 ) -> None:
     state = fused_state()
     expected = sync_files(tmp_path, state, 1)
-    with CheckpointManager(f"rolling://{tmp_path}/async", run_name="r", async_save=True) as mgr:
+    with CheckpointManager(
+        f"rolling://{tmp_path}/async", run_name="r", async_save=True, async_snapshot="rolling"
+    ) as mgr:
         mgr.save(1, state)
         mgr.wait()
         buffers = mgr._background._buffers
@@ -202,7 +207,9 @@ def test_a_change_outside_step_before_its_copy_fails_the_save_but_not_after_it(
     train_steps(state, 2)
     params = list(state["model"].parameters())
     expected = sync_files(tmp_path, state, 2)
-    with CheckpointManager(f"rolling://{tmp_path}/async", run_name="r", async_save=True) as mgr:
+    with CheckpointManager(
+        f"rolling://{tmp_path}/async", run_name="r", async_save=True, async_snapshot="rolling"
+    ) as mgr:
         mgr.save(2, state)
         assert mid_file.started.wait(10)
         with torch.no_grad():  # the first tensor is copied and written already: harmless
@@ -234,7 +241,9 @@ def test_restore_during_a_rolling_save_takes_the_rest_and_does_not_wait(
     train_steps(other, 5, seed=3)
     with CheckpointManager(str(tmp_path / "other"), run_name="o") as saver:
         saver.save(9, other)
-    with CheckpointManager(f"rolling://{tmp_path}/async", run_name="r", async_save=True) as mgr:
+    with CheckpointManager(
+        f"rolling://{tmp_path}/async", run_name="r", async_save=True, async_snapshot="rolling"
+    ) as mgr:
         mgr.save(1, state)
         assert mid_file.started.wait(10)
         loader, errors = in_thread(lambda: mgr.restore(state, str(tmp_path / "other")))
@@ -245,3 +254,32 @@ def test_restore_during_a_rolling_save_takes_the_rest_and_does_not_wait(
         mid_file.release()
         mgr.wait()
     assert data_files(committed(tmp_path / "async")) == expected
+
+
+def test_a_deferred_copy_rolls_by_itself_where_a_copy_would_not_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = fused_state()
+    expected = sync_files(tmp_path, state, 1)
+
+    def saved_pages(url: str) -> int:
+        with CheckpointManager(url, run_name="r", async_save=True) as mgr:
+            mgr.save(1, state)
+            mgr.wait()
+            flat = mgr._background._buffers._flat
+            pages = flat[: flat.numel() // 4096 * 4096].view(-1, 4096)
+            return int((pages != 0).any(dim=1).sum())
+
+    roomy = saved_pages(f"rolling://{tmp_path}/roomy")  # the whole copy, kept
+    monkeypatch.setattr(asyncsave, "_available_memory", lambda: 300_000)  # < 2 copies
+    tight = saved_pages(f"rolling://{tmp_path}/tight")
+    assert tight < roomy // 10, (tight, roomy)
+    assert data_files(committed(tmp_path / "tight")) == expected
+    assert data_files(committed(tmp_path / "roomy")) == expected
+
+
+def test_the_memory_left_is_read_from_the_machine() -> None:
+    available = asyncsave._available_memory()
+    assert available is not None and available > 0
+    assert not asyncsave._memory_tight(1)
+    assert asyncsave._memory_tight(available)

@@ -276,6 +276,9 @@ class _ThreadWrite(_Job):
             except BaseException as exc:  # noqa: BLE001 - raised by result()
                 self._error = exc
             finally:
+                # A rolling write that failed midway: nothing will read the live state
+                # again, so no step has anything to take for it.
+                snapshot.deferred.disarm()
                 self._done.set()
 
         # A bare thread: threading.Thread.start() waits until the new thread runs, and
@@ -505,8 +508,16 @@ class _DeferredCopy:
     save (raised before its manifest)."""
 
     def __init__(
-        self, ranges: list[_Range], region: mmap.mmap | None = None, base: int = 0
+        self,
+        ranges: list[_Range],
+        region: mmap.mmap | None = None,
+        base: int = 0,
+        buffer: torch.Tensor | None = None,
     ) -> None:
+        # The buffer the ranges point into, held: a step may still be copying into it
+        # after its manager dropped (or outgrew) the buffer.
+        self._buffer = buffer
+        self._closed = False
         self._ranges = ranges  # in address order (the flat buffer's layout)
         self._starts = [r.start for r in ranges]
         self._left = len(ranges)
@@ -531,6 +542,7 @@ class _DeferredCopy:
             _IN_COPY.add(self)
 
     def disarm(self) -> None:
+        self._closed = True  # taken, or its write is over: nothing is copied after this
         with _IN_COPY_LOCK:
             _IN_COPY.discard(self)
         self._taken.set()
@@ -549,7 +561,7 @@ class _DeferredCopy:
     def take_rest(self) -> None:
         """Copy every range not copied yet (the loop's next step, a restore, the writer)."""
         with self._lock:
-            todo = [r for r in self._ranges if not r.copied]
+            todo = [] if self._closed else [r for r in self._ranges if not r.copied]
             if todo:
                 self._copy(todo)
 
@@ -784,7 +796,7 @@ class _HostBuffers:
                 now.extend(p for r in ranges for p in r.pieces)  # (an inference tensor): now
                 now_bytes += sum(r.end - r.start for r in ranges)
             else:
-                deferred = _DeferredCopy(ranges, self._region, base)
+                deferred = _DeferredCopy(ranges, self._region, base, flat)
         _copy_pieces(now, now_bytes)
         storage = flat.untyped_storage()
         return {key: (storage, off) for key, off in offsets.items()}, deferred

@@ -283,3 +283,42 @@ def test_the_memory_left_is_read_from_the_machine() -> None:
     assert available is not None and available > 0
     assert not asyncsave._memory_tight(1)
     assert asyncsave._memory_tight(available)
+
+
+class FailsSecondFile(RollingThreadOnly):
+    """Writes a checkpoint's first data file, then fails (a disk that filled up)."""
+
+    armed = False
+
+    def write_stream(self, key: str, chunks: Any, size: int | None = None) -> None:
+        if FailsSecondFile.armed and key.endswith("optimizer.safetensors"):
+            for _ in zip(range(2), chunks, strict=False):  # it got going, then failed
+                pass
+            raise OSError(28, "No space left on device")
+        super().write_stream(key, chunks, size)
+
+
+def test_a_rolling_write_that_fails_midway_never_hangs_a_step_and_keeps_the_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Failing:
+        @hookimpl
+        def ckptkit_register_storage(self):
+            return {"rollfail": FailsSecondFile}
+
+    get_plugin_manager().register(Failing(), name="rolling-fail-backend")
+    state = make_training(width=16)
+    train_steps(state, 2)
+    url = f"rollfail://{tmp_path}/async"
+    with CheckpointManager(url, run_name="r", async_save=True, async_snapshot="rolling") as mgr:
+        mgr.save(1, state)
+        mgr.wait()
+        monkeypatch.setattr(FailsSecondFile, "armed", True)
+        mgr.save(2, state)
+        with pytest.raises(Exception, match="the disk is full"):
+            mgr.wait()
+        assert not asyncsave._IN_COPY  # nothing left for a step to take, or to hold
+        stepper, errors = in_thread(lambda: train_steps(state, 2, seed=5))
+        stepper.join(30)
+        assert not stepper.is_alive() and not errors
+        assert [c.step for c in mgr.list()] == [1]

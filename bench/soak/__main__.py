@@ -96,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     storages = list(args.storages)
     if args.async_save:
         notes.append(
-            "every killed worker saved with async_save=True; the uninterrupted reference "
-            "saved synchronously, and every finished run had to end bit-identical to it"
+            "every killed worker saved with async_save=True (half of the chains with "
+            "async_snapshot='rolling', which takes effect on local disks); the "
+            "uninterrupted reference saved synchronously, and every finished run had to "
+            "end bit-identical to it"
         )
     if "gs" in storages and not emulator_installed():
         storages.remove("gs")

@@ -391,6 +391,8 @@ def run_chain(
     ledger = Ledger(KEEP_LAST)
     out: list[Trial] = []
     cfg = {**base_cfg(backend, run, seed), "async_save": async_save}
+    if async_save:  # half of the async chains take the rolling copy (where it applies)
+        cfg["async_snapshot"] = "rolling" if rng.random() < 0.5 else "deferred"
     emulator_left = emulator_trials
     before: Life | None = None
     for _ in range(trials):

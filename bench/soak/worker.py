@@ -312,6 +312,7 @@ def _run(cfg: dict[str, Any], conn: Any) -> None:
         keep_best=0,
         save_every_steps=cfg["save_every"],
         async_save=bool(cfg.get("async_save", False)),
+        async_snapshot=str(cfg.get("async_snapshot", "deferred")),
     )
     with mgr:
         restored = mgr.resume(state, "auto")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import torch
 
 from ckptkit.manifest import MANIFEST
+from ckptkit.storage.local import LocalStorage
 
 
 def make_training(seed: int = 0, width: int = 8) -> dict[str, Any]:
@@ -70,3 +72,31 @@ def truncate(path: str, keep: int = 10) -> None:
 
 def manifest_path(run: str, name: str) -> str:
     return os.path.join(run, name, MANIFEST)
+
+
+class ThreadOnlyStorage(LocalStorage):
+    """``<scheme>:///dir`` (a test registers its scheme): a local directory that does not
+    say so, so that every async save takes the thread path (the fork writer copies
+    nothing)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url.split("://", 1)[1])
+        self.url = url
+
+    def local_path(self, key: str) -> str | None:
+        return None
+
+
+def in_thread(fn: Any) -> tuple[threading.Thread, list[BaseException]]:
+    """Run ``fn`` in a daemon thread; its exception, if any, lands in the list."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, errors

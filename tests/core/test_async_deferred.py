@@ -20,22 +20,17 @@ import torch
 from ckptkit import CheckpointManager, asyncsave, hookimpl
 from ckptkit.errors import ConfigError
 from ckptkit.hooks.manager import get_plugin_manager
-from ckptkit.storage.local import LocalStorage
-from tests.core.helpers import make_training, tensors_equal, train_steps
+from tests.core.helpers import (
+    ThreadOnlyStorage,
+    in_thread,
+    make_training,
+    tensors_equal,
+    train_steps,
+)
 
 
-class ThreadOnly(LocalStorage):
-    """``deferred:///dir``: a local directory that does not say so, so that every async
-    save takes the thread path (the fork writer copies nothing)."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(url.split("://", 1)[1])
-        self.url = url
-
+class ThreadOnly(ThreadOnlyStorage):
     releases_chunks = False  # the whole copy first: a step waits for the writer's copy
-
-    def local_path(self, key: str) -> str | None:
-        return None
 
 
 class Backend:
@@ -102,20 +97,6 @@ def restored(url: str) -> dict[str, Any]:
     with CheckpointManager(url, readonly=True) as reader:
         reader.restore(fresh)
     return fresh
-
-
-def in_thread(fn: Any) -> tuple[threading.Thread, list[BaseException]]:
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, errors
 
 
 def test_save_returns_before_the_optimizers_tensors_are_copied_and_step_waits(

@@ -23,20 +23,9 @@ from ckptkit import CheckpointManager, asyncsave, hookimpl
 from ckptkit.errors import ConfigError
 from ckptkit.hooks.manager import get_plugin_manager
 from ckptkit.manifest import MANIFEST
-from ckptkit.storage.local import LocalStorage
-from tests.core.helpers import make_training, train_steps
+from tests.core.helpers import ThreadOnlyStorage, in_thread, make_training, train_steps
 
-
-class RollingThreadOnly(LocalStorage):
-    """``rolling:///dir``: a local directory that does not say so (every async save takes
-    the thread path: the fork writer copies nothing); it releases chunks as a disk does."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(url.split("://", 1)[1])
-        self.url = url
-
-    def local_path(self, key: str) -> str | None:
-        return None
+RollingThreadOnly = ThreadOnlyStorage  # ``rolling:///dir``: it releases chunks, as disks do
 
 
 class Backend:
@@ -140,29 +129,24 @@ def sync_files(tmp_path: Path, state: dict[str, Any], step: int) -> dict[str, by
     return data_files(committed(tmp_path / "sync"))
 
 
-def in_thread(fn: Any) -> tuple[threading.Thread, list[BaseException]]:
-    errors: list[BaseException] = []
+def trained() -> dict[str, Any]:
+    state = make_training(width=16)
+    train_steps(state, 2)
+    return state
 
-    def run() -> None:
-        try:
-            fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            errors.append(exc)
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, errors
+def rolling(tmp_path: Path) -> CheckpointManager:
+    return CheckpointManager(
+        f"rolling://{tmp_path}/async", run_name="r", async_save=True, async_snapshot="rolling"
+    )
 
 
 def test_a_step_during_a_rolling_save_copies_the_rest_itself_and_never_waits_for_the_disk(
     tmp_path: Path, mid_file: MidFile
 ) -> None:
-    state = make_training(width=16)
-    train_steps(state, 2)
+    state = trained()
     expected = sync_files(tmp_path, state, 3)
-    with CheckpointManager(
-        f"rolling://{tmp_path}/async", run_name="r", async_save=True, async_snapshot="rolling"
-    ) as mgr:
+    with rolling(tmp_path) as mgr:
         mgr.save(3, state)
         assert mid_file.started.wait(10)
         stepper, errors = in_thread(lambda: train_steps(state, 3, seed=9))
@@ -179,9 +163,7 @@ def test_views_of_one_storage_in_later_files_are_written_before_its_copy_is_free
 ) -> None:
     state = fused_state()
     expected = sync_files(tmp_path, state, 1)
-    with CheckpointManager(
-        f"rolling://{tmp_path}/async", run_name="r", async_save=True, async_snapshot="rolling"
-    ) as mgr:
+    with rolling(tmp_path) as mgr:
         mgr.save(1, state)
         mgr.wait()
         buffers = mgr._background._buffers
@@ -203,13 +185,10 @@ def test_views_of_one_storage_in_later_files_are_written_before_its_copy_is_free
 def test_a_change_outside_step_before_its_copy_fails_the_save_but_not_after_it(
     tmp_path: Path, mid_file: MidFile
 ) -> None:
-    state = make_training(width=16)
-    train_steps(state, 2)
+    state = trained()
     params = list(state["model"].parameters())
     expected = sync_files(tmp_path, state, 2)
-    with CheckpointManager(
-        f"rolling://{tmp_path}/async", run_name="r", async_save=True, async_snapshot="rolling"
-    ) as mgr:
+    with rolling(tmp_path) as mgr:
         mgr.save(2, state)
         assert mid_file.started.wait(10)
         with torch.no_grad():  # the first tensor is copied and written already: harmless
@@ -234,16 +213,13 @@ def test_a_change_outside_step_before_its_copy_fails_the_save_but_not_after_it(
 def test_restore_during_a_rolling_save_takes_the_rest_and_does_not_wait(
     tmp_path: Path, mid_file: MidFile
 ) -> None:
-    state = make_training(width=16)
-    train_steps(state, 2)
+    state = trained()
     expected = sync_files(tmp_path, state, 1)
     other = make_training(width=16)
     train_steps(other, 5, seed=3)
     with CheckpointManager(str(tmp_path / "other"), run_name="o") as saver:
         saver.save(9, other)
-    with CheckpointManager(
-        f"rolling://{tmp_path}/async", run_name="r", async_save=True, async_snapshot="rolling"
-    ) as mgr:
+    with rolling(tmp_path) as mgr:
         mgr.save(1, state)
         assert mid_file.started.wait(10)
         loader, errors = in_thread(lambda: mgr.restore(state, str(tmp_path / "other")))
@@ -307,8 +283,7 @@ def test_a_rolling_write_that_fails_midway_never_hangs_a_step_and_keeps_the_last
             return {"rollfail": FailsSecondFile}
 
     get_plugin_manager().register(Failing(), name="rolling-fail-backend")
-    state = make_training(width=16)
-    train_steps(state, 2)
+    state = trained()
     url = f"rollfail://{tmp_path}/async"
     with CheckpointManager(url, run_name="r", async_save=True, async_snapshot="rolling") as mgr:
         mgr.save(1, state)

@@ -510,18 +510,18 @@ class _DeferredCopy:
     def __init__(
         self,
         ranges: list[_Range],
-        region: mmap.mmap | None = None,
-        base: int = 0,
         buffer: torch.Tensor | None = None,
+        region: mmap.mmap | None = None,
     ) -> None:
-        # The buffer the ranges point into, held: a step may still be copying into it
-        # after its manager dropped (or outgrew) the buffer.
+        # The buffer the ranges point into (over ``region``, when it is a mapping), held:
+        # a step may still be copying into it after its manager dropped (or outgrew) it.
         self._buffer = buffer
         self._closed = False
         self._ranges = ranges  # in address order (the flat buffer's layout)
         self._starts = [r.start for r in ranges]
         self._left = len(ranges)
-        self._region, self._base = region, base
+        self._region = region
+        self._base = buffer.data_ptr() if buffer is not None else 0
         self._lock = threading.Lock()
         self._changed = 0
         self.rolling = False
@@ -772,7 +772,7 @@ class _HostBuffers:
         flat = self._flat
         base = flat.data_ptr()
         now: list[tuple[int, int, int]] = []
-        ranges: list[_Range] = []
+        by_key: dict[StorageKey, _Range] = {}
         now_bytes = 0
         for key, offset in offsets.items():
             _, address, n = key
@@ -781,13 +781,13 @@ class _HostBuffers:
                 for start in range(0, n, _PIECE)
             ]
             if key in later_keys:
-                ranges.append(_Range(base + offset, base + offset + n, pieces, []))
+                by_key[key] = _Range(base + offset, base + offset + n, pieces, [])
             else:
                 now.extend(pieces)
                 now_bytes += n
         deferred = None
+        ranges = list(by_key.values())  # in address order, as the buffer is laid out
         if ranges:
-            by_key = dict(zip([k for k in offsets if k in later_keys], ranges, strict=True))
             for t, key in found.tensors:
                 r = by_key.get(key)
                 if r is not None:
@@ -796,7 +796,7 @@ class _HostBuffers:
                 now.extend(p for r in ranges for p in r.pieces)  # (an inference tensor): now
                 now_bytes += sum(r.end - r.start for r in ranges)
             else:
-                deferred = _DeferredCopy(ranges, self._region, base, flat)
+                deferred = _DeferredCopy(ranges, flat, self._region)
         _copy_pieces(now, now_bytes)
         storage = flat.untyped_storage()
         return {key: (storage, off) for key, off in offsets.items()}, deferred

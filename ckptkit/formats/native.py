@@ -171,12 +171,11 @@ class _Tensors:
         def chunks() -> Iterator[memoryview]:
             yield memoryview(header)
             for t in self.tensors.values():
-                if watch is None:
-                    yield from tensor_chunks(t)
-                    continue
-                watch.before(t)
+                if watch is not None:
+                    watch.before(t)
                 yield from tensor_chunks(t)
-                watch.after(t)  # the consumer asked for more: it is done with t's bytes
+                if watch is not None:  # the consumer asked for more: done with t's bytes
+                    watch.after(t)
 
         chunks.size = len(header) + self.nbytes  # type: ignore[attr-defined]
         return chunks

@@ -152,8 +152,15 @@ def _memory(run: Run) -> None:
         "the growth of the process's peak RSS, plus the largest PSS of the processes it "
         "forks, sampled while the save runs; an async save is measured until committed. "
         "One measurement per cell: memory does not vary like time."
-        " `async_snapshot='rolling'` changes only the thread writer: where the fork writer is "
-        "chosen (503 MB and 1 GB here, a state most of its process) both async rows fork."
+        " The thread writer streams what optimizers own straight from the live tensors and"
+        " copies only what the loop's next optimizer step would change before it is written"
+        ' (docs/RESUME.md, "Async save"): with no step during the save, nothing. The'
+        " step-right-after row is the worst case (the step changes every owned tensor"
+        " before the writer wrote any): the step's own temporaries, measured alone in the"
+        " row above it, are taken off. `async_snapshot='rolling'` changes only the thread"
+        " writer: where the fork writer is chosen (503 MB and 1 GB here, a state most of its"
+        " process) every async row forks, and a step during the save copies on write each"
+        " page it changes."
     )
     run.section("memory", "Peak extra memory during a save", [note, *blocks], targets)
 

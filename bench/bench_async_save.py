@@ -52,11 +52,19 @@ def state_bytes(state: dict[str, Any]) -> int:
     return n
 
 
-def step(state: dict[str, Any]) -> None:
-    """One optimizer step touching every parameter and moment (gradients set directly: the
-    forward/backward would only add constant time to every row)."""
-    for p in state["model"].parameters():
-        p.grad = torch.full_like(p, 1e-3) if p.grad is None else p.grad
+def step(state: dict[str, Any], batch: int = 0) -> None:
+    """One optimizer step touching every parameter and moment. ``batch`` 0: gradients set
+    directly (the loop is all optimizer steps: a save's worst case, each one comes right
+    after the save before it); otherwise a real forward and backward of ``batch`` rows
+    first, the time an async writer has before the step after a save."""
+    model = state["model"]
+    if batch:
+        x = torch.randn(batch, WIDTH, generator=torch.Generator().manual_seed(0))
+        state["optimizer"].zero_grad()
+        model(x).square().mean().backward()
+    else:
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 1e-3) if p.grad is None else p.grad
     state["optimizer"].step()
 
 
@@ -70,7 +78,7 @@ def measure(mb: float, reps: int, steps: int, every: int, root: str) -> dict[str
     out: dict[str, Any] = {"state_mb": size / 1e6, "reps": reps, "cpus": os.cpu_count()}
     out["load"] = os.getloadavg()[0]
     rows: dict[str, list[float]] = {k: [] for k in ("sync", "blocked", "commit")}
-    loops: dict[str, list[float]] = {k: [] for k in LOOPS}
+    loops: dict[str, dict[str, list[float]]] = {kind: {k: [] for k in LOOPS} for kind in LOOP_KINDS}
     rss0 = _maxrss_mb(resource.RUSAGE_SELF)
     # One manager per mode for the save rows, as a run has: a thread writer's snapshot
     # buffer is allocated (and page-faulted) by its first save and reused after, so the
@@ -93,16 +101,10 @@ def measure(mb: float, reps: int, steps: int, every: int, root: str) -> dict[str
             rows["blocked"].append(time.perf_counter() - t0)
             async_mgr.wait()
             rows["commit"].append(time.perf_counter() - t0)
-            for mode in loops:
-                loops[mode].append(
-                    _loop(
-                        state,
-                        mode,
-                        steps,
-                        every,
-                        os.path.join(root, f"{mode.replace(', ', '-')}-{rep}"),
-                    )
-                )
+            for kind, batch in LOOP_KINDS.items():
+                for mode in LOOPS:
+                    where = os.path.join(root, f"{kind}-{mode.replace(', ', '-')}-{rep}")
+                    loops[kind][mode].append(_loop(state, mode, steps, every, where, batch))
             print(
                 f"rep {rep + 1}/{reps}: sync {rows['sync'][-1]:.2f} s, async blocked "
                 f"{rows['blocked'][-1]:.3f} s, committed {rows['commit'][-1]:.2f} s",
@@ -127,9 +129,14 @@ def measure(mb: float, reps: int, steps: int, every: int, root: str) -> dict[str
 # saves with async_snapshot="rolling" (least memory; each save faults its copy in anew).
 LOOPS = {"none": None, "sync": {}, "async": {"async_save": True}}
 LOOPS["async, rolling"] = {"async_save": True, "async_snapshot": "rolling"}
+# Two loops: optimizer steps only (the step after a save comes at once), and each step
+# after a forward and backward of this many rows (the writer streams meanwhile).
+LOOP_KINDS = {"optimizer steps only": 0, "forward + backward + step": 64}
 
 
-def _loop(state: dict[str, Any], mode: str, steps: int, every: int, url: str) -> float:
+def _loop(
+    state: dict[str, Any], mode: str, steps: int, every: int, url: str, batch: int = 0
+) -> float:
     """Steps per second over ``steps`` steps saving every ``every`` (none: no saves)."""
     mgr = None
     options = LOOPS[mode]
@@ -137,7 +144,7 @@ def _loop(state: dict[str, Any], mode: str, steps: int, every: int, url: str) ->
         mgr = CheckpointManager(url, keep_last=1, **options)
     t0 = time.perf_counter()
     for i in range(1, steps + 1):
-        step(state)
+        step(state, batch)
         if mgr is not None and i % every == 0:
             mgr.save(i, state)
     if mgr is not None:
@@ -155,7 +162,6 @@ def table(res: dict[str, Any]) -> str:
     sync, blocked = statistics.median(rows["sync"]), statistics.median(rows["blocked"])
     ratio = blocked / sync if sync else float("nan")
     verdict = "PASS" if ratio <= 0.10 else "FAIL"
-    base = statistics.median(loops["none"])
     lines = [
         f"State {res['state_mb']:.0f} MB (model + AdamW), {res['reps']} interleaved repetitions, "
         f"{res['cpus']} CPUs, load {res['load']:.1f} at the start; medians (min–max).",
@@ -169,16 +175,22 @@ def table(res: dict[str, Any]) -> str:
         f"{statistics.median(rows['commit']) / sync:.2f}× |",
         f"| a manager's first async `save()` blocks (a thread writer's buffer is new) | "
         f"{res['first_blocked']:.3f} s | {res['first_blocked'] / sync:.2f}× |",
-        "",
-        f"Loop of {res['steps']} AdamW steps, a save every {res['every']} (a new manager "
-        "per loop: its first save included):",
-        "",
-        "| saves | steps/s | vs no saves |",
-        "|---|---:|---:|",
     ]
-    for mode in LOOPS:
-        med = statistics.median(loops[mode])
-        lines.append(f"| {mode} | {_fmt(loops[mode], '/s')} | {med / base:.2f}× |")
+    for kind, batch in LOOP_KINDS.items():
+        per_mode = loops[kind]
+        base = statistics.median(per_mode["none"])
+        what = f"a forward and backward of {batch} rows, then" if batch else "only"
+        lines += [
+            "",
+            f"Loop of {res['steps']} steps ({what} an AdamW step), a save every "
+            f"{res['every']} (a new manager per loop: its first save included):",
+            "",
+            "| saves | steps/s | vs no saves |",
+            "|---|---:|---:|",
+        ]
+        for mode in LOOPS:
+            med = statistics.median(per_mode[mode])
+            lines.append(f"| {mode} | {_fmt(per_mode[mode], '/s')} | {med / base:.2f}× |")
     lines += [
         "",
         f"Peak RSS growth of the process: {res['peak_rss_growth_mb']:.0f} MB; largest forked "

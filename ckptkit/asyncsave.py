@@ -55,6 +55,7 @@ import torch
 
 from ckptkit import run as runmod
 from ckptkit.errors import CkptError, ConfigError
+from ckptkit.formats import native
 from ckptkit.manifest import MANIFEST
 from ckptkit.run import CheckpointInfo
 
@@ -269,15 +270,15 @@ class _ThreadWrite(_Job):
             t0 = time.monotonic()
             try:
                 deferred = snapshot.deferred
-                deferred.run()  # first (unless rolling): the loop's next step waits for it
-                watch = deferred if deferred.rolling else None
+                deferred.run()  # first (unless streamed): the loop's next step waits for it
+                watch = deferred if deferred.streamed else None
                 info = mgr._write(snapshot.tree(), manifest, name=name, watch=watch)
                 self._out = (info, time.monotonic() - t0)
             except BaseException as exc:  # noqa: BLE001 - raised by result()
                 self._error = exc
             finally:
-                # A rolling write that failed midway: nothing will read the live state
-                # again, so no step has anything to take for it.
+                # A streamed write that failed midway: nothing will read the live state
+                # again, so no step has anything to take (or wait) for it.
                 snapshot.deferred.disarm()
                 self._done.set()
 
@@ -285,9 +286,10 @@ class _ThreadWrite(_Job):
         # then for the GIL back, which a save blocks for (up to 10 ms on a busy
         # machine). Python does not join such a thread at exit: _finish_at_exit does,
         # at the same point (the save stays in _IN_FLIGHT until collected).
-        # Rolling (copy each storage as it is streamed, free it once written) only where
-        # the storage is done with each chunk before the next one: see _DeferredCopy.
+        # Streamed from the live tensors (and rolling: each copy freed once written) only
+        # where the storage is done with each chunk before the next: see _DeferredCopy.
         releases = bool(getattr(mgr.storage, "releases_chunks", False))
+        snapshot.deferred.streamed = releases
         snapshot.deferred.rolling = rolling and releases
         snapshot.deferred.arm()
         try:
@@ -476,36 +478,62 @@ if hasattr(os, "register_at_fork"):
 
 class _Range:
     """One deferred storage: where its copy goes in the flat buffer (``start``..``end``,
-    addresses), its pieces, the version of each tensor over it when save() ran, and how
-    many file entries still have to stream it (``refs``) before its copy may be freed."""
+    addresses), its pieces, the version of each tensor over it when save() ran, how
+    many file entries still have to stream it (``refs``), and the live storage itself
+    (``live``: read straight from it until the loop's next step). ``copied``: its copy
+    is taken; ``done``: every entry over it was streamed from the live storage, so it
+    never needs a copy."""
 
-    __slots__ = ("start", "end", "pieces", "versions", "refs", "copied")
+    __slots__ = ("start", "end", "pieces", "versions", "refs", "copied", "done", "live")
 
     def __init__(
-        self, start: int, end: int, pieces: list[tuple[int, int, int]], versions: list[Any]
+        self,
+        start: int,
+        end: int,
+        pieces: list[tuple[int, int, int]],
+        versions: list[Any],
+        live: torch.UntypedStorage | None = None,
     ) -> None:
         self.start, self.end, self.pieces, self.versions = start, end, pieces, versions
+        self.live = live
         self.refs = 0
-        self.copied = False
+        self.copied = self.done = False
+
+    def changed(self) -> int:
+        """How many tensors over it were written since save() (their version counters)."""
+        return sum(1 for t, version in self.versions if t._version != version)
+
+
+# The most a live read holds at once: an optimizer step waits for at most one such read
+# (a memcpy into the writer's bounce buffer, or one buffered write) before it goes on.
+_LIVE_PIECE = 1 << 20
 
 
 class _DeferredCopy:
-    """The part of a snapshot copied after save() returned: what optimizers own.
+    """The part of a snapshot taken after save() returned: what optimizers own.
 
-    Two ways to take it. Whole (``async_snapshot="deferred"``, the default): the writer
-    copies every range first thing, at memory speed, then writes the copy; the copy is
-    kept for the next save (no page faults then). Rolling (``"rolling"``, or a deferred
-    copy where a copy of the state would take more than half the memory left; only on a
-    storage that ``releases_chunks``: local disks): the writer copies each storage just
-    before it streams it and frees that copy once every file entry over it is written
-    (``madvise(MADV_DONTNEED)``), so a save holds only what is in flight, not a copy of
-    the state; the loop's next step copies what is still unwritten itself, and each save
-    faults its copy's pages in anew (96 MB here: 101 -> 14 MB extra, and ~100 ms more on
-    the step after a save, which is why it is not the default). Either way the next
-    optimizer step (``_before_step``) or a restore takes what is left before it goes on
-    (``hurry``): the live tensors are never read after that. Each storage's versions are
-    compared right after its copy, so a change made outside step() before then fails the
-    save (raised before its manifest)."""
+    Three ways to take it.
+
+    - **Streamed** (the default, on a storage that ``releases_chunks``: local disks):
+      the writer streams each owned storage straight from the live tensors, in pieces of
+      ``_LIVE_PIECE``, and copies nothing; the loop's next optimizer step (or a restore)
+      copies, at memory speed, only what is not written yet, waits for the one piece
+      the writer may be reading, and goes on; the writer then reads the rest from that
+      copy. A save that is over before the next step copies nothing at all (96 MB here:
+      one copy of the state -> ~3 MB extra). Pages the copy touched are kept for the
+      next save (a fresh page costs a fault, more than the copy).
+    - **Rolling** (``async_snapshot="rolling"``, or streamed where a copy of the state
+      would take more than half the memory left): streamed, and each copied storage is
+      freed (``madvise(MADV_DONTNEED)``) once every file entry over it is written, so a
+      save never holds more than the part a step copied and is not written yet.
+    - **Whole** (any other storage: gs://, drive://, memory:// may hold a chunk after
+      asking for the next): the writer copies every range first thing, then writes the
+      copy, and the next step waits for that copy (~12 ms for 96 MB).
+
+    Either way the live tensors are never read once the next step (``_before_step``) or
+    a restore has called ``hurry``. Each storage's versions are compared right after its
+    copy, or once it is streamed from the live tensors to its end, so a change made
+    outside step() before then fails the save (raised before its manifest)."""
 
     def __init__(
         self,
@@ -522,8 +550,12 @@ class _DeferredCopy:
         self._left = len(ranges)
         self._region = region
         self._base = buffer.data_ptr() if buffer is not None else 0
-        self._lock = threading.Lock()
+        # Reentrant: a copy that takes the last range disarms under it.
+        self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)  # no live piece is being read
+        self._reading = 0  # live pieces handed to the consumer and not given back yet
         self._changed = 0
+        self.streamed = False  # set by the writer, before it is armed
         self.rolling = False
         self._taken = threading.Event()
         if not ranges:  # nothing to copy: taken already, and no step ever waits for it
@@ -542,15 +574,23 @@ class _DeferredCopy:
             _IN_COPY.add(self)
 
     def disarm(self) -> None:
-        self._closed = True  # taken, or its write is over: nothing is copied after this
+        """Its write is over (or failed): nothing is copied or read live after this."""
+        with self._lock:
+            self._reading = 0  # its consumer is gone: it holds no live piece any more
+            self._idle.notify_all()
+        self._unlist()
+
+    def _unlist(self) -> None:
+        """Nothing is left to copy: no step needs to call ``hurry`` for it any more."""
+        self._closed = True
         with _IN_COPY_LOCK:
             _IN_COPY.discard(self)
         self._taken.set()
 
     def run(self) -> None:
-        """The writer's first call: takes the whole copy unless ``rolling``; raises (for
-        that save) if a tensor changed before its copy."""
-        if self.rolling:
+        """The writer's first call: takes the whole copy unless ``streamed``; raises
+        (for that save) if a tensor changed before its copy."""
+        if self.streamed:
             return
         try:
             self.take_rest()
@@ -559,29 +599,41 @@ class _DeferredCopy:
         self.check()
 
     def take_rest(self) -> None:
-        """Copy every range not copied yet (the loop's next step, a restore, the writer)."""
+        """Copy every range not copied yet and still to be written (the loop's next
+        step, a restore, the writer)."""
         with self._lock:
-            todo = [] if self._closed else [r for r in self._ranges if not r.copied]
-            if todo:
-                self._copy(todo)
+            if not self._closed:
+                todo = [r for r in self._ranges if not r.copied and not r.done]
+                if todo:
+                    self._copy(todo)
 
     def hurry(self) -> None:
-        """Before the live state changes (an optimizer step, a restore): rolling, take the
-        rest here and now; otherwise wait for the writer, which is taking it."""
-        if self.rolling:
+        """Before the live state changes (an optimizer step, a restore). Streamed: copy
+        what is not written yet here and now, and wait for the live piece the writer may
+        be reading; otherwise wait for the writer, which is taking the whole copy."""
+        if not self.streamed:
+            while not self._taken.wait(0.2):  # woken often: Ctrl+C still interrupts
+                pass
+            return
+        with self._lock:
             self.take_rest()
-        while not self._taken.wait(0.2):  # woken often: Ctrl+C still interrupts
-            pass
+            while self._reading:
+                self._idle.wait(0.2)
 
     def _copy(self, ranges: list[_Range]) -> None:
         pieces = [p for r in ranges for p in r.pieces]
         _copy_pieces(pieces, sum(n for _, _, n in pieces))
         for r in ranges:  # after the copy, before anything may write the live tensors
-            self._changed += sum(1 for t, version in r.versions if t._version != version)
+            self._changed += r.changed()
             r.copied = True
-        self._left -= len(ranges)
+        self._gone(len(ranges))
+
+    def _gone(self, n: int) -> None:
+        """``n`` more ranges are copied or written: the live state is not needed for them."""
+        self._left -= n
         if not self._left:
-            self.disarm()
+            # (A live piece may still be read: the hurry that took the last copy waits.)
+            self._unlist()
 
     def check(self) -> None:
         """Raise if any tensor changed before its copy (the writer: before the manifest)."""
@@ -595,7 +647,7 @@ class _DeferredCopy:
                 "inside save()"
             )
 
-    # -- native.Watch: the rolling copy, told by the encoder as it streams each tensor --
+    # -- native.Watch: the encoder streams each tensor through it --------------------
 
     def _range_of(self, t: torch.Tensor) -> _Range | None:
         if not t.numel() or t.device.type != "cpu":
@@ -611,20 +663,72 @@ class _DeferredCopy:
         if r is not None:
             r.refs += 1  # the files are planned before any is written: no lock needed
 
+    def stream(self, t: torch.Tensor) -> Iterator[memoryview]:
+        """``t``'s bytes (``t``: a view of this snapshot's copy): read from the live
+        storage while the loop has not stepped, from the copy once it is taken."""
+        r = self._range_of(t)
+        if r is None:
+            yield from native.tensor_chunks(t)
+            return
+        contiguous = t.is_contiguous()
+        if r.live is None or (not contiguous and t.numel() * t.element_size() > native.CHUNK):
+            self.before(t)  # converted in many pieces (a large transposed view): the copy
+            yield from native.tensor_chunks(t)
+            self.after(t)
+            return
+        # The same view of the live storage.
+        at = (t.data_ptr() - r.start) // t.element_size()
+        live = torch.empty(0, dtype=t.dtype).set_(r.live, at, t.size(), t.stride())
+        if not contiguous:  # converted at once (what tensor_chunks does too): a new tensor
+            with self._reading_live(r) as from_live:
+                data = native.bytes_of((live if from_live else t).contiguous())
+            yield data
+        else:
+            copy, live_bytes = native.bytes_of(t), native.bytes_of(live)
+            for lo in range(0, len(copy), _LIVE_PIECE):
+                with self._reading_live(r) as from_live:
+                    # Consumed before the consumer asks for the next piece (releases_chunks).
+                    yield (live_bytes if from_live else copy)[lo : lo + _LIVE_PIECE]
+        self.after(t)
+
+    @contextlib.contextmanager
+    def _reading_live(self, r: _Range) -> Iterator[bool]:
+        """Whether ``r`` is to be read live (not copied yet); a step waits while it is."""
+        with self._lock:
+            from_live = not r.copied
+            if from_live:
+                self._reading += 1
+        try:
+            yield from_live
+        finally:  # done with it (or abandoned: the write failed)
+            if from_live:
+                with self._lock:
+                    self._reading = max(0, self._reading - 1)
+                    self._idle.notify_all()
+
     def before(self, t: torch.Tensor) -> None:
+        """Take ``t``'s storage now (it is read from the copy)."""
         r = self._range_of(t)
         if r is not None and not r.copied:
             with self._lock:
-                if not r.copied:
+                if not r.copied and not self._closed:
                     self._copy([r])
 
     def after(self, t: torch.Tensor) -> None:
+        """One entry over ``t``'s storage is written: once all are, a storage read live
+        to its end has its versions compared, and a rolling copy is freed."""
         r = self._range_of(t)
         if r is None:
             return
         with self._lock:
             r.refs -= 1
-            if r.refs or self._region is None:
+            if r.refs:
+                return
+            if not r.copied and not r.done:  # streamed from the live tensors to its end
+                self._changed += r.changed()
+                r.done = True
+                self._gone(1)
+            if not r.copied or not self.rolling or self._region is None:
                 return
             # The whole pages inside its copy (the ends share pages with its neighbours).
             lo = -(-(r.start - self._base) // mmap.PAGESIZE) * mmap.PAGESIZE
@@ -781,7 +885,7 @@ class _HostBuffers:
                 for start in range(0, n, _PIECE)
             ]
             if key in later_keys:
-                by_key[key] = _Range(base + offset, base + offset + n, pieces, [])
+                by_key[key] = _Range(base + offset, base + offset + n, pieces, [], storages[key])
             else:
                 now.extend(pieces)
                 now_bytes += n

@@ -113,17 +113,16 @@ Payload = Callable[[], Iterator[memoryview]]
 
 
 class Watch(Protocol):
-    """Told about each tensor a file's payload streams (an async save's rolling copy,
+    """Streams each tensor a file's payload holds (an async save's deferred copy,
     ``asyncsave._DeferredCopy``): ``planned`` once per file that will stream it, when
-    the files are planned; ``before`` just before its bytes are read; ``after`` once
-    the consumer asked for the chunk after its last one. ``check`` runs after every
-    data file is written and before the manifest: it raises to stop the commit."""
+    the files are planned; ``stream`` yields its bytes (C order, as ``tensor_chunks``
+    does) from wherever they are to be read now, and the consumer asks for the next
+    chunk only once it is done with the one before. ``check`` runs after every data
+    file is written and before the manifest: it raises to stop the commit."""
 
     def planned(self, t: torch.Tensor) -> None: ...
 
-    def before(self, t: torch.Tensor) -> None: ...
-
-    def after(self, t: torch.Tensor) -> None: ...
+    def stream(self, t: torch.Tensor) -> Iterator[memoryview]: ...
 
     def check(self) -> None: ...
 
@@ -171,17 +170,13 @@ class _Tensors:
         def chunks() -> Iterator[memoryview]:
             yield memoryview(header)
             for t in self.tensors.values():
-                if watch is not None:
-                    watch.before(t)
-                yield from tensor_chunks(t)
-                if watch is not None:  # the consumer asked for more: done with t's bytes
-                    watch.after(t)
+                yield from tensor_chunks(t) if watch is None else watch.stream(t)
 
         chunks.size = len(header) + self.nbytes  # type: ignore[attr-defined]
         return chunks
 
 
-def _bytes_of(t: torch.Tensor) -> memoryview:
+def bytes_of(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy (the view keeps it alive)."""
     if t.dim() == 0:
         t = t.reshape(1)
@@ -196,13 +191,13 @@ def tensor_chunks(t: torch.Tensor) -> Iterator[memoryview]:
     if t.numel() == 0:
         return
     if t.device.type == "cpu" and t.is_contiguous():
-        yield _bytes_of(t)
+        yield bytes_of(t)
     elif t.numel() * t.element_size() <= CHUNK or t.dim() == 0:
-        yield _bytes_of(t.contiguous().cpu())
+        yield bytes_of(t.contiguous().cpu())
     elif t.is_contiguous():
         flat, step = t.view(-1), max(1, CHUNK // t.element_size())
         for i in range(0, flat.numel(), step):
-            yield _bytes_of(flat[i : i + step].cpu())
+            yield bytes_of(flat[i : i + step].cpu())
     elif t.shape[0] == 1:
         yield from tensor_chunks(t[0])
     else:
@@ -616,7 +611,7 @@ def _read_plan(
                 f"{where}: tensor {name[:60]!r} has an impossible shape"
             ) from None
         if end > begin:
-            view = _bytes_of(t)
+            view = bytes_of(t)
             for a in range(0, end - begin, READ_PIECE):
                 piece = view[a : a + READ_PIECE]
                 member.readinto(base + begin + a, piece)

@@ -1,12 +1,16 @@
-"""The rolling copy of an async save (``async_snapshot="rolling"``, or a deferred copy
-where memory is tight) on a storage that ``releases_chunks`` (local disks):
-the writer copies each optimizer-owned storage just before it streams it and frees that
-copy once every file entry over it is written; the loop's next optimizer step (or a
-restore) copies whatever is left itself, at once, instead of waiting for the disk.
+"""The streamed and rolling deferred copies of an async save, on a storage that
+``releases_chunks`` (local disks).
+
+Streamed (the default there): the writer streams each optimizer-owned storage straight
+from the live tensors and copies nothing; the loop's next optimizer step (or a restore)
+copies whatever is not written yet itself, at once, instead of waiting for the disk,
+and waits only for the one live piece the writer may be reading. Rolling
+(``async_snapshot="rolling"``, or a streamed copy where memory is tight): the same, and
+each copied storage is freed once every file entry over it is written.
 
 Each test holds the writer after it streamed its first tensor (``mid_file``), so that
-part of the state is copied and written and the rest is not, then checks the committed
-data files byte for byte against a sync save of the state as it was at ``save()``.
+part of the state is written and the rest is not, then checks the committed data files
+byte for byte against a sync save of the state as it was at ``save()``.
 """
 
 from __future__ import annotations
@@ -129,24 +133,33 @@ def sync_files(tmp_path: Path, state: dict[str, Any], step: int) -> dict[str, by
     return data_files(committed(tmp_path / "sync"))
 
 
-def trained() -> dict[str, Any]:
-    state = make_training(width=16)
+def trained(width: int = 16) -> dict[str, Any]:
+    """A trained state; ``width=16384``: ~1.4 MB, hundreds of pages."""
+    state = make_training(width=width)
     train_steps(state, 2)
     return state
 
 
-def rolling(tmp_path: Path) -> CheckpointManager:
+def rolling(tmp_path: Path, snapshot: str = "rolling") -> CheckpointManager:
     return CheckpointManager(
-        f"rolling://{tmp_path}/async", run_name="r", async_save=True, async_snapshot="rolling"
+        f"rolling://{tmp_path}/async", run_name="r", async_save=True, async_snapshot=snapshot
     )
 
 
-def test_a_step_during_a_rolling_save_copies_the_rest_itself_and_never_waits_for_the_disk(
-    tmp_path: Path, mid_file: MidFile
+def touched_pages(mgr: CheckpointManager) -> int:
+    """Pages of the kept snapshot buffer holding anything: what a copy wrote (and kept)."""
+    flat = mgr._background._buffers._flat
+    pages = flat[: flat.numel() // 4096 * 4096].view(-1, 4096)
+    return int((pages != 0).any(dim=1).sum())
+
+
+@pytest.mark.parametrize("snapshot", ["deferred", "rolling"])
+def test_a_step_during_a_streamed_save_copies_the_rest_itself_and_never_waits_for_the_disk(
+    tmp_path: Path, mid_file: MidFile, snapshot: str
 ) -> None:
     state = trained()
     expected = sync_files(tmp_path, state, 3)
-    with rolling(tmp_path) as mgr:
+    with rolling(tmp_path, snapshot) as mgr:
         mgr.save(3, state)
         assert mid_file.started.wait(10)
         stepper, errors = in_thread(lambda: train_steps(state, 3, seed=9))
@@ -182,16 +195,17 @@ def test_views_of_one_storage_in_later_files_are_written_before_its_copy_is_free
     assert data_files(committed(tmp_path / "async", 2)) == expected
 
 
+@pytest.mark.parametrize("snapshot", ["deferred", "rolling"])
 def test_a_change_outside_step_before_its_copy_fails_the_save_but_not_after_it(
-    tmp_path: Path, mid_file: MidFile
+    tmp_path: Path, mid_file: MidFile, snapshot: str
 ) -> None:
     state = trained()
     params = list(state["model"].parameters())
     expected = sync_files(tmp_path, state, 2)
-    with rolling(tmp_path) as mgr:
+    with rolling(tmp_path, snapshot) as mgr:
         mgr.save(2, state)
         assert mid_file.started.wait(10)
-        with torch.no_grad():  # the first tensor is copied and written already: harmless
+        with torch.no_grad():  # the first tensor is written already: harmless
             params[0].add_(1.0)
         mid_file.release()
         mgr.wait()
@@ -202,7 +216,7 @@ def test_a_change_outside_step_before_its_copy_fails_the_save_but_not_after_it(
         mid_file.calls = 0
         mgr.save(3, state)
         assert mid_file.started.wait(10)
-        with torch.no_grad():  # the last parameter is not copied yet: a torn snapshot
+        with torch.no_grad():  # the last parameter is not written yet: a torn snapshot
             params[-1].add_(1.0)
         mid_file.release()
         with pytest.raises(ConfigError, match="async_snapshot='eager'"):
@@ -232,26 +246,99 @@ def test_restore_during_a_rolling_save_takes_the_rest_and_does_not_wait(
     assert data_files(committed(tmp_path / "async")) == expected
 
 
-def test_a_deferred_copy_rolls_by_itself_where_a_copy_would_not_fit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    state = fused_state()
+def test_a_save_over_before_the_next_step_copies_nothing(tmp_path: Path) -> None:
+    state = trained(width=16384)
     expected = sync_files(tmp_path, state, 1)
+    with rolling(tmp_path, "deferred") as mgr:
+        mgr.save(1, state)
+        mgr.wait()
+        # Every owned tensor was streamed from the live state: no page of its copy was
+        # ever written (what save() copied itself, the tensors no optimizer owns, is a
+        # few pages at most here).
+        flat = mgr._background._buffers._flat
+        assert touched_pages(mgr) <= 2 and flat.numel() // 4096 > 300
+    assert data_files(committed(tmp_path / "async")) == expected
 
-    def saved_pages(url: str) -> int:
+
+def test_a_streamed_copy_keeps_what_a_step_copied_and_rolls_where_memory_is_tight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mid_file: MidFile
+) -> None:
+    expected = sync_files(tmp_path, trained(width=16384), 1)
+
+    def kept_pages(url: str) -> int:
+        """Save a fresh state, step once while the writer is held, and count the pages
+        of the copy kept after the commit."""
+        mid_file.go.clear()
+        mid_file.started.clear()
+        mid_file.calls = 0
+        state = trained(width=16384)
         with CheckpointManager(url, run_name="r", async_save=True) as mgr:
             mgr.save(1, state)
+            assert mid_file.started.wait(10)
+            train_steps(state, 1, seed=4)  # copies what is not written yet
+            mid_file.release()
             mgr.wait()
-            flat = mgr._background._buffers._flat
-            pages = flat[: flat.numel() // 4096 * 4096].view(-1, 4096)
-            return int((pages != 0).any(dim=1).sum())
+            return touched_pages(mgr)
 
-    roomy = saved_pages(f"rolling://{tmp_path}/roomy")  # the whole copy, kept
-    monkeypatch.setattr(asyncsave, "_available_memory", lambda: 300_000)  # < 2 copies
-    tight = saved_pages(f"rolling://{tmp_path}/tight")
+    roomy = kept_pages(f"rolling://{tmp_path}/roomy")  # the step's copy, kept
+    assert roomy > 100
+    monkeypatch.setattr(asyncsave, "_available_memory", lambda: 1_000_000)  # < 2 copies
+    tight = kept_pages(f"rolling://{tmp_path}/tight")  # freed once written
     assert tight < roomy // 10, (tight, roomy)
-    assert data_files(committed(tmp_path / "tight")) == expected
     assert data_files(committed(tmp_path / "roomy")) == expected
+    assert data_files(committed(tmp_path / "tight")) == expected
+
+
+class HoldsALivePiece(RollingThreadOnly):
+    """Keeps the first tensor bytes of the model file it is handed, unwritten, until
+    ``go``: a disk slow to take a write. The bytes are written only then."""
+
+    held = threading.Event()
+    go = threading.Event()
+
+    def write_stream(self, key: str, chunks: Any, size: int | None = None) -> None:
+        if not key.endswith("model.safetensors"):
+            return super().write_stream(key, chunks, size)
+
+        def slow() -> Iterator[memoryview]:
+            for i, chunk in enumerate(chunks):
+                if i == 1:  # the header first, then the first tensor, read live
+                    HoldsALivePiece.held.set()
+                    assert HoldsALivePiece.go.wait(60)
+                yield chunk
+
+        return super().write_stream(key, slow(), size)
+
+
+def test_a_step_waits_for_the_live_piece_the_writer_is_reading_and_no_longer(
+    tmp_path: Path,
+) -> None:
+    class Slow:
+        @hookimpl
+        def ckptkit_register_storage(self):
+            return {"slowdisk": HoldsALivePiece}
+
+    get_plugin_manager().register(Slow(), name="rolling-slow-backend")
+    HoldsALivePiece.held.clear()
+    HoldsALivePiece.go.clear()
+    state = trained()
+    expected = sync_files(tmp_path, state, 1)
+    url = f"slowdisk://{tmp_path}/async"
+    with CheckpointManager(url, run_name="r", async_save=True) as mgr:
+        try:
+            mgr.save(1, state)
+            assert HoldsALivePiece.held.wait(10)
+            stepper, errors = in_thread(lambda: train_steps(state, 2, seed=6))
+            # The step copies the rest, then waits: the writer still reads the live
+            # tensor, and a step now would write it under the read (a torn file).
+            stepper.join(1.0)
+            assert stepper.is_alive(), "a step wrote a tensor the writer was reading"
+        finally:
+            HoldsALivePiece.go.set()
+        stepper.join(30)
+        assert not stepper.is_alive() and not errors, errors
+        mgr.wait()
+    assert data_files(committed(tmp_path / "async")) == expected
 
 
 def test_the_memory_left_is_read_from_the_machine() -> None:

@@ -18,11 +18,12 @@ Two writers, chosen per save (docs/RESUME.md, "Async save"):
   (CPU: one flat buffer, a memcpy per storage; CUDA: device to host into pinned buffers
   on a side stream, synchronized before it returns), then a thread writes the copy.
   What the state's optimizers own (their parameters and state: most of a training
-  state) is copied by that thread, after ``save()`` returns, and each optimizer's next
-  ``step()`` waits for that copy (``async_snapshot="deferred"``, the default; see "the
-  deferred copy" below); the rest is copied inside ``save()``, which then blocks only
-  for walking the state (~3 ms for 592 tensors). ``async_snapshot="eager"`` copies
-  everything inside ``save()``.
+  state) is taken after ``save()`` returns, before each optimizer's next ``step()``
+  (``async_snapshot="deferred"``, the default; see ``_DeferredCopy``): on a local disk
+  streamed from the live tensors, the step copying only what is not written yet;
+  elsewhere copied by that thread first, the step waiting for it. The rest is copied
+  inside ``save()``, which then blocks only for walking the state (~3 ms for 592
+  tensors). ``async_snapshot="eager"`` copies everything inside ``save()``.
 
 At most one save is in flight: the next ``save`` first waits for the previous one. A
 background error is raised by the next ``save``/``wait``/``close`` (and printed at
@@ -444,19 +445,22 @@ class _Snapshot:
 # -- the deferred copy -------------------------------------------------------------------
 #
 # Most of a training state is what its optimizers own: their parameters and their state
-# (AdamW: 3 tensors a parameter). Those change only in ``optimizer.step()``, so their copy
-# need not be taken inside ``save()``: the writer takes it first thing, while the loop
-# goes on to its next forward and backward, and the next step of any optimizer waits for
-# it (a step pre-hook). This is the pipelined snapshot of CheckFreq (Mohan et al., FAST
-# 2021). Everything else (buffers, which a forward may update; tensors no optimizer owns;
-# anything of an optimizer whose step runs no hooks) is copied before save() returns.
+# (AdamW: 3 tensors a parameter). Those change only in ``optimizer.step()``, so they need
+# not be copied inside ``save()``: the writer streams them from the live memory (or
+# copies them first, on a storage that may keep a chunk), and the next step of any
+# optimizer first takes what is left (a step pre-hook). The pipelined snapshot of
+# CheckFreq (Mohan et al., FAST 2021), with the copy cut to what a step would change
+# before it is written. Everything else (buffers, which a forward may update; tensors
+# no optimizer owns; anything of an optimizer whose step runs no hooks) is copied
+# before save() returns.
 #
-# A write to an owned tensor outside step() before the copy is taken (a restore, a manual
-# update under no_grad) would tear the snapshot: ``restore`` waits for the copy, and
-# every owned tensor's version counter is compared after it, so such a write fails the
-# save (raised by the next save/wait/close) instead of committing a mix. A write through
-# ``.data`` bypasses version counters: ``async_snapshot="eager"`` copies everything
-# inside save() for loops that do that (docs/RESUME.md, "Async save").
+# A write to an owned tensor outside step() before it is copied or written (a restore, a
+# manual update under no_grad) would tear the snapshot: ``restore`` takes the rest
+# first, and every owned tensor's version counter is compared once its storage is copied
+# or written, so such a write fails the save (raised by the next save/wait/close)
+# instead of committing a mix. A write through ``.data`` bypasses version counters:
+# ``async_snapshot="eager"`` copies everything inside save() for loops that do that
+# (docs/RESUME.md, "Async save").
 
 _IN_COPY: set[_DeferredCopy] = set()  # deferred copies not yet taken
 _IN_COPY_LOCK = threading.Lock()

@@ -162,12 +162,12 @@ class CheckpointManager:
     ``async_save=True``: ``save()`` returns once a consistent snapshot of the state is
     taken and writes it in the background; it is committed by the next ``save``, or
     ``wait()``/``close()`` (docs/RESUME.md, "Async save"). ``async_snapshot``:
-    ``"deferred"`` (the default) copies what the state's optimizers own (their parameters
-    and state) after ``save()`` returns, before their next ``step()``, which waits for it;
-    ``"rolling"`` (local disks; also chosen by itself when a copy of the state would take
-    more than half the memory left) copies each of those tensors just before it is
-    written and frees that copy once written, so a save needs far less than a copy of
-    the state, and the next ``step()`` copies what is still unwritten itself;
+    ``"deferred"`` (the default) takes what the state's optimizers own (their parameters
+    and state) after ``save()`` returns: on local disks it streams them from live memory
+    and their next ``step()`` first copies only what is not written yet (nothing when the
+    save ended); elsewhere the writer copies them first and that ``step()`` waits for the
+    copy; ``"rolling"`` (also chosen by itself when a copy of the state would take more
+    than half the memory left) frees what a step copied once it is written;
     ``"eager"`` copies every tensor inside ``save()`` (for a loop that writes parameters
     in place outside ``step()`` through ``.data``).
     """

@@ -384,3 +384,33 @@ def test_a_rolling_write_that_fails_midway_never_hangs_a_step_and_keeps_the_last
         stepper.join(30)
         assert not stepper.is_alive() and not errors
         assert [c.step for c in mgr.list()] == [1]
+
+
+def test_a_change_outside_step_to_the_tensor_being_streamed_fails_the_save(
+    tmp_path: Path,
+) -> None:
+    class Slow:
+        @hookimpl
+        def ckptkit_register_storage(self):
+            return {"slowdisk2": HoldsALivePiece}
+
+    get_plugin_manager().register(Slow(), name="rolling-slow-backend-2")
+    state = trained()
+    url = f"slowdisk2://{tmp_path}/async"
+    with CheckpointManager(url, run_name="r", async_save=True) as mgr:
+        HoldsALivePiece.held.clear()
+        HoldsALivePiece.go.set()  # the first save goes through
+        mgr.save(1, state)
+        mgr.wait()
+        HoldsALivePiece.held.clear()
+        HoldsALivePiece.go.clear()
+        mgr.save(2, state)
+        try:
+            assert HoldsALivePiece.held.wait(10)
+            with torch.no_grad():  # the model file's first tensor, read live right now
+                next(iter(state["model"].state_dict(keep_vars=True).values())).add_(1.0)
+        finally:
+            HoldsALivePiece.go.set()
+        with pytest.raises(ConfigError, match="changed in place after save"):
+            mgr.wait()
+        assert [c.step for c in mgr.list()] == [1]

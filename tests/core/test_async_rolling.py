@@ -310,9 +310,10 @@ class HoldsALivePiece(RollingThreadOnly):
         return super().write_stream(key, slow(), size)
 
 
-def test_a_step_waits_for_the_live_piece_the_writer_is_reading_and_no_longer(
-    tmp_path: Path,
-) -> None:
+@pytest.fixture
+def slow_disk() -> Iterator[str]:
+    """``slowdisk://``: a disk that holds the model file's first tensor (HoldsALivePiece)."""
+
     class Slow:
         @hookimpl
         def ckptkit_register_storage(self):
@@ -321,9 +322,16 @@ def test_a_step_waits_for_the_live_piece_the_writer_is_reading_and_no_longer(
     get_plugin_manager().register(Slow(), name="rolling-slow-backend")
     HoldsALivePiece.held.clear()
     HoldsALivePiece.go.clear()
+    yield "slowdisk"
+    HoldsALivePiece.go.set()  # a failing test must not leave a writer parked
+
+
+def test_a_step_waits_for_the_live_piece_the_writer_is_reading_and_no_longer(
+    tmp_path: Path, slow_disk: str
+) -> None:
     state = trained()
     expected = sync_files(tmp_path, state, 1)
-    url = f"slowdisk://{tmp_path}/async"
+    url = f"{slow_disk}://{tmp_path}/async"
     with CheckpointManager(url, run_name="r", async_save=True) as mgr:
         try:
             mgr.save(1, state)
@@ -387,18 +395,11 @@ def test_a_rolling_write_that_fails_midway_never_hangs_a_step_and_keeps_the_last
 
 
 def test_a_change_outside_step_to_the_tensor_being_streamed_fails_the_save(
-    tmp_path: Path,
+    tmp_path: Path, slow_disk: str
 ) -> None:
-    class Slow:
-        @hookimpl
-        def ckptkit_register_storage(self):
-            return {"slowdisk2": HoldsALivePiece}
-
-    get_plugin_manager().register(Slow(), name="rolling-slow-backend-2")
     state = trained()
-    url = f"slowdisk2://{tmp_path}/async"
+    url = f"{slow_disk}://{tmp_path}/async"
     with CheckpointManager(url, run_name="r", async_save=True) as mgr:
-        HoldsALivePiece.held.clear()
         HoldsALivePiece.go.set()  # the first save goes through
         mgr.save(1, state)
         mgr.wait()

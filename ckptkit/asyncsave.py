@@ -59,6 +59,7 @@ from ckptkit.errors import CkptError, ConfigError
 from ckptkit.formats import native
 from ckptkit.manifest import MANIFEST
 from ckptkit.run import CheckpointInfo
+from ckptkit.storage import base as storage_base
 
 if TYPE_CHECKING:
     from ckptkit.manager import CheckpointManager
@@ -289,7 +290,7 @@ class _ThreadWrite(_Job):
         # at the same point (the save stays in _IN_FLIGHT until collected).
         # Streamed from the live tensors (and rolling: each copy freed once written) only
         # where the storage is done with each chunk before the next: see _DeferredCopy.
-        releases = bool(getattr(mgr.storage, "releases_chunks", False))
+        releases = storage_base.releases_chunks(mgr.storage)
         snapshot.deferred.streamed = releases
         snapshot.deferred.rolling = rolling and releases
         snapshot.deferred.arm()

@@ -36,7 +36,9 @@ class Storage(Protocol):
     (how many files of a checkpoint may be written at once: object stores) and
     ``releases_chunks`` (``write_stream`` is done with each chunk's bytes before it
     asks for the next one, and never asks for a file's chunks twice: an async save
-    then frees what it copied for a tensor once the tensor is written).
+    then streams a tensor from live memory until the loop's next step; read with
+    ``releases_chunks()``, which a subclass that overrides ``write_stream`` does not
+    inherit).
     """
 
     url: str
@@ -120,6 +122,21 @@ def write_stream(
         writer(key, chunks, size)
     else:
         storage.write_bytes(key, b"".join(chunks))
+
+
+def releases_chunks(storage: Storage) -> bool:
+    """Whether ``storage`` has the ``releases_chunks`` capability (see ``Storage``). It is
+    a promise about ``write_stream``, so it holds only where declared at or below the
+    class whose ``write_stream`` runs: a subclass of a local disk that overrides
+    ``write_stream`` (a plugin that buffers chunks, or uploads them later) does not
+    inherit it and must declare it again."""
+    own = getattr(storage, "__dict__", {})  # the instance first: a write_stream set on it
+    for where in (own, *(vars(cls) for cls in type(storage).__mro__)):
+        if "releases_chunks" in where:
+            return bool(where["releases_chunks"])
+        if "write_stream" in where:
+            return False
+    return False
 
 
 def join_key(*parts: str) -> str:

@@ -27,6 +27,7 @@ from ckptkit import CheckpointManager, asyncsave, hookimpl
 from ckptkit.errors import ConfigError
 from ckptkit.hooks.manager import get_plugin_manager
 from ckptkit.manifest import MANIFEST
+from ckptkit.storage import base as storage_base
 from tests.core.helpers import ThreadOnlyStorage, in_thread, make_training, train_steps
 
 RollingThreadOnly = ThreadOnlyStorage  # ``rolling:///dir``: it releases chunks, as disks do
@@ -293,6 +294,7 @@ class HoldsALivePiece(RollingThreadOnly):
     """Keeps the first tensor bytes of the model file it is handed, unwritten, until
     ``go``: a disk slow to take a write. The bytes are written only then."""
 
+    releases_chunks = True  # each chunk is written before the next is asked for
     held = threading.Event()
     go = threading.Event()
 
@@ -359,6 +361,7 @@ def test_the_memory_left_is_read_from_the_machine() -> None:
 class FailsSecondFile(RollingThreadOnly):
     """Writes a checkpoint's first data file, then fails (a disk that filled up)."""
 
+    releases_chunks = True  # its write_stream still is done with each chunk at once
     armed = False
 
     def write_stream(self, key: str, chunks: Any, size: int | None = None) -> None:
@@ -415,3 +418,41 @@ def test_a_change_outside_step_to_the_tensor_being_streamed_fails_the_save(
         with pytest.raises(ConfigError, match="changed in place after save"):
             mgr.wait()
         assert [c.step for c in mgr.list()] == [1]
+
+
+class KeepsChunks(RollingThreadOnly):
+    """A plugin's disk that gathers a file's chunks and writes them once all are in (as
+    an uploader might): it overrides write_stream without saying it releases chunks."""
+
+    def write_stream(self, key: str, chunks: Any, size: int | None = None) -> None:
+        kept = list(chunks)  # views of whatever memory the save streams from
+        HoldsALivePiece.held.set()
+        assert HoldsALivePiece.go.wait(60)
+        super().write_stream(key, kept, size)
+
+
+def test_a_disk_subclass_that_keeps_chunks_gets_the_whole_copy_not_live_memory(
+    tmp_path: Path,
+) -> None:
+    class Keeping:
+        @hookimpl
+        def ckptkit_register_storage(self):
+            return {"keeps": KeepsChunks}
+
+    get_plugin_manager().register(Keeping(), name="rolling-keeps-backend")
+    assert not storage_base.releases_chunks(KeepsChunks(f"keeps://{tmp_path}/x"))
+    assert storage_base.releases_chunks(RollingThreadOnly(f"rolling://{tmp_path}/x"))
+    HoldsALivePiece.held.clear()
+    HoldsALivePiece.go.clear()
+    state = trained()
+    expected = sync_files(tmp_path, state, 1)
+    url = f"keeps://{tmp_path}/async"
+    with CheckpointManager(url, run_name="r", async_save=True) as mgr:
+        try:
+            mgr.save(1, state)
+            assert HoldsALivePiece.held.wait(10)
+            train_steps(state, 2, seed=8)  # the chunks it kept must not change
+        finally:
+            HoldsALivePiece.go.set()
+        mgr.wait()
+    assert data_files(committed(tmp_path / "async")) == expected

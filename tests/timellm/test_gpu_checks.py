@@ -13,7 +13,13 @@ import pytest
 from .train_script import ROOT
 
 SCRIPT = ROOT / "bench" / "gpu_checks.py"
-CHECKS = ("gpt2_bf16_step", "cuda_rng_resume", "gpu_state_roundtrip", "llama_4bit_load")
+CHECKS = (
+    "gpt2_bf16_step",
+    "cuda_rng_resume",
+    "gpu_state_roundtrip",
+    "llama_4bit_load",
+    "cuda_async_save",
+)
 
 
 def run_script(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -43,10 +49,10 @@ def test_without_cuda_it_says_so_and_exits_0(tmp_path: Path) -> None:
 
 
 def test_dry_run_of_only_the_checks_named(tmp_path: Path) -> None:
-    # One in-process check is enough to show --only runs those named and no other; each
+    # Two in-process checks are enough to show --only runs those named and no other; each
     # check passing is test_dry_run_of_every_check's (that run already makes every row).
     out = tmp_path / "gpu.md"
-    only = "gpu_state_roundtrip"
+    only = "gpu_state_roundtrip,cuda_async_save"
     done = run_script("--dry-run", "--only", only, "--out", out, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     table = out.read_text()

@@ -489,20 +489,26 @@ class _Range:
     is taken; ``done``: every entry over it was streamed from the live storage, so it
     never needs a copy."""
 
-    __slots__ = ("start", "end", "pieces", "versions", "refs", "copied", "done", "live")
+    __slots__ = ("start", "end", "source", "versions", "refs", "copied", "done", "live")
 
     def __init__(
         self,
         start: int,
         end: int,
-        pieces: list[tuple[int, int, int]],
+        source: int,
         versions: list[Any],
         live: torch.UntypedStorage | None = None,
     ) -> None:
-        self.start, self.end, self.pieces, self.versions = start, end, pieces, versions
+        self.start, self.end, self.source, self.versions = start, end, source, versions
         self.live = live
         self.refs = 0
         self.copied = self.done = False
+
+    @property
+    def pieces(self) -> list[tuple[int, int, int]]:
+        """Its copy as (destination, source, length) memmoves: made only when it is
+        copied (a streamed save mostly copies nothing, and save() blocks for this)."""
+        return _pieces(self.start, self.source, self.end - self.start)
 
     def changed(self) -> int:
         """How many tensors over it were written since save() (their version counters)."""
@@ -803,13 +809,6 @@ def _owned(objects: Mapping[str, Any]) -> set[int]:
     return owned
 
 
-def _version(t: torch.Tensor) -> int | None:
-    try:
-        return t._version
-    except RuntimeError:  # an inference tensor keeps no version counter
-        return None
-
-
 class _HostBuffers:
     """Copies a collected state for the thread writer, tensors by storage (two views of
     one storage stay views of one copy, so the encoder sees the same sharing).
@@ -885,24 +884,25 @@ class _HostBuffers:
         now_bytes = 0
         for key, offset in offsets.items():
             _, address, n = key
-            pieces = [
-                (base + offset + start, address + start, min(_PIECE, n - start))
-                for start in range(0, n, _PIECE)
-            ]
             if key in later_keys:
-                by_key[key] = _Range(base + offset, base + offset + n, pieces, [], storages[key])
+                by_key[key] = _Range(base + offset, base + offset + n, address, [], storages[key])
             else:
-                now.extend(pieces)
+                now.extend(_pieces(base + offset, address, n))
                 now_bytes += n
         deferred = None
         ranges = list(by_key.values())  # in address order, as the buffer is laid out
         if ranges:
-            for t, key in found.tensors:
-                r = by_key.get(key)
-                if r is not None:
-                    r.versions.append((t, _version(t)))
-            if any(v is None for r in ranges for _, v in r.versions):  # no version counter
-                now.extend(p for r in ranges for p in r.pieces)  # (an inference tensor): now
+            counted = True
+            get = by_key.get
+            try:  # one try for all (save() blocks for this loop): a failure is rare
+                for t, key in found.tensors:
+                    r = get(key)
+                    if r is not None:
+                        r.versions.append((t, t._version))
+            except RuntimeError:  # an inference tensor keeps no version counter
+                counted = False
+            if not counted:  # such a tensor can change unseen: all of it is copied now
+                now.extend(p for r in ranges for p in r.pieces)
                 now_bytes += sum(r.end - r.start for r in ranges)
             else:
                 deferred = _DeferredCopy(ranges, flat, self._region)
@@ -934,6 +934,13 @@ class _HostBuffers:
 
 
 _PIECE = 4 << 20  # the unit the two copying threads share out (balances big tensors)
+
+
+def _pieces(destination: int, source: int, n: int) -> list[tuple[int, int, int]]:
+    """A copy of ``n`` bytes as memmoves of at most ``_PIECE``."""
+    return [(destination + o, source + o, min(_PIECE, n - o)) for o in range(0, n, _PIECE)]
+
+
 _PARALLEL_MIN = 8 << 20  # below this, a second thread costs more than it saves
 
 

@@ -456,3 +456,20 @@ def test_a_disk_subclass_that_keeps_chunks_gets_the_whole_copy_not_live_memory(
             HoldsALivePiece.go.set()
         mgr.wait()
     assert data_files(committed(tmp_path / "async")) == expected
+
+
+def test_an_owned_inference_tensor_has_no_version_counter_so_all_is_copied_in_save(
+    tmp_path: Path,
+) -> None:
+    state = trained()
+    opt = state["optimizer"]
+    first = next(iter(opt.state))
+    with torch.inference_mode():  # an optimizer state tensor made under inference_mode
+        opt.state[first]["extra"] = torch.ones(3)
+    expected = sync_files(tmp_path, state, 1)
+    with rolling(tmp_path, "deferred") as mgr:
+        mgr.save(1, state)
+        train_steps(state, 2, seed=3)  # right away: the copy was taken inside save()
+        mgr.wait()
+        assert not asyncsave._IN_COPY
+    assert data_files(committed(tmp_path / "async")) == expected

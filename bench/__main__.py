@@ -156,8 +156,11 @@ def _memory(run: Run) -> None:
         " copies only what the loop's next optimizer step would change before it is written"
         ' (docs/RESUME.md, "Async save"): with no step during the save, nothing. The'
         " step-right-after row is the worst case (the step changes every owned tensor"
-        " before the writer wrote any): the step's own temporaries, measured alone in the"
-        " row above it, are taken off. `async_snapshot='rolling'` changes only the thread"
+        " before the writer wrote any), shown without a target: a step that changes all of"
+        " the state during a save costs a copy of it on either path (a copy of what is not"
+        " written, or copy-on-write faults, which PSS also charges with half of the pages"
+        " the child still shares), beside what that step needs alone (the row above it)."
+        " `async_snapshot='rolling'` changes only the thread"
         " writer: where the fork writer is chosen (503 MB and 1 GB here, a state most of its"
         " process) every async row forks, and a step during the save copies on write each"
         " page it changes."

@@ -483,9 +483,10 @@ if hasattr(os, "register_at_fork"):
 
 class _Range:
     """One deferred storage: where its copy goes in the flat buffer (``start``..``end``,
-    addresses), its pieces, the version of each tensor over it when save() ran, how
-    many file entries still have to stream it (``refs``), and the live storage itself
-    (``live``: read straight from it until the loop's next step). ``copied``: its copy
+    addresses), the live storage's address (``source``) and the storage itself
+    (``live``: read straight from it until the loop's next step), the version of each
+    tensor over it when save() ran, and how many file entries still have to stream it
+    (``refs``). ``copied``: its copy
     is taken; ``done``: every entry over it was streamed from the live storage, so it
     never needs a copy."""
 
@@ -497,7 +498,7 @@ class _Range:
         end: int,
         source: int,
         versions: list[Any],
-        live: torch.UntypedStorage | None = None,
+        live: torch.UntypedStorage,
     ) -> None:
         self.start, self.end, self.source, self.versions = start, end, source, versions
         self.live = live
@@ -531,7 +532,7 @@ class _DeferredCopy:
       copies, at memory speed, only what is not written yet, waits for the one piece
       the writer may be reading, and goes on; the writer then reads the rest from that
       copy. A save that is over before the next step copies nothing at all (96 MB here:
-      one copy of the state -> ~3 MB extra). Pages the copy touched are kept for the
+      100 -> 4 MB extra). Pages the copy touched are kept for the
       next save (a fresh page costs a fault, more than the copy).
     - **Rolling** (``async_snapshot="rolling"``, or streamed where a copy of the state
       would take more than half the memory left): streamed, and each copied storage is
@@ -682,7 +683,7 @@ class _DeferredCopy:
             yield from native.tensor_chunks(t)
             return
         contiguous = t.is_contiguous()
-        if r.live is None or (not contiguous and t.numel() * t.element_size() > native.CHUNK):
+        if not contiguous and t.numel() * t.element_size() > native.CHUNK:
             self.before(t)  # converted in many pieces (a large transposed view): the copy
             yield from native.tensor_chunks(t)
             self.after(t)

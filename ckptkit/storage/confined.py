@@ -31,7 +31,8 @@ import stat
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ckptkit.errors import CorruptCheckpointError
+from ckptkit.errors import CorruptCheckpointError, StorageError
+from ckptkit.storage import fsinfo
 from ckptkit.storage.names import UnsafeNameError, check_member_name
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -84,13 +85,21 @@ def key_parts(key: str, url: str) -> list[str]:
     return key.split("/")
 
 
+# How a storage runs one system call on a member's descriptor: a Drive mount passes a
+# caller that gives it up when the mount stops answering (storage/drive/_answer.py).
+Calls = Callable[[Callable[[], Any]], Any]
+
+
 class Member:
     """An opened checkpoint file: a regular file of :attr:`size` bytes.
 
     Local files carry the descriptor (:attr:`fd`) that was checked; remote ones a
     ``fetch`` that downloads at most the recorded size + 1 bytes when first read (so
     that opening, as ``latest()`` does for every file, stays one metadata request).
-    Close it (or use ``with``).
+    ``calls``: how each read (at most 16 MB) and the close of the descriptor run, for a
+    mount that can hang midway through a file (Drive): such a member is never mapped,
+    since a page fault on it could not be given up. A failing read (EIO) is a
+    one-line StorageError naming the file. Close it (or use ``with``).
     """
 
     def __init__(
@@ -101,12 +110,28 @@ class Member:
         fd: int | None = None,
         data: bytes | None = None,
         fetch: Callable[[int], bytes] | None = None,
+        calls: Calls | None = None,
     ) -> None:
         self.url = url
         self.size = size
         self.fd = fd
         self._data = data
         self._fetch = fetch
+        self._calls = calls
+
+    def through(self, calls: Calls) -> Member:
+        """This member, its descriptor's calls run by ``calls`` from now on."""
+        self._calls = calls
+        return self
+
+    def _os(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """One system call on the descriptor (see ``calls``)."""
+        try:
+            return fn(*args) if self._calls is None else self._calls(lambda: fn(*args))
+        except OSError as exc:
+            if isinstance(exc, StorageError):
+                raise  # already one line (a Drive mount that does not answer)
+            raise StorageError(f"{self.url}: {exc.strerror or exc}") from exc
 
     def read(self) -> bytes:
         """The whole file: exactly :attr:`size` bytes, never more."""
@@ -120,12 +145,12 @@ class Member:
         parts: list[bytes] = []
         offset = 0
         while offset < self.size:
-            block = os.pread(self.fd, min(_CHUNK, self.size - offset), offset)
+            block = self._os(os.pread, self.fd, min(_CHUNK, self.size - offset), offset)
             if not block:
                 raise CorruptCheckpointError(f"{self.url}: shrank while being read (damaged?)")
             parts.append(block)
             offset += len(block)
-        if os.pread(self.fd, 1, offset):
+        if self._os(os.pread, self.fd, 1, offset):
             raise CorruptCheckpointError(f"{self.url}: grew while being read (still written?)")
         return b"".join(parts)
 
@@ -142,7 +167,7 @@ class Member:
         parts: list[bytes] = []
         done = 0
         while done < length:
-            block = os.pread(self.fd, min(_CHUNK, length - done), offset + done)
+            block = self._os(os.pread, self.fd, min(_CHUNK, length - done), offset + done)
             if not block:
                 raise CorruptCheckpointError(f"{self.url}: shrank while being read (damaged?)")
             parts.append(block)
@@ -166,9 +191,9 @@ class Member:
         while done < length:
             piece = buf[done : done + _CHUNK]
             if hasattr(os, "preadv"):
-                got = os.preadv(self.fd, [piece], offset + done)
+                got = self._os(os.preadv, self.fd, [piece], offset + done)
             else:  # no preadv (some BSDs): one copy through bytes
-                block = os.pread(self.fd, len(piece), offset + done)
+                block = self._os(os.pread, self.fd, len(piece), offset + done)
                 piece[: len(block)] = block
                 got = len(block)
             if not got:
@@ -179,12 +204,18 @@ class Member:
         """The first ``n`` bytes (fewer for a shorter file)."""
         if self.fd is None:
             return self.read()[:n]
-        return os.pread(self.fd, min(n, self.size), 0)
+        return self._os(os.pread, self.fd, min(n, self.size), 0)
 
     def mappable(self) -> str | None:
         """A path that opens this very file (not whatever its name points to now), for
-        readers that memory-map: ``/proc/self/fd/N`` on Linux, else None."""
-        if self.fd is None:
+        readers that memory-map (``torch.load(mmap=True)``): ``/proc/self/fd/N`` on
+        Linux, for a file on a local disk; else None, and the file is read instead.
+        Never on FUSE (Drive), NFS or SMB: a file changed there behind the kernel's back
+        under the mapping raises SIGBUS, and a page fault on a hung mount blocks for
+        good (``storage/mapping.py``)."""
+        if self.fd is None or self._calls is not None:
+            return None
+        if fsinfo.fs_type(self.fd) not in fsinfo.LOCAL_DISKS:
             return None
         path = f"/proc/self/fd/{self.fd}"
         return path if os.path.exists(path) else None
@@ -195,9 +226,16 @@ class Member:
         return self.mappable() or self.read()
 
     def close(self) -> None:
+        """Close the descriptor. On a mount that has stopped answering the close is
+        given up and the descriptor left to the stuck call (a close on FUSE waits for
+        the daemon's flush): the error that stopped the read is the one raised."""
         if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+            fd, self.fd = self.fd, None
+            try:
+                self._os(os.close, fd)
+            except StorageError:
+                if self._calls is None:
+                    raise
 
     def __enter__(self) -> Member:
         return self

@@ -4,6 +4,11 @@ on the mount blocks in the kernel. These tests put a real FUSE mount that never 
 ``save()``, ``wait()`` and ``close()`` raise a one-line StorageError saying Drive does
 not answer within ``CKPTKIT_DRIVE_TIMEOUT`` (plus a little), nothing committed is lost,
 and once the mount answers again the run resumes, the staged uploads replayed.
+
+A daemon can also hang while a large file is being read: the Drive root is then a FUSE
+mount that serves the run (``tests/oshelpers.serving_fuse``) and stops answering midway
+through a checkpoint's file; every reader (restore, load, verify, a legacy ``.pt``) must
+fail in bounded time too.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ import torch
 from ckptkit import CheckpointManager, StorageError
 from ckptkit.hooks.manager import reset_plugin_manager
 from ckptkit.storage import drive as drive_mod
+from ckptkit.storage.drive import ROOT_ENV
 from ckptkit.storage.drive._answer import TIMEOUT_ENV
-from tests.oshelpers import hung_fuse
+from tests.oshelpers import hung_fuse, serving_fuse
 
 URL = "drive://T-L/runs/etth1"
 LIMIT = 2.0  # CKPTKIT_DRIVE_TIMEOUT in these tests
@@ -132,3 +138,125 @@ def test_readers_of_a_hung_drive_get_a_one_line_error_and_exit_7(drive_root: Pat
         assert re.search(HUNG, result.stderr) and result.stderr.count("\n") == 1, result.stderr
         assert "Traceback" not in result.output
     _resume(1)
+
+
+READERS = ["restore", "load", "verify", "legacy"]
+
+
+def _read(reader: str) -> None:
+    import ckptkit
+    from ckptkit.cli import _register_commands, cli
+
+    if reader == "restore":
+        with CheckpointManager(URL, keep_last=None) as mgr:
+            mgr.restore(_wide(0.0))
+    elif reader == "load":
+        ckptkit.load(URL)
+    elif reader == "legacy":
+        ckptkit.load("drive://T-L/legacy.pt")
+    else:
+        from click.testing import CliRunner
+
+        _register_commands()
+        result = CliRunner().invoke(cli, ["verify", URL])
+        assert result.exit_code == 7, result.output
+        raise StorageError(result.stderr.strip())
+
+
+def _wide(value: float) -> dict:
+    model = torch.nn.Linear(1024, 1024, bias=False)  # a 4 MB file: read in many pieces
+    with torch.no_grad():
+        model.weight.fill_(value)
+    return {"model": model}
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("reader", READERS)
+def test_a_drive_that_hangs_midway_through_a_file_fails_its_reader_in_bounded_time(
+    drive_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str
+) -> None:
+    with CheckpointManager(URL, keep_last=None) as mgr:
+        mgr.save(1, _wide(1.0))
+    torch.save(_wide(2.0)["model"].state_dict(), drive_root / "T-L" / "legacy.pt")
+    mnt = tmp_path / "mounted"
+    mnt.mkdir()
+    monkeypatch.setenv(ROOT_ENV, str(mnt))  # the run, now read through a FUSE daemon
+    with serving_fuse(drive_root, mnt, release_after=40) as fuse:
+        fuse.hang_reads(".pt" if reader == "legacy" else ".safetensors", after=1 << 20)
+        error, took = _bounded(_read, reader)
+        assert error is not None and took < BOUND, f"{reader} took {took:.1f} s"
+        assert "\n" not in str(error) and re.search(HUNG, str(error)), str(error)
+        assert fuse.reads > 0, "it read the file through the mount, then the mount hung"
+    monkeypatch.setenv(ROOT_ENV, str(drive_root))
+    _resume_wide(1)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("reader", READERS)
+def test_every_reader_reads_the_same_through_a_fuse_mount(
+    drive_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str
+) -> None:
+    """The serving daemon itself: what the hang test reads works when nothing hangs."""
+    with CheckpointManager(URL, keep_last=None) as mgr:
+        mgr.save(1, _wide(1.0))
+    torch.save(_wide(2.0)["model"].state_dict(), drive_root / "T-L" / "legacy.pt")
+    mnt = tmp_path / "mounted"
+    mnt.mkdir()
+    monkeypatch.setenv(ROOT_ENV, str(mnt))
+    with serving_fuse(drive_root, mnt) as fuse:
+        if reader == "verify":
+            with pytest.raises(StorageError, match="^$"):  # exit 0 has no message
+                _read_ok(reader)
+        else:
+            _read_ok(reader)
+        assert fuse.reads > 0 and fuse.errors == []
+
+
+def _read_ok(reader: str) -> None:
+    import ckptkit
+    from ckptkit.cli import _register_commands, cli
+
+    if reader == "restore":
+        fresh = _wide(0.0)
+        with CheckpointManager(URL, keep_last=None) as mgr:
+            assert mgr.restore(fresh) == 1
+        assert torch.equal(fresh["model"].weight, torch.full((1024, 1024), 1.0))
+    elif reader == "load":
+        assert torch.equal(ckptkit.load(URL)["model"]["weight"], torch.full((1024, 1024), 1.0))
+    elif reader == "legacy":
+        loaded = ckptkit.load("drive://T-L/legacy.pt")
+        assert torch.equal(loaded["model"]["weight"], torch.full((1024, 1024), 2.0))
+    else:
+        from click.testing import CliRunner
+
+        _register_commands()
+        result = CliRunner().invoke(cli, ["verify", URL])
+        assert result.exit_code == 0, result.output
+        raise StorageError("")
+
+
+def _resume_wide(expected_step: int) -> None:
+    fresh = _wide(0.0)
+    with CheckpointManager(URL, keep_last=None) as mgr:
+        assert mgr.restore(fresh) == expected_step
+    assert torch.equal(fresh["model"].weight, torch.full((1024, 1024), float(expected_step)))
+
+
+def test_a_file_on_a_fuse_mount_is_read_not_memory_mapped(tmp_path: Path) -> None:
+    """``torch.load(mmap=True)`` of a legacy file is only given a local disk's file: a
+    file on FUSE (a Drive mount used as a plain path) could change under the mapping
+    (SIGBUS) or hang a page fault for good."""
+    from ckptkit.storage.confined import open_local
+
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    torch.save({"w": torch.ones(3)}, src / "legacy.pt")
+    with open_local(str(src), "legacy.pt", url="local") as member:
+        assert member.mappable() is not None  # a local disk: mapped
+    with serving_fuse(src, mnt) as fuse:
+        with open_local(str(mnt), "legacy.pt", url="fuse") as member:
+            assert member.mappable() is None
+            assert isinstance(member.source(), bytes)
+        loaded = __import__("ckptkit").load(str(mnt / "legacy.pt"))
+        assert torch.equal(loaded["model"]["w"], torch.ones(3)) and fuse.errors == []

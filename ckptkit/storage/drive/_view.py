@@ -222,9 +222,11 @@ class DriveStorage:
 
         def on_drive(full: str) -> Member:
             # LocalStorage's opener: no link followed, a failing mount (EIO...) is one line.
+            # Each later read (and the close) is bounded as the open is: a daemon can hang
+            # midway through a large file.
             return self._run.on_drive(
                 lambda: self._run.files.open_member(full, size=size, max_size=max_size)
-            )
+            ).through(self._run.on_drive)
 
         return self._local(key, staged, on_drive)
 

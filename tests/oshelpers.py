@@ -222,8 +222,16 @@ def hung_fuse(mnt: Path | str, *, release_after: float = 90.0) -> Iterator[_Hung
     ``release_after`` seconds whatever the test does: code that hangs on it (the bug
     under test) would otherwise block the test process in the kernel for good, where no
     timeout signal reaches it."""
+    with _watched(lambda: _HungFuse(str(mnt)), release_after) as fuse:
+        yield fuse
+
+
+@contextlib.contextmanager
+def _watched(mount: Callable[[], Any], release_after: float) -> Iterator[Any]:
+    """The daemon ``mount()`` starts, released on leaving or after ``release_after``
+    seconds, whichever comes first; the test skips where FUSE cannot be mounted."""
     try:
-        fuse = _HungFuse(str(mnt))
+        fuse = mount()
     except OSError as exc:
         pytest.skip(f"cannot mount FUSE here: {exc}")
     watchdog = threading.Timer(release_after, fuse.release)
@@ -380,19 +388,9 @@ class _ServingFuse(_HungFuse):
 def serving_fuse(
     src: Path | str, mnt: Path | str, *, release_after: float = 90.0
 ) -> Iterator[_ServingFuse]:
-    """Mount ``src`` read-only over ``mnt`` through a FUSE daemon in this process, one
-    that can be made to hang midway through a file (:meth:`_ServingFuse.hang_reads`); a
-    watchdog releases it after ``release_after`` seconds, as :func:`hung_fuse` does. The
-    test skips where FUSE mounts are not allowed."""
-    try:
-        fuse = _ServingFuse(str(src), str(mnt))
-    except OSError as exc:
-        pytest.skip(f"cannot mount FUSE here: {exc}")
-    watchdog = threading.Timer(release_after, fuse.release)
-    watchdog.daemon = True
-    watchdog.start()
-    try:
+    """Pass the folder ``src`` through to ``mnt`` with a FUSE daemon that can be made to
+    hang midway through a file (:meth:`_ServingFuse.hang_reads`); a watchdog releases it
+    after ``release_after`` seconds, as :func:`hung_fuse` does. The test skips where FUSE
+    mounts are not allowed."""
+    with _watched(lambda: _ServingFuse(str(src), str(mnt)), release_after) as fuse:
         yield fuse
-    finally:
-        watchdog.cancel()
-        fuse.release()

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from ckptkit.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ckptkit.formats import native
 from ckptkit.formats.base import Loaded
-from ckptkit.formats.safe import safe_safetensors_load, safe_torch_load
+from ckptkit.formats.safe import safe_torch_load
 from ckptkit.run import warn
 from ckptkit.storage import confined
 from ckptkit.storage.base import Storage, join_key
@@ -212,8 +213,7 @@ def _read_file(storage: Storage, key: str, trust: bool) -> Loaded | None:
         if not head:
             raise CorruptCheckpointError(f"{source}: empty file (a save was interrupted?)")
         if _looks_safetensors(head, member.size):  # by content: the name may lack the suffix
-            sd = safe_safetensors_load(member.source(), source=source)
-            return state_dict_checkpoint(sd, source)
+            return state_dict_checkpoint(native.read_safetensors(member, source), source)
         looks_torch = head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTO)
         if not looks_torch and not (name == "checkpoint" or name.endswith(_TORCH_SUFFIXES)):
             return None  # not a torch file, and not named like one: not ours
@@ -239,16 +239,17 @@ def _open(storage: Storage, key: str) -> confined.Member:
 
 
 def read_torch(storage: Storage, key: str, *, trust: bool = False) -> Any:
-    """``safe_torch_load`` of one file in ``storage``, opened confined (memory-mapped
-    from the checked descriptor where the platform allows)."""
+    """``safe_torch_load`` of one file in ``storage``, opened confined (read from the
+    checked descriptor, never mapped: ``formats/safe.py``)."""
     with _open(storage, key) as member:
         return safe_torch_load(member.source(), source=storage.url_of(key), trust=trust)
 
 
 def read_safetensors(storage: Storage, key: str) -> dict[str, torch.Tensor]:
-    """``safe_safetensors_load`` of one file in ``storage``, opened confined."""
+    """The tensors of one safetensors file in ``storage``, opened confined, each read
+    into fresh memory (``native.read_safetensors``)."""
     with _open(storage, key) as member:
-        return safe_safetensors_load(member.source(), source=storage.url_of(key))
+        return native.read_safetensors(member, storage.url_of(key))
 
 
 def is_state_dict(obj: Any) -> bool:

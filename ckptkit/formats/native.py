@@ -538,18 +538,34 @@ def read_tensors(
             except LeaseBroken:  # a writer is waiting: read this file the other way
                 assert lending is not None
                 lending.drop(mapped)
-        head = member.read_range(0, 8) if member.size >= 8 else b""
-        n = _header_size(head, member.size, where)
-        text = member.read_range(8, n)
-        plan = _plan(_strict_json(text, where), member.size - 8 - n, where)
         hasher = file_hasher() if verify else None
-        if hasher is not None:
-            hasher.update(head)
-            hasher.update(text)
-        out = _read_plan(member, 8 + n, plan, where, hasher)
+        out = _read_file(member, where, hasher)
     if hasher is not None:
         _compare(manifest, fname, hasher.hexdigest(), source)
     return out
+
+
+def read_safetensors(member: Member, where: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, ours or a foreign one (a Hugging Face shard),
+    in the order its header lists them: the header checked as for a ckptkit/2 tensor
+    file, then each tensor read straight into a fresh tensor. Nothing is mapped: a
+    mapped file rewritten in place later would kill the process with SIGBUS wherever
+    the tensors it lent are used (``formats/safe.py``, ``_open``)."""
+    return _read_file(member, where, None)
+
+
+def _read_file(member: Member, where: str, hasher: Any) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors ``member``, ``hasher`` fed every byte (or None)."""
+    head = member.read_range(0, 8) if member.size >= 8 else b""
+    n = _header_size(head, member.size, where)
+    text = member.read_range(8, n)
+    header = _strict_json(text, where)
+    plan = _plan(header, member.size - 8 - n, where)
+    if hasher is not None:
+        hasher.update(head)
+        hasher.update(text)
+    out = _read_plan(member, 8 + n, plan, where, hasher)
+    return {name: out[name] for name in header if name in out}
 
 
 def _header_size(head: bytes, size: int, where: str) -> int:

@@ -163,16 +163,15 @@ def safe_torch_load(
             return _trusted_load(data, source, map_location)
         with _allowlisted():
             restricted = _plan(data, source)
-            with _open(data) as (f, mmap):
+            with _open(data) as f:
                 if restricted is None:
-                    obj = torch.load(f, map_location=map_location, weights_only=True, mmap=mmap)
+                    obj = torch.load(f, map_location=map_location, weights_only=True)
                 else:  # our restricted unpickler decides every global: still no code runs
                     obj = torch.load(
                         f,
                         map_location=map_location,
                         weights_only=False,
                         pickle_module=pickles.pickle_module(restricted),
-                        mmap=mmap,
                     )
                     obj = pickles.plain(obj)
     except FileNotFoundError as exc:
@@ -278,8 +277,8 @@ def _trusted_load(data: bytes | str, source: str, map_location: Any) -> Any:
 
     warn(msg, UserWarning)
     try:
-        with _open(data) as (f, mmap):
-            obj = torch.load(f, map_location=map_location, weights_only=False, mmap=mmap)
+        with _open(data) as f:
+            obj = torch.load(f, map_location=map_location, weights_only=False)
     except (ImportError, AttributeError) as exc:
         # A pickled object whose class the loading process cannot import (a whole
         # torch.save(model) from a script's __main__...): the file is fine, the code is not here.
@@ -292,26 +291,23 @@ def _trusted_load(data: bytes | str, source: str, map_location: Any) -> Any:
 
 
 @contextmanager
-def _open(data: bytes | str) -> Iterator[tuple[Any, bool]]:
-    """A file object for torch.load and whether to mmap it.
+def _open(data: bytes | str) -> Iterator[Any]:
+    """A file object for torch.load, which is never told to map it.
 
-    A local zip-format file is memory-mapped (privately: writes to the tensors never reach
-    the file): tensors are paged in from the file instead of being read into memory first,
-    which halves peak memory when a multi-GB LLM state dict is copied into a model. The
-    tensors stay backed by the file until copied, so the file must not be rewritten in
-    place meanwhile; ckptkit never does that (it writes new files and renames), and
-    deleting or renaming the file is safe. The legacy (pre-1.6) format cannot be mapped.
+    ``torch.load(mmap=True)`` would save a copy, but the tensors it returns stay backed
+    by the file's pages for as long as they live: a file truncated or rewritten in place
+    afterwards (``torch.save`` over the same name truncates it first; a sync client; a
+    second process) kills the process with SIGBUS on the next access to them, long
+    after the load returned. So every storage is read into fresh memory from the file
+    (one copy, no second buffer of the whole file); a file that shrinks while being read
+    is a short read, i.e. a CorruptCheckpointError. Native checkpoints are mapped only
+    under a read lease, for one restore (``storage/mapping.py``).
     """
     if isinstance(data, (bytes, bytearray, memoryview)):
-        yield io.BytesIO(data), False
+        yield io.BytesIO(data)
         return
     with open(data, "rb") as f:
-        head = f.read(4)
-    if head == _ZIP_MAGIC:
-        yield data, True
-    else:
-        with open(data, "rb") as f:
-            yield f, False
+        yield f
 
 
 def _load_error(exc: Exception, source: str) -> Exception:

@@ -32,7 +32,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ckptkit.errors import CorruptCheckpointError, StorageError
-from ckptkit.storage import fsinfo
 from ckptkit.storage.names import UnsafeNameError, check_member_name
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -97,8 +96,7 @@ class Member:
     ``fetch`` that downloads at most the recorded size + 1 bytes when first read (so
     that opening, as ``latest()`` does for every file, stays one metadata request).
     ``calls``: how each read (at most 16 MB) and the close of the descriptor run, for a
-    mount that can hang midway through a file (Drive): such a member is never mapped,
-    since a page fault on it could not be given up. A failing read (EIO) is a
+    mount that can hang midway through a file (Drive). A failing read (EIO) is a
     one-line StorageError naming the file. Close it (or use ``with``).
     """
 
@@ -206,24 +204,21 @@ class Member:
             return self.read()[:n]
         return self._os(os.pread, self.fd, min(n, self.size), 0)
 
-    def mappable(self) -> str | None:
-        """A path that opens this very file (not whatever its name points to now), for
-        readers that memory-map (``torch.load(mmap=True)``): ``/proc/self/fd/N`` on
-        Linux, for a file on a local disk; else None, and the file is read instead.
-        Never on FUSE (Drive), NFS or SMB: a file changed there behind the kernel's back
-        under the mapping raises SIGBUS, and a page fault on a hung mount blocks for
-        good (``storage/mapping.py``)."""
+    def own_path(self) -> str | None:
+        """A path that opens this very file (not whatever its name points to now):
+        ``/proc/self/fd/N`` on Linux, else None. None too for a member whose reads are
+        bounded (``calls``: a Drive mount), which a reader opening the file anew would
+        bypass: it is read through this member instead."""
         if self.fd is None or self._calls is not None:
-            return None
-        if fsinfo.fs_type(self.fd) not in fsinfo.LOCAL_DISKS:
             return None
         path = f"/proc/self/fd/{self.fd}"
         return path if os.path.exists(path) else None
 
     def source(self) -> bytes | str:
-        """What ``safe_torch_load``/``safe_safetensors_load`` take: a mappable path when
-        there is one (multi-GB files are paged in, not copied), else the bytes."""
-        return self.mappable() or self.read()
+        """What ``safe_torch_load`` takes: a path it reads the file from (multi-GB files
+        are read straight into their tensors, not into one buffer first), else the
+        bytes."""
+        return self.own_path() or self.read()
 
     def close(self) -> None:
         """Close the descriptor. On a mount that has stopped answering the close is

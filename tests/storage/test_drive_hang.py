@@ -224,23 +224,3 @@ def _resume_wide(expected_step: int) -> None:
     with CheckpointManager(URL, keep_last=None) as mgr:
         assert mgr.restore(fresh) == expected_step
     _check_weight(fresh["model"].weight, float(expected_step))
-
-
-def test_a_file_on_a_fuse_mount_is_read_not_memory_mapped(tmp_path: Path) -> None:
-    """``torch.load(mmap=True)`` of a legacy file is only given a local disk's file: a
-    file on FUSE (a Drive mount used as a plain path) could change under the mapping
-    (SIGBUS) or hang a page fault for good."""
-    from ckptkit.storage.confined import open_local
-
-    src, mnt = tmp_path / "src", tmp_path / "mnt"
-    src.mkdir()
-    mnt.mkdir()
-    torch.save({"w": torch.ones(3)}, src / "legacy.pt")
-    with open_local(str(src), "legacy.pt", url="local") as member:
-        assert member.mappable() is not None  # a local disk: mapped
-    with serving_fuse(src, mnt) as fuse:
-        with open_local(str(mnt), "legacy.pt", url="fuse") as member:
-            assert member.mappable() is None
-            assert isinstance(member.source(), bytes)
-        loaded = __import__("ckptkit").load(str(mnt / "legacy.pt"))
-        assert torch.equal(loaded["model"]["w"], torch.ones(3)) and fuse.errors == []

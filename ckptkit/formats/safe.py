@@ -343,12 +343,16 @@ def _weights_error_detail(text: str) -> str | None:
 
 
 def safe_safetensors_load(data: bytes | str, *, source: str) -> dict[str, torch.Tensor]:
-    """Load a safetensors file (bytes, or a local path) onto the CPU."""
-    from safetensors.torch import load, load_file
+    """Load a safetensors file (bytes, or a local path) onto the CPU, into fresh memory:
+    never ``load_file``, whose tensors would stay backed by the mapped file (see
+    ``_open``). Checkpoint files are read with ``native.read_safetensors`` instead, which
+    needs no buffer of the whole file."""
+    from safetensors.torch import load
 
     try:
         if isinstance(data, str):
-            return load_file(data, device="cpu")
+            with open(data, "rb") as f:
+                data = f.read()
         return load(bytes(data))
     except FileNotFoundError as exc:
         raise CheckpointNotFoundError(f"{source}: no such file") from exc

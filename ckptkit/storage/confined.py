@@ -95,9 +95,9 @@ class Member:
     Local files carry the descriptor (:attr:`fd`) that was checked; remote ones a
     ``fetch`` that downloads at most the recorded size + 1 bytes when first read (so
     that opening, as ``latest()`` does for every file, stays one metadata request).
-    ``calls``: how each read (at most 16 MB) and the close of the descriptor run, for a
-    mount that can hang midway through a file (Drive). A failing read (EIO) is a
-    one-line StorageError naming the file. Close it (or use ``with``).
+    :meth:`through` sets how each read (at most 16 MB) and the close of the descriptor
+    run, for a mount that can hang midway through a file (Drive). A failing read (EIO)
+    is a one-line StorageError naming the file. Close it (or use ``with``).
     """
 
     def __init__(
@@ -108,14 +108,13 @@ class Member:
         fd: int | None = None,
         data: bytes | None = None,
         fetch: Callable[[int], bytes] | None = None,
-        calls: Calls | None = None,
     ) -> None:
         self.url = url
         self.size = size
         self.fd = fd
         self._data = data
         self._fetch = fetch
-        self._calls = calls
+        self._calls: Calls | None = None
 
     def through(self, calls: Calls) -> Member:
         """This member, its descriptor's calls run by ``calls`` from now on."""
@@ -123,7 +122,7 @@ class Member:
         return self
 
     def _os(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """One system call on the descriptor (see ``calls``)."""
+        """One system call on the descriptor (see :meth:`through`)."""
         try:
             return fn(*args) if self._calls is None else self._calls(lambda: fn(*args))
         except OSError as exc:
@@ -207,7 +206,7 @@ class Member:
     def own_path(self) -> str | None:
         """A path that opens this very file (not whatever its name points to now):
         ``/proc/self/fd/N`` on Linux, else None. None too for a member whose reads are
-        bounded (``calls``: a Drive mount), which a reader opening the file anew would
+        bounded (:meth:`through`: a Drive mount), which a reader opening the file anew would
         bypass: it is read through this member instead."""
         if self.fd is None or self._calls is not None:
             return None

@@ -18,12 +18,13 @@ Two jobs, one allowlist:
 from __future__ import annotations
 
 import _compat_pickle
+import contextlib
 import io
 import pickle
 import pickletools
 import zipfile
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, BinaryIO
 
 _ZIP_MAGIC = b"PK\x03\x04"
 
@@ -249,31 +250,44 @@ def _simulate(op: Any, stack: list[Any]) -> None:
     stack.extend(_MARK if a is pickletools.markobject else None for a in after)
 
 
-def torch_pickle(data: bytes | str) -> tuple[bytes, int | None]:
-    """The pickle bytes of a ``torch.save`` file (bytes or local path) and how many
-    pickles to scan: a zip's ``data.pkl``, or the legacy format's leading pickles (magic
-    number, protocol, system info, the object). Raises ``ValueError`` when it is neither."""
+# What a torch file is read from: its bytes, a local path, or an open binary file (a
+# checkpoint member read through its storage's bounded calls: storage/confined.py).
+Source = bytes | str | BinaryIO
+
+
+@contextlib.contextmanager
+def opened(data: Source) -> Iterator[BinaryIO]:
+    """``data`` as a binary file positioned at its start (a path is opened and closed;
+    a file that was passed in stays open, for the caller to close)."""
     if isinstance(data, str):
         with open(data, "rb") as f:
-            head = f.read(4)
+            yield f
+    elif isinstance(data, (bytes, bytearray, memoryview)):
+        yield io.BytesIO(data)
     else:
-        head = bytes(data[:4])
-    if head == _ZIP_MAGIC:
-        try:
-            src = data if isinstance(data, str) else io.BytesIO(data)
-            with zipfile.ZipFile(src) as zf:
-                pkl = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-                if len(pkl) != 1:
-                    raise ValueError("no single data.pkl in the zip")
-                return zf.read(pkl[0]), 1
-        except (zipfile.BadZipFile, OSError, EOFError, KeyError) as exc:
-            raise ValueError(f"unreadable zip: {exc}") from exc
-    if isinstance(data, str):
-        with open(data, "rb") as f:
-            # The pickles lead the file; the raw storages follow. The object pickle is
-            # small next to them, but read at most 64 MiB so a huge file is not slurped.
-            return f.read(64 << 20), 4
-    return bytes(data), 4
+        data.seek(0)
+        yield data
+
+
+def torch_pickle(data: Source) -> tuple[bytes, int | None]:
+    """The pickle bytes of a ``torch.save`` file and how many pickles to scan: a zip's
+    ``data.pkl``, or the legacy format's leading pickles (magic number, protocol, system
+    info, the object). Raises ``ValueError`` when it is neither."""
+    with opened(data) as f:
+        head = f.read(4)
+        f.seek(0)
+        if head == _ZIP_MAGIC:
+            try:
+                with zipfile.ZipFile(f) as zf:
+                    pkl = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+                    if len(pkl) != 1:
+                        raise ValueError("no single data.pkl in the zip")
+                    return zf.read(pkl[0]), 1
+            except (zipfile.BadZipFile, OSError, EOFError, KeyError) as exc:
+                raise ValueError(f"unreadable zip: {exc}") from exc
+        # The pickles lead the file; the raw storages follow. The object pickle is small
+        # next to them, but read at most 64 MiB so a huge file is not slurped.
+        return f.read(64 << 20), 4
 
 
 def unlisted(names: Iterable[str], allowed: Iterable[str]) -> list[str]:

@@ -10,7 +10,6 @@ Anything else is an ``UnsafeCheckpointError`` naming the global; nothing is exec
 
 from __future__ import annotations
 
-import io
 import logging
 import re
 import threading
@@ -146,9 +145,10 @@ def unsafe_global(message: str) -> str | None:
 
 
 def safe_torch_load(
-    data: bytes | str, *, source: str, trust: bool = False, map_location: Any = "cpu"
+    data: pickles.Source, *, source: str, trust: bool = False, map_location: Any = "cpu"
 ) -> Any:
-    """Load a ``torch.save`` file (bytes, or a local path) without running pickled code.
+    """Load a ``torch.save`` file (bytes, a local path, or an open binary file) without
+    running pickled code.
 
     Returns the object with numpy values turned into Python numbers / tensors and
     allowlisted config objects (``pickles.CONFIG_CLASSES``) turned into plain dicts, lists
@@ -212,7 +212,7 @@ def recording() -> Iterator[Seen]:
         _seen.reset(token)
 
 
-def _globals_of(data: bytes | str) -> tuple[list[str], int] | None:
+def _globals_of(data: pickles.Source) -> tuple[list[str], int] | None:
     """The globals a torch file names and its pickle protocol, or None when the bytes are
     not a readable torch pickle (torch.load then says how it is damaged)."""
     try:
@@ -223,7 +223,7 @@ def _globals_of(data: bytes | str) -> tuple[list[str], int] | None:
     return names, pkl[1] if pkl[:1] == b"\x80" and len(pkl) > 1 else 0
 
 
-def _plan(data: bytes | str, source: str) -> dict[str, Any] | None:
+def _plan(data: pickles.Source, source: str) -> dict[str, Any] | None:
     """Refuse a file naming a global outside the allowlist, before anything is loaded.
     Returns None when torch's weights-only loader can read it (tensor globals only,
     protocol 2 or 3), else the allowlist for our restricted unpickler."""
@@ -263,7 +263,7 @@ def unsafe_error(source: str, names: list[str]) -> UnsafeCheckpointError:
     return err
 
 
-def _trusted_load(data: bytes | str, source: str, map_location: Any) -> Any:
+def _trusted_load(data: pickles.Source, source: str, map_location: Any) -> Any:
     scanned = _globals_of(data)
     names = pickles.unlisted(scanned[0], pickles.tensor_globals()) if scanned else []
     what = f" ({', '.join(names[:8])})" if names else ""
@@ -291,7 +291,7 @@ def _trusted_load(data: bytes | str, source: str, map_location: Any) -> Any:
 
 
 @contextmanager
-def _open(data: bytes | str) -> Iterator[Any]:
+def _open(data: pickles.Source) -> Iterator[Any]:
     """A file object for torch.load, which is never told to map it.
 
     ``torch.load(mmap=True)`` would save a copy, but the tensors it returns stay backed
@@ -303,10 +303,7 @@ def _open(data: bytes | str) -> Iterator[Any]:
     is a short read, i.e. a CorruptCheckpointError. Native checkpoints are mapped only
     under a read lease, for one restore (``storage/mapping.py``).
     """
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        yield io.BytesIO(data)
-        return
-    with open(data, "rb") as f:
+    with pickles.opened(data) as f:
         yield f
 
 

@@ -26,10 +26,11 @@ a mapped file truncated under the reader would raise SIGBUS.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 from ckptkit.errors import CorruptCheckpointError, StorageError
 from ckptkit.storage.names import UnsafeNameError, check_member_name
@@ -203,21 +204,17 @@ class Member:
             return self.read()[:n]
         return self._os(os.pread, self.fd, min(n, self.size), 0)
 
-    def own_path(self) -> str | None:
-        """A path that opens this very file (not whatever its name points to now):
-        ``/proc/self/fd/N`` on Linux, else None. None too for a member whose reads are
-        bounded (:meth:`through`: a Drive mount), which a reader opening the file anew would
-        bypass: it is read through this member instead."""
-        if self.fd is None or self._calls is not None:
-            return None
-        path = f"/proc/self/fd/{self.fd}"
-        return path if os.path.exists(path) else None
+    def file(self) -> BinaryIO:
+        """This file as a read-only binary file object whose reads are this member's
+        (confined to its size, bounded where the storage bounds them): for readers that
+        take a file, such as ``torch.load``. It does not own the descriptor."""
+        return io.BufferedReader(_MemberFile(self), buffer_size=1 << 20)
 
-    def source(self) -> bytes | str:
-        """What ``safe_torch_load`` takes: a path it reads the file from (multi-GB files
-        are read straight into their tensors, not into one buffer first), else the
-        bytes."""
-        return self.own_path() or self.read()
+    def source(self) -> bytes | BinaryIO:
+        """What ``safe_torch_load`` takes: this member as a file for a local descriptor
+        (multi-GB files are read straight into their tensors, not into one buffer
+        first), else the bytes."""
+        return self.file() if self.fd is not None else self.read()
 
     def close(self) -> None:
         """Close the descriptor. On a mount that has stopped answering the close is
@@ -236,6 +233,35 @@ class Member:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _MemberFile(io.RawIOBase):
+    """A :class:`Member` read as a seekable file (see :meth:`Member.file`)."""
+
+    def __init__(self, member: Member) -> None:
+        self._member = member
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._member.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        n = max(0, min(len(buffer), self._member.size - self._pos))
+        if n:
+            self._member.readinto(self._pos, memoryview(buffer).cast("B")[:n])
+            self._pos += n
+        return n
 
 
 def check_size(url: str, actual: int, size: int | None, max_size: int | None) -> None:

@@ -217,7 +217,7 @@ def _read_file(storage: Storage, key: str, trust: bool) -> Loaded | None:
         looks_torch = head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTO)
         if not looks_torch and not (name == "checkpoint" or name.endswith(_TORCH_SUFFIXES)):
             return None  # not a torch file, and not named like one: not ours
-        obj = safe_torch_load(member.source(), source=source, trust=trust)
+        obj = safe_torch_load(member.file(), source=source, trust=trust)
     return from_object(obj, source)
 
 
@@ -242,7 +242,7 @@ def read_torch(storage: Storage, key: str, *, trust: bool = False) -> Any:
     """``safe_torch_load`` of one file in ``storage``, opened confined (read from the
     checked descriptor, never mapped: ``formats/safe.py``)."""
     with _open(storage, key) as member:
-        return safe_torch_load(member.source(), source=storage.url_of(key), trust=trust)
+        return safe_torch_load(member.file(), source=storage.url_of(key), trust=trust)
 
 
 def read_safetensors(storage: Storage, key: str) -> dict[str, torch.Tensor]:

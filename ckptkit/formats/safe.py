@@ -163,7 +163,14 @@ def safe_torch_load(
             return _trusted_load(data, source, map_location)
         with _allowlisted():
             restricted = _plan(data, source)
-            with _open(data) as f:
+            # Never torch.load(mmap=True): the tensors it returns stay backed by the
+            # file's pages for as long as they live, so a file truncated or rewritten in
+            # place afterwards (torch.save over the same name truncates it first; a sync
+            # client) kills the process with SIGBUS on their next use, long after the
+            # load returned. Each storage is read into fresh memory instead (one copy);
+            # a file that shrinks meanwhile is a short read: CorruptCheckpointError.
+            # Native checkpoints are mapped only under a read lease (storage/mapping.py).
+            with pickles.opened(data) as f:
                 if restricted is None:
                     obj = torch.load(f, map_location=map_location, weights_only=True)
                 else:  # our restricted unpickler decides every global: still no code runs
@@ -277,7 +284,7 @@ def _trusted_load(data: pickles.Source, source: str, map_location: Any) -> Any:
 
     warn(msg, UserWarning)
     try:
-        with _open(data) as f:
+        with pickles.opened(data) as f:
             obj = torch.load(f, map_location=map_location, weights_only=False)
     except (ImportError, AttributeError) as exc:
         # A pickled object whose class the loading process cannot import (a whole
@@ -288,23 +295,6 @@ def _trusted_load(data: pickles.Source, source: str, map_location: Any) -> Any:
             "importable and save model.state_dict() instead"
         ) from exc
     return to_plain(obj, source=source)
-
-
-@contextmanager
-def _open(data: pickles.Source) -> Iterator[Any]:
-    """A file object for torch.load, which is never told to map it.
-
-    ``torch.load(mmap=True)`` would save a copy, but the tensors it returns stay backed
-    by the file's pages for as long as they live: a file truncated or rewritten in place
-    afterwards (``torch.save`` over the same name truncates it first; a sync client; a
-    second process) kills the process with SIGBUS on the next access to them, long
-    after the load returned. So every storage is read into fresh memory from the file
-    (one copy, no second buffer of the whole file); a file that shrinks while being read
-    is a short read, i.e. a CorruptCheckpointError. Native checkpoints are mapped only
-    under a read lease, for one restore (``storage/mapping.py``).
-    """
-    with pickles.opened(data) as f:
-        yield f
 
 
 def _load_error(exc: Exception, source: str) -> Exception:
@@ -342,7 +332,7 @@ def _weights_error_detail(text: str) -> str | None:
 def safe_safetensors_load(data: bytes | str, *, source: str) -> dict[str, torch.Tensor]:
     """Load a safetensors file (bytes, or a local path) onto the CPU, into fresh memory:
     never ``load_file``, whose tensors would stay backed by the mapped file (see
-    ``_open``). Checkpoint files are read with ``native.read_safetensors`` instead, which
+    ``safe_torch_load``). Checkpoint files are read with ``native.read_safetensors`` instead, which
     needs no buffer of the whole file."""
     from safetensors.torch import load
 

@@ -206,15 +206,11 @@ class Member:
 
     def file(self) -> BinaryIO:
         """This file as a read-only binary file object whose reads are this member's
-        (confined to its size, bounded where the storage bounds them): for readers that
-        take a file, such as ``torch.load``. It does not own the descriptor."""
+        (confined to its size, bounded where the storage bounds them): what readers
+        that take a file get, such as ``safe_torch_load`` (multi-GB files are read
+        straight into their tensors, not into one buffer first). It does not own the
+        descriptor."""
         return io.BufferedReader(_MemberFile(self), buffer_size=1 << 20)
-
-    def source(self) -> bytes | BinaryIO:
-        """What ``safe_torch_load`` takes: this member as a file for a local descriptor
-        (multi-GB files are read straight into their tensors, not into one buffer
-        first), else the bytes."""
-        return self.file() if self.fd is not None else self.read()
 
     def close(self) -> None:
         """Close the descriptor. On a mount that has stopped answering the close is
